@@ -1,0 +1,102 @@
+"""Atomic, unwrapped, resumable checkpoints.
+
+A checkpoint is a plain dict that loads with `torch.load(weights_only=True)`:
+    model      unwrapped state_dict (keys as in SPEC section 10, no `module.` prefix)
+    optimizer  optimizer state_dict (training checkpoints only)
+    scaler     GradScaler state_dict or {}
+    step       number of optimisation steps done
+    config     resolved config as plain containers
+    meta       {"num_classes", "embed_dim", "depth", "num_heads", "backbone", "best_miou", ...}
+    rng        per-rank RNG states (lists of plain tensors / ints)
+A reference checkpoint (the authors' code) is a bare state_dict, possibly `module.`-prefixed.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """Unreadable or incompatible checkpoint; the message is one line naming the file."""
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temp file in the same folder, fsync, then os.replace: a crash mid-save
+    leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_file(path: str | os.PathLike) -> dict:
+    """Load a checkpoint or reference state_dict safely (weights_only) with one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, pickle with code objects, not a torch file ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated or not a PyTorch file?): "
+                              f"{first[:200]}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
+    return obj
+
+
+def model_state(obj: dict) -> dict[str, torch.Tensor]:
+    """The model weights of our checkpoint dict or of a bare (reference) state_dict, unprefixed."""
+    state = obj["model"] if isinstance(obj.get("model"), dict) else obj
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+
+
+def rng_state(device: torch.device) -> dict:
+    import random
+
+    import numpy as np
+    np_state = np.random.get_state()
+    state = {
+        "python": list(random.getstate()[1]) + [random.getstate()[2] or 0],
+        "python_version": random.getstate()[0],
+        "numpy_keys": torch.from_numpy(np_state[1].astype("int64")),
+        "numpy_pos": int(np_state[2]),
+        "numpy_gauss": [int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    import random
+
+    import numpy as np
+    py = state["python"]
+    random.setstate((state["python_version"], tuple(int(v) for v in py[:-1]),
+                     None if py[-1] == 0 else py[-1]))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype("uint32"),
+                         state["numpy_pos"], int(state["numpy_gauss"][0]),
+                         float(state["numpy_gauss"][1])))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
