@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Train MoRe with torchrun (DDP: NCCL on GPUs, gloo on CPU).
+#
+#   bash run_train.sh SCRIPT GPU_DEVICE GPU_NUMBER MASTER_PORT TAG [key=value ...]
+#   bash run_train.sh scripts/train_voc.py 0 1 29500 train_voc
+#   bash run_train.sh scripts/train_coco.py 0,1 2 29501 train_coco data.root=/datasets/COCO
+#   bash run_train.sh scripts/train_voc.py cpu 2 29500 smoke data.root=data/synthetic ...
+#
+# GPU_DEVICE is a CUDA_VISIBLE_DEVICES list, or `cpu`. Extra torchrun flags (multi-node, elastic
+# restarts) go in TORCHRUN_ARGS, e.g.
+#   TORCHRUN_ARGS="--nnodes=2 --node_rank=0 --master_addr=node0" bash run_train.sh ...
+#   TORCHRUN_ARGS="--max-restarts=3" bash run_train.sh ... resume=auto
+set -euo pipefail
+if [ $# -lt 5 ]; then
+  echo "usage: bash run_train.sh SCRIPT GPU_DEVICE GPU_NUMBER MASTER_PORT TAG [key=value ...]" >&2
+  exit 2
+fi
+script=$1; gpus=$2; nproc=$3; port=$4; tag=$5; shift 5
+cd "$(dirname "$0")"
+[ -x .venv/bin/python ] && export PATH="$PWD/.venv/bin:$PATH"
+
+if [ ! -f "$script" ]; then echo "error: no such training script: $script" >&2; exit 2; fi
+module=${script%.py}; module=${module//\//.}
+if ! [[ "$nproc" =~ ^[1-9][0-9]*$ ]]; then echo "error: GPU_NUMBER must be a positive integer, got '$nproc'" >&2; exit 2; fi
+if ! [[ "$port" =~ ^[0-9]+$ ]]; then echo "error: MASTER_PORT must be a number, got '$port'" >&2; exit 2; fi
+
+if [ "$gpus" = "cpu" ]; then
+  export CUDA_VISIBLE_DEVICES=""
+  device=cpu
+else
+  export CUDA_VISIBLE_DEVICES="$gpus"
+  visible=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+  if [ "$visible" = "0" ]; then
+    echo "warning: no GPU visible for GPU_DEVICE=$gpus; training on CPU" >&2
+    device=cpu
+  elif [ "$nproc" -gt "$visible" ]; then
+    echo "error: GPU_NUMBER=$nproc but only $visible GPU(s) visible in GPU_DEVICE=$gpus" >&2; exit 2
+  else
+    device=cuda
+  fi
+fi
+
+# A single-node run needs a free master port; multi-node runs are checked by torchrun itself.
+if [[ "${TORCHRUN_ARGS:-}" != *--nnodes* ]]; then
+  if ! python - "$port" <<'PY'
+import socket, sys
+s = socket.socket()
+try:
+    s.bind(("127.0.0.1", int(sys.argv[1])))
+except OSError:
+    sys.exit(1)
+PY
+  then echo "error: MASTER_PORT $port is in use; pick another port" >&2; exit 2; fi
+fi
+
+# Checks that need no process group (config, log folder, dataset layout, resume checkpoint),
+# once, so a bad input is one line rather than one traceback per process.
+MORE_PREFLIGHT=1 python -m "$module" tag="$tag" device="$device" "$@"
+
+exec torchrun --nproc_per_node="$nproc" --master_port="$port" ${TORCHRUN_ARGS:-} \
+  -m "$module" tag="$tag" device="$device" "$@"

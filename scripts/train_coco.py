@@ -1,0 +1,26 @@
+"""Train MoRe on MS COCO 2014 (train2014 -> first 5000 val2014 images). Edit COCO below.
+
+    bash run_train.sh scripts/train_coco.py 0,1 2 29501 train_coco
+    torchrun --nproc_per_node=2 -m scripts.train_coco data.root=/datasets/COCO
+
+Defaults shared with VOC: utils/config.py. Reference: batch 2 per GPU, 80k iterations.
+"""
+from wetr.engine import main
+
+COCO = dict(
+    tag="train_coco",
+    max_iters=80000,
+    batch_size=2,
+    eval_every=10000,
+    eval_late_from=60000,
+    eval_every_late=2000,
+    save_every=2000,
+    data=dict(name="coco", root="data/COCO", train_split="train", val_split="val_part",
+              num_classes=81, crop_size=448, aug="coco", jitter_p=0.8),
+    cam=dict(scales=[1.0, 0.5, 0.75, 1.25, 1.5], cam2mask=50000),
+    loss=dict(weights=dict(cle=0.1, une=0.01, ptc=0.3, seg=0.12, reg=0.05),
+              after=dict(cle=12000, une=12000, ptc=8000, seg=16000, reg=16000), cle_temp=0.1),
+)
+
+if __name__ == "__main__":
+    main(COCO)

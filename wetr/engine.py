@@ -1,0 +1,482 @@
+"""The one training engine shared by VOC and COCO (SPEC 4-7).
+
+Entry points are thin: `scripts/train_voc.py` and `scripts/train_coco.py` hold a config dict and
+call `main(CONFIG)`. Launch through torchrun (see run_train.sh):
+
+    torchrun --nproc_per_node=2 --master_port=29500 -m scripts.train_voc data.root=... max_iters=200
+
+One step: multi-scale CAMs (no grad) -> refined pseudo labels (PAR) and token-grid labels ->
+forward -> cls, cls_aux, class-token, CLE, UNE, PTC, seg and dense-energy losses with the
+iteration schedule of the config -> AdamW with poly warm-up.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from datasets import build_dataset, seed_worker
+from datasets.layout import LayoutError, check_layout
+from datasets.sampler import ResumableSampler, SeededDataset
+from utils import dist as dist_utils
+from utils.checkpoint import CheckpointError, load_file, rng_state, save_atomic, set_rng_state
+from utils.config import ConfigError, make_config, to_container
+from utils.dist import DeviceError, DistInfo
+from utils.logger import JsonlWriter, format_eta, get_logger, git_revision, setup_logger
+
+from . import losses as L
+from .cam import cam_to_label, denormalise, multi_scale_cam, refine_label
+from .model import MoRe, build_model, load_weights
+from .optim import build_optimizer, set_lr
+from .par import PAR
+from .validate import build_val_loader, validate
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LOSS_TERMS = ("cls", "cls_aux", "tokens", "cle", "une", "ptc", "seg", "reg")
+
+
+class RunError(RuntimeError):
+    """A run that must not start (existing log folder, bad resume target); one-line message."""
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------- model & data
+def model_from_config(cfg: DictConfig, pretrained=None) -> MoRe:
+    m = cfg.model
+    return build_model(num_classes=cfg.data.num_classes, backbone=m.backbone,
+                       pretrained=m.pretrained if pretrained is None else pretrained,
+                       embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
+                       aux_layer=m.aux_layer, drop_path_rate=m.drop_path_rate)
+
+
+def model_meta(model: MoRe, cfg: DictConfig) -> dict:
+    enc = model.encoder
+    return {"num_classes": int(cfg.data.num_classes), "embed_dim": int(model.embed_dim),
+            "depth": len(enc.blocks), "num_heads": int(enc.blocks[0].attn.num_heads),
+            "backbone": str(cfg.model.backbone)}
+
+
+def to_255(images: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalised (B,3,H,W) -> float RGB in 0..255 (not truncated), for the energy loss."""
+    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+    return images * std + mean
+
+
+def build_train_loader(cfg: DictConfig, dist: DistInfo, start_step: int) -> DataLoader:
+    dataset = build_dataset(cfg.data, cfg.data.train_split, "train")
+    sampler = ResumableSampler(len(dataset), cfg.batch_size, dist.rank, dist.world_size,
+                               seed=cfg.seed, start_step=start_step)
+    d = cfg.data
+    workers = d.num_workers
+    return DataLoader(
+        SeededDataset(dataset, cfg.seed), batch_size=cfg.batch_size, sampler=sampler,
+        num_workers=workers, pin_memory=d.pin_memory and dist.device.type == "cuda",
+        drop_last=True, worker_init_fn=seed_worker,
+        persistent_workers=d.persistent_workers and workers > 0,
+        prefetch_factor=d.prefetch_factor if workers > 0 else None)
+
+
+# ----------------------------------------------------------------------------- one step
+def token_labels(cam: torch.Tensor, aux_cam: torch.Tensor, cls_label: torch.Tensor,
+                 size: tuple[int, int], cfg: DictConfig) -> dict[str, torch.Tensor]:
+    """Token-grid labels (B,h,w) from CAMs (B,K,H,W): L_cle, L_aux (aux CAM) and L_fin (CAM)."""
+    aux = F.interpolate(aux_cam, size=size, mode="bilinear", align_corners=False)
+    fin = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
+    c = cfg.cam
+    return {
+        "cle": cam_to_label(aux, cls_label, high=c.cle_thresholds[0], low=c.cle_thresholds[1]),
+        "aux": cam_to_label(aux, cls_label, high=c.aux_thresholds[0], low=c.aux_thresholds[1]),
+        "fin": cam_to_label(fin, cls_label, high=c.fin_thresholds[0], low=c.fin_thresholds[1]),
+    }
+
+
+def active_terms(step: int, cfg: DictConfig) -> dict[str, bool]:
+    """Which loss terms enter the total at `step` (from 0): a term with `after` a is on once step > a."""
+    after = cfg.loss.after
+    on = {k: True for k in ("cls", "cls_aux", "tokens")}
+    for k in ("cle", "une", "ptc", "seg", "reg"):
+        on[k] = step > after[k]
+    return on
+
+
+def compute_losses(model: torch.nn.Module, cam_model: MoRe, par: PAR, images: torch.Tensor,
+                   cls_label: torch.Tensor, step: int, cfg: DictConfig,
+                   amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, dict]:
+    """Total loss and its (unweighted) terms for one batch.
+
+    model: the trained module (maybe DDP-wrapped); cam_model: the bare module for the no-grad
+    CAM passes. images: (B,3,H,W) normalised; cls_label: (B,K) 0/1.
+    """
+    on = active_terms(step, cfg)
+    with torch.no_grad(), torch.autocast(images.device.type, dtype=amp_dtype,
+                                         enabled=amp_dtype is not None):
+        cam, aux_cam = multi_scale_cam(cam_model, images, cfg.cam.scales)
+    cam, aux_cam = cam.float(), aux_cam.float()
+    with torch.no_grad():
+        valid_cam = cam * cls_label[:, :, None, None]
+        refined = None
+        if on["seg"] or on["reg"]:
+            refined = refine_label(par, denormalise(images), valid_cam, cls_label,
+                                   high=cfg.cam.high, low=cfg.cam.low)
+
+    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        out = model(images, with_gcr=cfg.model.with_gcr)
+    patch_map = out.patch_map.float()
+    tokens = out.class_tokens.float()
+    with torch.no_grad():
+        labels = token_labels(cam, aux_cam, cls_label, patch_map.shape[-2:], cfg)
+    late = step > cfg.cam.cam2mask
+    mask_cle = labels["fin"] if late else labels["cle"]
+    mask_une = labels["fin"] if late else labels["aux"]
+
+    zero = patch_map.new_zeros(())
+    terms = {
+        "cls": F.multilabel_soft_margin_loss(out.cls_logits.float(), cls_label),
+        "cls_aux": F.multilabel_soft_margin_loss(out.aux_logits.float(), cls_label),
+        "tokens": L.class_token_loss(tokens, cls_label),
+        "cle": L.cle_loss(tokens, patch_map, mask_cle, cls_label, cfg.loss.cle_temp)
+        if on["cle"] else zero,
+        "une": L.une_loss(tokens, patch_map, mask_une, cls_label, num_tokens=cfg.une.num_tokens,
+                          window=cfg.une.window, border=cfg.une.border, thresh=cfg.une.thresh,
+                          true_position=cfg.une.true_position) if on["une"] else zero,
+        "ptc": L.ptc_loss(patch_map, labels["aux"]) if on["ptc"] else zero,
+        "seg": zero,
+        "reg": zero,
+    }
+    seg_logits = out.seg_logits.float()
+    if refined is not None:
+        segs = F.interpolate(seg_logits, size=refined.shape[-2:], mode="bilinear",
+                             align_corners=False)
+        if on["seg"]:
+            terms["seg"] = L.seg_loss(segs, refined)
+        if on["reg"]:
+            r = cfg.reg
+            terms["reg"] = L.dense_energy_loss(to_255(images), segs, refined, weight=r.weight,
+                                               sigma_rgb=r.sigma_rgb, sigma_xy=r.sigma_xy,
+                                               scale=r.scale, filter=r.filter,
+                                               exact_scale=r.exact_scale)
+    w = cfg.loss.weights
+    total = sum(w[k] * terms[k] for k in LOSS_TERMS if on[k])
+    # The reference always adds 0 * seg_loss, so the decoder gets zero gradients (and AdamW's
+    # weight decay) before segmentation starts; keep that, and keep DDP's graph complete.
+    total = total + 0.0 * seg_logits.sum()
+    return total, terms
+
+
+# ----------------------------------------------------------------------------- run folder
+def run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.work_dir) / cfg.tag
+
+
+def find_resume(cfg: DictConfig) -> Path | None:
+    """Checkpoint to resume from, or None for a fresh start."""
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        last = run_dir(cfg) / "checkpoints" / "last.pth"
+        return last if last.is_file() else None
+    path = Path(cfg.resume)
+    if not path.is_file():
+        raise RunError(f"resume checkpoint not found: {path}")
+    return path
+
+
+def check_run_dir(cfg: DictConfig) -> None:
+    """Refuse to start over an existing run unless resume= or overwrite=true."""
+    d = run_dir(cfg)
+    used = d.is_dir() and any((d / n).exists() for n in ("train.log", "checkpoints", "metrics.jsonl"))
+    if used and not cfg.resume and not cfg.overwrite:
+        raise RunError(f"log folder {d} already holds a run; pass resume=auto to continue it, "
+                       f"overwrite=true to replace it, or another tag")
+
+
+def check_checkpoint_matches(ckpt: dict, cfg: DictConfig, path: Path) -> None:
+    meta = ckpt.get("meta", {})
+    want = {"num_classes": cfg.data.num_classes}
+    for key, value in want.items():
+        if key in meta and meta[key] != value:
+            raise CheckpointError(f"checkpoint {path} was trained with {key}={meta[key]} but the "
+                                  f"config has {value}")
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Every check that needs no process group: run folder, dataset layout, resume checkpoint."""
+    check_run_dir(cfg)
+    if cfg.data.check_layout:
+        check_layout(cfg.data, [cfg.data.train_split, cfg.data.val_split])
+    path = find_resume(cfg)
+    if path is not None:
+        check_checkpoint_matches(load_file(path), cfg, path)
+
+
+# ----------------------------------------------------------------------------- training
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def save_checkpoint(path: Path, model: MoRe, optimizer, scaler, step: int, cfg: DictConfig,
+                    extra: dict, rng: list[dict] | None) -> None:
+    obj = {"model": model.state_dict(), "step": step, "config": to_container(cfg),
+           "meta": {**model_meta(model, cfg), **extra}}
+    if optimizer is not None:
+        obj["optimizer"] = optimizer.state_dict()
+        obj["scaler"] = scaler.state_dict() if scaler is not None else {}
+        obj["rng"] = rng
+    save_atomic(obj, path)
+
+
+def gather_rng(dist: DistInfo) -> list[dict]:
+    """RNG states of every rank, gathered on all ranks (saved by rank 0)."""
+    state = rng_state(dist.device)
+    if not dist.distributed:
+        return [state]
+    out = [None] * dist.world_size
+    torch.distributed.all_gather_object(out, state)
+    return out
+
+
+def log_scores(logger, result: dict, step: int) -> None:
+    line = " ".join(f"{k}={result[k]['miou'] * 100:.2f}" for k in ("cam", "lam", "fused", "seg"))
+    logger.info(f"val step {step}: mIoU {line} | cls F1 {result['f1'] * 100:.2f} "
+                f"({result['images']} images)")
+
+
+def should_eval(step: int, cfg: DictConfig) -> bool:
+    if step % cfg.eval_every == 0:
+        return True
+    return cfg.eval_late_from >= 0 and step >= cfg.eval_late_from and step % cfg.eval_every_late == 0
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run training; returns the last validation result (rank 0 and others alike)."""
+    dist = dist_utils.init_distributed(cfg.device)
+    # Rank 0 runs the checks; everyone fails together with the same one-line message.
+    err = None
+    if dist.is_main:
+        try:
+            preflight(cfg)
+        except (RunError, LayoutError, CheckpointError, FileNotFoundError) as exc:
+            err = (type(exc).__name__, str(exc))
+    err = dist_utils.broadcast_object(err)
+    if err is not None:
+        raise RunError(err[1])
+
+    out_dir = run_dir(cfg)
+    ckpt_dir = out_dir / "checkpoints"
+    resume_path = find_resume(cfg)
+    if dist.is_main:
+        if cfg.overwrite and not cfg.resume and out_dir.exists():
+            shutil.rmtree(out_dir)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    dist_utils.barrier()
+    logger = setup_logger(out_dir / "train.log", dist.is_main)
+    metrics = JsonlWriter(out_dir / "metrics.jsonl" if dist.is_main else None)
+    if dist.is_main:
+        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        logger.info(f"MoRe-py {git_revision()} | torch {torch.__version__} | device "
+                    f"{dist.device} x {dist.world_size} | "
+                    f"{torch.cuda.get_device_name(dist.device) if dist.device.type == 'cuda' else 'cpu'}")
+        logger.info("config:\n" + OmegaConf.to_yaml(cfg))
+
+    seed_everything(cfg.seed + dist.rank, cfg.deterministic)
+    model = model_from_config(cfg).to(dist.device)
+    # Reference weights that never receive gradients (ViT head, GCR's _fc1) are frozen so DDP
+    # needs no unused-parameter search; AdamW skipped them anyway (grad None).
+    model.encoder.head.requires_grad_(False)
+    model.graph_layer._fc1.requires_grad_(False)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model.param_groups(), cfg)
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.amp == "fp16")
+    par = PAR(num_iter=cfg.par.num_iter, dilations=tuple(cfg.par.dilations)).to(dist.device)
+
+    start_step, best = 0, -1.0
+    if resume_path is not None:
+        ckpt = load_file(resume_path)
+        load_weights(model, ckpt)
+        if "optimizer" not in ckpt:
+            raise CheckpointError(f"{resume_path} holds weights only; resume needs a training "
+                                  f"checkpoint (checkpoints/last.pth)")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_step = int(ckpt["step"])
+        best = float(ckpt.get("meta", {}).get("best_miou", -1.0))
+        rngs = ckpt.get("rng") or []
+        if len(rngs) == dist.world_size:
+            set_rng_state(rngs[dist.rank], dist.device)
+        elif dist.is_main:
+            logger.warning(f"resuming on {dist.world_size} processes from a run on {len(rngs)}: "
+                           f"RNG streams are not restored exactly")
+        logger.info(f"resumed from {resume_path} at step {start_step}")
+
+    train_model: torch.nn.Module = model
+    if dist.distributed:
+        train_model = DistributedDataParallel(
+            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    train_loader = build_train_loader(cfg, dist, start_step)
+    val_set = build_dataset(cfg.data, cfg.data.val_split, "val")
+    val_loader = build_val_loader(val_set, dist, cfg.data.num_workers, cfg.val.max_images)
+    if dist.is_main:
+        n_params = sum(p.numel() for p in model.parameters()) / 1e6
+        logger.info(f"model {n_params:.1f}M params | train {len(train_loader.dataset)} images, "
+                    f"{train_loader.sampler.steps_per_epoch} steps/epoch | val {len(val_set)} images")
+
+    progress = None
+    if dist.is_main and sys.stderr.isatty():
+        from tqdm import tqdm
+        progress = tqdm(total=cfg.max_iters, initial=start_step, desc=cfg.tag, dynamic_ncols=True)
+
+    fault_marker = out_dir / ".fault_injected"
+    loss_sum = torch.zeros(len(LOSS_TERMS) + 1, device=dist.device)
+    loss_count = 0
+    last_result: dict = {}
+    t0, step0 = time.time(), start_step
+    model.train()
+    data_iter = iter(train_loader)
+    step = start_step
+    while step < cfg.max_iters:
+        _, images, cls_label = next(data_iter)
+        if step == cfg.fault_step and not fault_marker.exists():
+            dist_utils.barrier()
+            if dist.is_main:
+                fault_marker.touch()
+            dist_utils.barrier()
+            logger.warning(f"fault_step={step}: simulating a crash")
+            os._exit(3)
+        images = images.to(dist.device, non_blocking=True)
+        cls_label = cls_label.to(dist.device, non_blocking=True).float()
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        lr = set_lr(optimizer, step, cfg)
+        total, terms = compute_losses(train_model, model, par, images, cls_label, step, cfg,
+                                      amp_dtype)
+        values = torch.stack([total.detach()] + [terms[k].detach().float() for k in LOSS_TERMS])
+        finite = dist_utils.all_reduce_max((~torch.isfinite(values)).any().float().view(1))
+        if finite.item() > 0:  # one host sync per step: the price of never training on NaN
+            bad = [k for k, v in zip(("total",) + LOSS_TERMS, values.tolist()) if not math.isfinite(v)]
+            if cfg.nan_policy == "skip":
+                logger.warning(f"step {step}: non-finite loss ({', '.join(bad) or 'other rank'}); "
+                               f"step skipped")
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                continue
+            last = ckpt_dir / "last.pth"
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} (terms: {', '.join(bad) or 'on another rank'}); "
+                f"last good checkpoint: {last if last.exists() else 'none'}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        step += 1
+        loss_sum += values
+        loss_count += 1
+        if progress is not None:
+            progress.update(1)
+
+        if step % cfg.log_every == 0 or step == cfg.max_iters:
+            avg = dist_utils.all_reduce_sum(loss_sum.clone()) / (loss_count * dist.world_size)
+            avg = dict(zip(("total",) + LOSS_TERMS, avg.tolist()))
+            loss_sum.zero_()
+            loss_count = 0
+            elapsed = time.time() - t0
+            eta = elapsed / max(step - step0, 1) * (cfg.max_iters - step)
+            if dist.is_main:
+                msg = " ".join(f"{k} {v:.4f}" for k, v in avg.items())
+                logger.info(f"step {step}/{cfg.max_iters} lr {lr:.3e} | {msg} | "
+                            f"elapsed {format_eta(elapsed)} eta {format_eta(eta)}")
+                metrics.write(step=step, lr=lr, **{f"loss/{k}": v for k, v in avg.items()})
+                if progress is not None:
+                    progress.set_postfix(loss=f"{avg['total']:.3f}")
+
+        evaluate = should_eval(step, cfg) or step == cfg.max_iters
+        save = step % cfg.save_every == 0 or step == cfg.max_iters or evaluate
+        extra = {"best_miou": best}
+        if evaluate:
+            last_result = validate(model, val_loader, cfg, dist, progress=progress is not None)
+            if dist.is_main:
+                log_scores(logger, last_result, step)
+                metrics.write(step=step, **{f"val/{k}_miou": last_result[k]["miou"]
+                                            for k in ("cam", "lam", "fused", "seg")},
+                              **{"val/f1": last_result["f1"]})
+            miou = last_result["seg"]["miou"]
+            if miou > best:
+                best = miou
+                extra["best_miou"] = best
+                if dist.is_main:
+                    save_checkpoint(ckpt_dir / "best.pth", model, None, None, step, cfg,
+                                    {**extra, "val": last_result}, None)
+        if save:
+            rng = gather_rng(dist)
+            if dist.is_main:
+                save_checkpoint(ckpt_dir / "last.pth", model, optimizer, scaler, step, cfg, extra, rng)
+                if step % cfg.save_every == 0:
+                    save_checkpoint(ckpt_dir / f"iter_{step}.pth", model, None, None, step, cfg,
+                                    extra, None)
+            dist_utils.barrier()
+    if progress is not None:
+        progress.close()
+    if dist.is_main:
+        logger.info(f"done: {cfg.max_iters} steps in {format_eta(time.time() - t0)}; "
+                    f"checkpoints in {ckpt_dir}")
+    dist_utils.barrier()
+    return last_result
+
+
+USER_ERRORS = (ConfigError, RunError, LayoutError, CheckpointError, DeviceError,
+               NonFiniteLossError, FileNotFoundError)
+
+
+def main(overrides: dict, argv: list[str] | None = None) -> None:
+    """Entry point of the training scripts: defaults <- overrides <- `key=value` arguments.
+
+    With MORE_PREFLIGHT=1 only the checks run (used by run_train.sh before torchrun starts, so a
+    bad input is one line instead of one traceback per process).
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = make_config(overrides, argv)
+        if os.environ.get("MORE_PREFLIGHT") == "1":
+            preflight(cfg)
+            return
+        train(cfg)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        dist_utils.cleanup()
+        sys.exit(2)
+    except ValueError as exc:  # e.g. a checkpoint of another K, a corrupt image
+        msg = str(exc).strip().splitlines()
+        if len(msg) == 1:
+            print(f"error: {msg[0]}", file=sys.stderr)
+            dist_utils.cleanup()
+            sys.exit(2)
+        raise
+    dist_utils.cleanup()

@@ -1,0 +1,84 @@
+"""Validation during training (SPEC 7): CAM, LAM, Fused and Seg mIoU plus classifier F1.
+
+Images are sharded by global rank; confusion matrices and F1 sums are all-reduced, so the numbers
+do not depend on the number of processes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from utils.dist import DistInfo, all_reduce_sum
+from utils.metrics import confusion_matrix, scores
+
+from .cam import cam_to_label, lam, minmax_normalise, multi_scale_cam
+
+MAP_NAMES = ("cam", "lam", "fused", "seg")
+
+
+def build_val_loader(dataset, dist: DistInfo, num_workers: int, max_images: int = 0) -> DataLoader:
+    n = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
+    shard = Subset(dataset, list(range(dist.rank, n, dist.world_size)))
+    return DataLoader(shard, batch_size=1, shuffle=False, num_workers=num_workers,
+                      pin_memory=dist.device.type == "cuda")
+
+
+def image_f1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image binary F1 of multilabel predictions; pred, target: (B, K) 0/1 -> (B,)."""
+    tp = (pred * target).sum(1)
+    denom = pred.sum(1) + target.sum(1)
+    return torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.ones_like(tp))
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, loader: DataLoader, cfg, dist: DistInfo,
+             progress: bool = False) -> dict:
+    """Returns {"cam"|"lam"|"fused"|"seg": scores dict, "f1": float, "images": int}."""
+    num_classes = cfg.data.num_classes
+    device = dist.device
+    was_training = model.training
+    model.eval()
+    conf = {k: torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+            for k in MAP_NAMES}
+    f1_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (sum, count)
+    size = (cfg.val.size, cfg.val.size)
+    bkg = cfg.cam.bkg
+    it = loader
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(loader, desc="val", dynamic_ncols=True, leave=False)
+    for _, image, label, cls_label in it:
+        image = image.to(device, non_blocking=True)
+        label = label.to(device, non_blocking=True)
+        cls_label = cls_label.to(device, non_blocking=True).float()
+        x = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+        out = model(x)
+        gt_size = label.shape[-2:]
+
+        cam, _ = multi_scale_cam(model, x, cfg.cam.scales)
+        cam = F.interpolate(cam, size=gt_size, mode="bilinear", align_corners=False)
+        lam_map = lam(out.class_tokens, out.patch_map)
+        lam_map = minmax_normalise(F.interpolate(lam_map, size=gt_size, mode="bilinear",
+                                                 align_corners=False))
+        fused = minmax_normalise(lam_map * cam)
+        seg = F.interpolate(out.seg_logits, size=gt_size, mode="bilinear", align_corners=False)
+        preds = {
+            "cam": cam_to_label(cam, cls_label, bkg=bkg, ignore_mid=False),
+            "lam": cam_to_label(lam_map, cls_label, bkg=bkg, ignore_mid=False),
+            "fused": cam_to_label(fused, cls_label, bkg=bkg, ignore_mid=False),
+            "seg": seg.argmax(1),
+        }
+        for k, p in preds.items():
+            conf[k] += confusion_matrix(p, label, num_classes)
+        f1 = image_f1((out.cls_logits > 0).float(), cls_label)
+        f1_sum[0] += f1.sum()
+        f1_sum[1] += f1.numel()
+    for c in conf.values():
+        all_reduce_sum(c)
+    all_reduce_sum(f1_sum)
+    model.train(was_training)
+    result = {k: scores(c.cpu()) for k, c in conf.items()}
+    result["f1"] = float(f1_sum[0] / f1_sum[1].clamp(min=1))
+    result["images"] = int(f1_sum[1])
+    return result
