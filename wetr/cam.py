@@ -1,0 +1,152 @@
+"""Pseudo labels from CAMs and LAMs (SPEC sections 4 and 7).
+
+Pure tensor functions: they never move tensors between devices and never synchronise with the
+host, so they can run inside the training step. Labels are long tensors with 0 = background,
+1..K = classes, 255 = ignore.
+"""
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from wetr.par import PAR
+
+IGNORE_INDEX = 255
+IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
+IMAGENET_STD_255 = (58.395, 57.12, 57.375)
+
+
+def denormalise_255(images: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalised images (B, 3, H, W) -> float RGB in 0..255 (not rounded)."""
+    std = images.new_tensor(IMAGENET_STD_255).view(1, 3, 1, 1)
+    mean = images.new_tensor(IMAGENET_MEAN_255).view(1, 3, 1, 1)
+    return images * std + mean
+
+
+def denormalise(images: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalised images (B, 3, H, W) -> float in 0..1, truncated to uint8 levels first.
+
+    The reference casts to uint8 (truncation) before dividing by 255; the clamp makes the
+    out-of-range case (where a uint8 cast wraps around) well defined and changes nothing else.
+    """
+    return denormalise_255(images).clamp(0, 255).floor() / 255.0
+
+
+def resize_cam(cam: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """cam: (B, K, H, W) -> (B, K, *size), bilinear, align_corners=False."""
+    return F.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def minmax_normalise(maps: torch.Tensor) -> torch.Tensor:
+    """maps: (B, K, H, W) -> per image and class m - min, then / (max + 1e-5)."""
+    maps = maps - maps.amin(dim=(-2, -1), keepdim=True)
+    return maps / (maps.amax(dim=(-2, -1), keepdim=True) + 1e-5)
+
+
+def _flip_max_upsample(maps: torch.Tensor, b: int, size: Sequence[int]) -> torch.Tensor:
+    """maps: (2B, K, h, w) for [images; flipped images] -> ReLU(max(map, flipped back)) (B, K, *size)."""
+    maps = resize_cam(maps, size)
+    return F.relu(torch.maximum(maps[:b], maps[b:].flip(-1)))
+
+
+@torch.no_grad()
+def multi_scale_cam(model: nn.Module, images: torch.Tensor,
+                    scales: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-scale, flip-augmented CAM and aux CAM, min-max normalised (SPEC 4).
+
+    images: (B, 3, H, W) normalised; `model(x, cam_only=True)` returns (aux_cam, cam) at token
+    resolution. Returns (cam, aux_cam), both (B, K, H, W) in [0, 1).
+    As in the reference, scale 1.0 is always evaluated, first, and other entries equal to 1.0 are
+    skipped; the per-scale maps are summed in that order.
+    """
+    b, _, h, w = images.shape
+    cams, aux_cams = [], []
+    for s in [1.0] + [s for s in scales if s != 1.0]:
+        size = (int(s * h), int(s * w))
+        x = images if size == (h, w) else resize_cam(images, size)
+        aux_cam, cam = model(torch.cat([x, x.flip(-1)], dim=0), cam_only=True)
+        cams.append(_flip_max_upsample(cam, b, (h, w)))
+        aux_cams.append(_flip_max_upsample(aux_cam, b, (h, w)))
+    cam = minmax_normalise(torch.stack(cams, dim=0).sum(dim=0))
+    aux_cam = minmax_normalise(torch.stack(aux_cams, dim=0).sum(dim=0))
+    return cam, aux_cam
+
+
+def cam_to_label(cam: torch.Tensor, cls_label: torch.Tensor, bkg: float = 0.5, high: float = 0.7,
+                 low: float = 0.25, ignore_mid: bool = True) -> torch.Tensor:
+    """cam: (B, K, H, W); cls_label: (B, K) 0/1 -> label (B, H, W) long.
+
+    Best present class + 1; with ignore_mid: 255 where its score <= high, 0 where <= low;
+    without: 0 where its score <= bkg.
+    """
+    value, index = (cam * cls_label[:, :, None, None]).max(dim=1)
+    label = index + 1
+    if ignore_mid:
+        label = label.masked_fill(value <= high, IGNORE_INDEX)
+        return label.masked_fill(value <= low, 0)
+    return label.masked_fill(value <= bkg, 0)
+
+
+def maps_to_label(maps: torch.Tensor, cls_label: torch.Tensor, bkg: float = 0.5) -> torch.Tensor:
+    """Validation labels (SPEC 7): maps (B, K, H, W) -> (B, H, W) long, background where <= bkg."""
+    return cam_to_label(maps, cls_label, bkg=bkg, ignore_mid=False)
+
+
+def refine_label(par: PAR, images: torch.Tensor, cam: torch.Tensor, cls_label: torch.Tensor,
+                 high: float = 0.7, low: float = 0.25) -> torch.Tensor:
+    """PAR-refined pixel label (SPEC 4, reference `refine_cams_with_bkg_v2`).
+
+    images: (B, 3, H, W) denormalised to 0..1; cam: (B, K, H, W) already multiplied by the
+    labels; cls_label: (B, K) 0/1. Returns (B, H, W) long.
+
+    The reference loops over images and keeps only background + present classes. Here all K+1
+    channels go through one batched PAR call, with absent classes masked to -inf before the
+    channel softmax: they become exact zeros, PAR is linear per channel so they stay zero, and
+    the argmax (over positive present-class scores) never picks them; the argmax index is then
+    the class id itself.
+    """
+    b, k, h, w = cam.shape
+    half = (h // 2, w // 2)
+    small_images = F.interpolate(images, size=half, mode="bilinear", align_corners=False)
+    # Background planes are added at full size and downsampled with the CAMs, as the reference does.
+    planes = cam.new_tensor([high, low]).view(1, 2, 1, 1).expand(b, 2, h, w)
+    stack = F.interpolate(torch.cat([planes, cam], dim=1), size=half, mode="bilinear",
+                          align_corners=False)
+    present = torch.cat([cls_label.new_ones(b, 1), cls_label], dim=1) != 0  # (B, K+1)
+    absent = ~present[:, :, None, None]
+    logits = torch.cat([stack[:, 0:1], stack[:, 2:], stack[:, 1:2], stack[:, 2:]], dim=1)
+    probs = torch.cat([
+        logits[:, :k + 1].masked_fill(absent, float("-inf")).softmax(dim=1),
+        logits[:, k + 1:].masked_fill(absent, float("-inf")).softmax(dim=1),
+    ], dim=1)
+    refined = F.interpolate(par(small_images, probs), size=(h, w), mode="bilinear",
+                            align_corners=False)
+    label_high = refined[:, :k + 1].argmax(dim=1)
+    label_low = refined[:, k + 1:].argmax(dim=1)
+    label = label_high.masked_fill(label_high == 0, IGNORE_INDEX)
+    return label.masked_fill((label_high + label_low) == 0, 0)
+
+
+def label_to_aff_mask(label: torch.Tensor) -> torch.Tensor:
+    """Token label (B, h, w) -> affinity target (B, N, N) float, N = h*w.
+
+    1 where both tokens share a label, 0 where they differ, 255 where either is 255 and on the
+    diagonal (ToCo's label_to_aff_mask).
+    """
+    flat = label.flatten(1)
+    aff = (flat[:, :, None] == flat[:, None, :]).float()
+    ignored = flat == IGNORE_INDEX
+    aff = aff.masked_fill(ignored[:, :, None] | ignored[:, None, :], IGNORE_INDEX)
+    eye = torch.eye(flat.shape[1], dtype=torch.bool, device=label.device)
+    return aff.masked_fill(eye, IGNORE_INDEX)
+
+
+def lam(class_tokens: torch.Tensor, patch_map: torch.Tensor) -> torch.Tensor:
+    """Localisation attention map (SPEC 3): class_tokens (B, K, D), patch_map (B, D, h, w) -> (B, K, h, w)."""
+    return torch.einsum("bkd,bdhw->bkhw", class_tokens, patch_map)
+
+
+def fused_map(lam_n: torch.Tensor, cam_n: torch.Tensor) -> torch.Tensor:
+    """Validation fused map (SPEC 7): normalised LAM * normalised CAM, min-max normalised again."""
+    return minmax_normalise(lam_n * cam_n)
