@@ -1,0 +1,212 @@
+"""ViT encoder with 4 extra tokens and one class token per foreground class (SPEC 1).
+
+Built from timm's ViT parts (``PatchEmbed``, ``Block``); parameter names equal the reference
+checkpoints' ``encoder.*`` keys (SPEC 10): ``cls_token (1,T,D)``, ``pos_embed (1,T+196,D)``,
+``patch_embed.proj.*``, ``blocks.i.*``, ``norm.*``, ``head.*`` (Linear D->T, unused).
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import PatchEmbed, trunc_normal_
+from timm.models.vision_transformer import Block, init_weights_vit_timm
+from torch import nn
+
+NUM_EXTRA_TOKENS = 4
+# timm tag of the original JAX ViT-B/16 (file jx_vit_base_p16_224-80ecf9dd.pth) used by the paper.
+PRETRAINED_TAGS = {"vit_base_patch16_224": "vit_base_patch16_224.orig_in21k_ft_in1k"}
+
+
+class EncoderOutput(NamedTuple):
+    class_tokens: torch.Tensor  # (B, K, D), after the final norm
+    patch_map: torch.Tensor  # (B, D, h, w), after the final norm
+    aux_map: torch.Tensor  # (B, D, h, w), output of block `aux_layer`
+    attn_map: torch.Tensor  # (B, K, h, w), last block's raw class->patch q.k summed over heads, no grad
+
+
+def resample_patch_pos_embed(pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Bicubic resampling of a square patch position grid to (h, w), DINO style.
+
+    The scale factors ((h+0.1)/n, (w+0.1)/n), not the output size, set the sampling coordinates;
+    reference checkpoints were trained with exactly this resampling.
+    pos: (1, n*n, D) -> (1, h*w, D)
+    """
+    n = math.isqrt(pos.shape[1])
+    grid = pos.reshape(1, n, n, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=((h + 0.1) / n, (w + 0.1) / n), mode="bicubic",
+                         align_corners=False)
+    assert grid.shape[-2:] == (h, w), f"pos-embed resampling gave {tuple(grid.shape[-2:])}, want {(h, w)}"
+    return grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)
+
+
+def tokens_to_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """tokens: (B, h*w, D) -> (B, D, h, w)."""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+
+
+class ClassTokenViT(nn.Module):
+    """ViT with T = 4 + K leading tokens followed by the N = h*w patch tokens.
+
+    Args:
+        num_classes: K, number of foreground classes (one class token each).
+        pretrained: False (random init), True (timm hub weights) or a path to a timm ViT weight
+            file (.pth / .npz) of the same width and depth.
+        aux_layer: index into the per-block outputs for the aux patch map (-3: block 10 of 12).
+    """
+
+    def __init__(
+            self,
+            num_classes: int,
+            backbone: str = "vit_base_patch16_224",
+            pretrained: bool | str | Path = False,
+            img_size: int = 224,
+            patch_size: int = 16,
+            embed_dim: int = 768,
+            depth: int = 12,
+            num_heads: int = 12,
+            mlp_ratio: float = 4.0,
+            qkv_bias: bool = True,
+            aux_layer: int = -3,
+            drop_rate: float = 0.0,
+            attn_drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_tokens = NUM_EXTRA_TOKENS + num_classes
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.aux_layer = aux_layer
+        self.backbone = backbone
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+
+        # Inputs of any size: forward() crops to a multiple of the patch size, as the stride-16 conv would.
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
+                                      strict_img_size=False)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, self.num_tokens, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens + num_patches, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear stochastic depth
+        self.blocks = nn.Sequential(*[
+            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate,
+                  attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer)
+            for i in range(depth)])
+        for blk in self.blocks:
+            blk.attn.fused_attn = True
+        self.norm = norm_layer(embed_dim)
+        # Unused by the forward, kept for checkpoint compatibility; frozen (it never gets a gradient
+        # anyway) so DDP does not need find_unused_parameters.
+        self.head = nn.Linear(embed_dim, self.num_tokens).requires_grad_(False)
+
+        self.apply(init_weights_vit_timm)
+        trunc_normal_(self.cls_token, std=0.02)
+        trunc_normal_(self.pos_embed, std=0.02)
+        if pretrained:
+            self.load_pretrained(pretrained)
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def load_pretrained(self, source: bool | str | Path) -> None:
+        """Initialise from a single-CLS-token timm ViT (SPEC 1).
+
+        Every one of the T tokens is a copy of the pretrained CLS token; the T token position
+        embeddings are copies of the CLS position embedding except the first 4, drawn from a
+        truncated normal (std 1, cut at +-2). The head keeps its random init (other shape).
+        """
+        sd = _pretrained_state_dict(self, source)
+        own = self.state_dict()
+        n = math.isqrt(own["pos_embed"].shape[1] - self.num_tokens)
+        pos_tokens = sd["pos_embed"][:, 1:]
+        m = math.isqrt(pos_tokens.shape[1])
+        if m != n:  # pretrained on another grid: resize to the stored 14x14 once, by size
+            pos_tokens = F.interpolate(pos_tokens.reshape(1, m, m, -1).permute(0, 3, 1, 2), size=(n, n),
+                                       mode="bicubic", align_corners=False)
+            pos_tokens = pos_tokens.permute(0, 2, 3, 1).reshape(1, n * n, -1)
+        token_pos = sd["pos_embed"][:, :1].repeat(1, self.num_tokens, 1)
+        token_pos[:, :NUM_EXTRA_TOKENS] = trunc_normal_(torch.zeros_like(token_pos[:, :NUM_EXTRA_TOKENS]))
+        sd["pos_embed"] = torch.cat([token_pos, pos_tokens], dim=1)
+        sd["cls_token"] = sd["cls_token"][:, :1].repeat(1, self.num_tokens, 1)
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+        missing, unexpected = self.load_state_dict(sd, strict=False)
+        if unexpected or set(missing) != {"head.weight", "head.bias"}:
+            raise RuntimeError(f"pretrained weights do not fit the encoder: missing {missing}, "
+                               f"unexpected {unexpected}")
+
+    def class_patch_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw q.k of class tokens against patch tokens in the last block, summed over heads.
+
+        Summing the per-head dot products equals one dot product over all D channels, so only
+        the K query rows and N key rows are projected (no T+N square). No softmax, no scaling.
+        x: (B, T+N, D) input of the last block -> (B, K, N), no grad.
+        """
+        blk, d = self.blocks[-1], self.embed_dim
+        w, b = blk.attn.qkv.weight, blk.attn.qkv.bias
+        with torch.no_grad():
+            y = blk.norm1(x)
+            q = F.linear(y[:, NUM_EXTRA_TOKENS:self.num_tokens], w[:d], None if b is None else b[:d])
+            k = F.linear(y[:, self.num_tokens:], w[d:2 * d], None if b is None else b[d:2 * d])
+            return q @ k.transpose(1, 2)
+
+    def pos_embed_for(self, h: int, w: int, square_input: bool) -> torch.Tensor:
+        """Position embeddings for a (h, w) grid: (1, T+h*w, D)."""
+        tokens_pos = self.pos_embed[:, :self.num_tokens]
+        patch_pos = self.pos_embed[:, self.num_tokens:]
+        # Reference quirk: the stored grid is used as is only for square inputs with the stored
+        # number of patches; otherwise it is always resampled (even to the same size).
+        if h * w == patch_pos.shape[1] and square_input:
+            return self.pos_embed
+        return torch.cat([tokens_pos, resample_patch_pos_embed(patch_pos, h, w)], dim=1)
+
+    def forward(self, x: torch.Tensor) -> EncoderOutput:
+        """x: (B, 3, H, W) normalised images; (h, w) = (H // 16, W // 16)."""
+        B, _, H, W = x.shape
+        h, w = H // self.patch_size, W // self.patch_size
+        x = self.patch_embed(x[..., :h * self.patch_size, :w * self.patch_size])
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
+        x = self.pos_drop(x + self.pos_embed_for(h, w, square_input=H == W))
+
+        feats = []
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+            feats.append(x)
+        scores = self.class_patch_scores(x)
+        x = self.norm(self.blocks[-1](x))
+        feats.append(x)  # as in the reference, the last "block output" is the normed one
+
+        return EncoderOutput(
+            class_tokens=x[:, NUM_EXTRA_TOKENS:self.num_tokens],
+            patch_map=tokens_to_map(x[:, self.num_tokens:], h, w),
+            aux_map=tokens_to_map(feats[self.aux_layer][:, self.num_tokens:], h, w),
+            attn_map=scores.reshape(B, self.num_classes, h, w),
+        )
+
+
+def _pretrained_state_dict(encoder: ClassTokenViT, source: bool | str | Path) -> dict[str, torch.Tensor]:
+    """State dict of a plain timm ViT with the encoder's shape, from the hub or a local file."""
+    name = encoder.backbone
+    tag = PRETRAINED_TAGS.get(name, name)
+    arch = dict(embed_dim=encoder.embed_dim, depth=encoder.depth, num_heads=encoder.num_heads,
+                patch_size=encoder.patch_size)
+    if source is True:
+        try:
+            vit = timm.create_model(tag, pretrained=True, **arch)
+        except Exception as e:  # offline, hub unreachable, cache missing: one actionable line
+            raise RuntimeError(
+                f"could not fetch pretrained {tag} ({type(e).__name__}); when offline pass "
+                f"model.pretrained=/path/to/jx_vit_base_p16_224-80ecf9dd.pth") from e
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise RuntimeError(f"pretrained weight file not found: {path}")
+        vit = timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **arch)
+    return vit.state_dict()

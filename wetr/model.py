@@ -1,0 +1,151 @@
+"""MoRe network: class-token ViT, classifiers, LargeFOV decoder and GCR (SPEC 1-3, 10)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wetr.encoder import NUM_EXTRA_TOKENS, ClassTokenViT
+from wetr.gcr import GraphCategoryRepresentation
+
+# width, depth, heads of the supported backbones (all patch 16, MLP ratio 4, qkv bias)
+BACKBONES = {
+    "vit_tiny_patch16_224": (192, 12, 3),
+    "vit_small_patch16_224": (384, 12, 6),
+    "vit_base_patch16_224": (768, 12, 12),
+    "vit_large_patch16_224": (1024, 24, 16),
+}
+
+
+class MoReOutput(NamedTuple):
+    cls_logits: torch.Tensor  # (B, K) from the global max-pool of the final patch map
+    seg_logits: torch.Tensor  # (B, K+1, h, w)
+    patch_map: torch.Tensor  # (B, D, h, w) final patch tokens (after the final norm)
+    aux_logits: torch.Tensor  # (B, K) from the aux patch map
+    class_tokens: torch.Tensor  # (B, K, D), after GCR when with_gcr
+    attn_map: torch.Tensor  # (B, K, h, w) last block's raw class->patch attention, detached
+
+
+class LargeFOV(nn.Module):
+    """DeepLab-LargeFOV head: two dilated 3x3 convs with ReLU, then a 1x1 classifier (no biases)."""
+
+    def __init__(self, in_planes: int, out_planes: int, dilation: int = 5, mid_planes: int = 512) -> None:
+        super().__init__()
+        self.conv6 = nn.Conv2d(in_planes, mid_planes, 3, padding=dilation, dilation=dilation, bias=False)
+        self.conv7 = nn.Conv2d(mid_planes, mid_planes, 3, padding=dilation, dilation=dilation, bias=False)
+        self.conv8 = nn.Conv2d(mid_planes, out_planes, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, D, h, w) -> (B, K+1, h, w)."""
+        return self.conv8(F.relu(self.conv7(F.relu(self.conv6(x)))))
+
+
+class MoRe(nn.Module):
+    """Args: num_classes: K+1 (background counted); encoder: a ClassTokenViT with K class tokens."""
+
+    def __init__(self, encoder: ClassTokenViT, num_classes: int, gcr_topk_ratio: float = 0.5,
+                 gcr_gate_score: str = "reference") -> None:
+        super().__init__()
+        if encoder.num_classes != num_classes - 1:
+            raise ValueError(f"encoder has {encoder.num_classes} class tokens, expected {num_classes - 1}")
+        self.num_classes = num_classes
+        self.patch_size = encoder.patch_size
+        self.embed_dim = d = encoder.embed_dim
+        self.encoder = encoder
+        self.classifier = nn.Conv2d(d, num_classes - 1, 1, bias=False)
+        self.aux_classifier = nn.Conv2d(d, num_classes - 1, 1, bias=False)
+        self.decoder = LargeFOV(d, num_classes)
+        self.graph_layer = GraphCategoryRepresentation(d, topk_ratio=gcr_topk_ratio, gate_score=gcr_gate_score)
+
+    def param_groups(self) -> list[list[nn.Parameter]]:
+        """[backbone non-norm, backbone norms, classifiers + GCR, decoder] (SPEC 6)."""
+        groups: list[list[nn.Parameter]] = [[], [], [], []]
+        for name, param in self.encoder.named_parameters():
+            groups[1 if "norm" in name else 0].append(param)
+        groups[2] += [self.classifier.weight, self.aux_classifier.weight, *self.graph_layer.parameters()]
+        groups[3] += list(self.decoder.parameters())
+        return groups
+
+    @torch.no_grad()
+    def cams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Classifier weights at every position: x (B, 3, H, W) -> (aux_cam, cam), each (B, K, h, w)."""
+        enc = self.encoder(x)
+        return F.conv2d(enc.aux_map, self.aux_classifier.weight), F.conv2d(enc.patch_map, self.classifier.weight)
+
+    def forward(self, x: torch.Tensor, cam_only: bool = False,
+                with_gcr: bool = True) -> MoReOutput | tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, 3, H, W) normalised images. cam_only: return `cams(x)` instead (no grad)."""
+        if cam_only:
+            return self.cams(x)
+        enc = self.encoder(x)
+        cls_logits = self.classifier(F.adaptive_max_pool2d(enc.patch_map, 1)).flatten(1)
+        aux_logits = self.aux_classifier(F.adaptive_max_pool2d(enc.aux_map, 1)).flatten(1)
+        seg_logits = self.decoder(enc.patch_map)
+        class_tokens = enc.class_tokens
+        if with_gcr:
+            class_tokens = self.graph_layer(class_tokens, enc.patch_map.flatten(2).transpose(1, 2))
+        return MoReOutput(cls_logits, seg_logits, enc.patch_map, aux_logits, class_tokens, enc.attn_map)
+
+
+def build_model(
+        num_classes: int = 21,
+        backbone: str = "vit_base_patch16_224",
+        pretrained: bool | str | Path = False,
+        embed_dim: int | None = None,
+        depth: int | None = None,
+        num_heads: int | None = None,
+        aux_layer: int = -3,
+        drop_path_rate: float = 0.0,
+        gcr_topk_ratio: float = 0.5,
+        gcr_gate_score: str = "reference",
+) -> MoRe:
+    """MoRe with K = num_classes - 1 class tokens; width/depth/heads override the backbone's."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
+    d, n, h = BACKBONES[backbone]
+    encoder = ClassTokenViT(num_classes - 1, backbone=backbone, pretrained=pretrained, embed_dim=embed_dim or d,
+                            depth=depth or n, num_heads=num_heads or h, aux_layer=aux_layer,
+                            drop_path_rate=drop_path_rate)
+    return MoRe(encoder, num_classes, gcr_topk_ratio=gcr_topk_ratio, gcr_gate_score=gcr_gate_score)
+
+
+def _check_compatible(model: MoRe, sd: Mapping[str, torch.Tensor]) -> None:
+    """Raise ValueError with one line naming what differs: width, classes, depth, keys, shapes."""
+    k_model, own = model.num_classes - 1, model.state_dict()
+    tokens, classifier = sd.get("encoder.cls_token"), sd.get("classifier.weight")
+    if tokens is not None and tokens.ndim == 3 and tokens.shape[2] != model.embed_dim:
+        raise ValueError(f"checkpoint has width D={tokens.shape[2]} but the model has D={model.embed_dim}")
+    k_ckpt = classifier.shape[0] if classifier is not None else None
+    if k_ckpt is None and tokens is not None and tokens.ndim == 3:
+        k_ckpt = tokens.shape[1] - NUM_EXTRA_TOKENS
+    if k_ckpt is not None and k_ckpt != k_model:
+        raise ValueError(f"checkpoint has K={k_ckpt} classes but the model has K={k_model}")
+    depth = len({k.split(".")[2] for k in sd if k.startswith("encoder.blocks.")})
+    if depth != model.encoder.depth:
+        raise ValueError(f"checkpoint has depth {depth} but the model has depth {model.encoder.depth}")
+    missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model: {len(missing)} missing keys {missing[:3]}, "
+                         f"{len(unexpected)} unexpected keys {unexpected[:3]}")
+    for key, value in sd.items():
+        if value.shape != own[key].shape:
+            raise ValueError(f"checkpoint {key} has shape {tuple(value.shape)} but the model expects "
+                             f"{tuple(own[key].shape)}")
+
+
+def load_weights(model: MoRe, source: Mapping[str, Any] | str | Path) -> MoRe:
+    """Load our checkpoint (weights under "model") or a raw reference state_dict, strictly.
+
+    A leading ``module.`` (DDP) is stripped. Any key or shape mismatch raises ValueError with one line.
+    """
+    if isinstance(source, (str, Path)):
+        source = torch.load(source, map_location="cpu", weights_only=True)
+    if isinstance(source.get("model"), Mapping):
+        source = source["model"]
+    sd = {k.removeprefix("module."): v for k, v in source.items()}
+    _check_compatible(model, sd)
+    model.load_state_dict(sd, strict=True)
+    return model
