@@ -1,0 +1,24 @@
+"""COCO segmentation inference: `tools.infer_seg_voc` with COCO defaults (SPEC 8).
+
+    python -m tools.infer_seg_coco ckpt=logs/coco/checkpoints/best.pth infer_set=val
+    torchrun --nproc_per_node=8 -m tools.infer_seg_coco ckpt=... infer_set=val_part crf=true
+
+infer_set: val (the full val2014 list) or val_part (its first 5000 images, as validated during
+training). Outputs under <run>/eval/infer_seg_coco_<set>; see `tools.infer_seg_voc`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tools import infer_seg_voc
+from tools.common import run
+
+DEFAULTS = {"multi_scale": True, "infer_set": "val"}
+
+
+def main(argv: Sequence[str]) -> dict | None:
+    return infer_seg_voc.main(argv, tool="infer_seg_coco", defaults=DEFAULTS)
+
+
+if __name__ == "__main__":
+    run(main)
