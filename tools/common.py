@@ -188,19 +188,27 @@ def list_dir_of(data: SimpleNamespace) -> str:
     return data.list_dir or os.path.join(data.root, "ImageSets", "Segmentation")
 
 
-def build_dataset_for(data: SimpleNamespace, split: str):
+def build_dataset_for(data: SimpleNamespace, split: str, check: bool = True):
     """Stage "val" (image at original size, mask, image labels); splits named test* have no
-    masks and use stage "test" (label all 255, image labels all 0)."""
+    masks and use stage "test" (label all 255, image labels all 0). `check`: verify the layout
+    of a labelled split first (folders, lists, image labels, masks), one-line errors."""
     from datasets import build_dataset
+    from datasets.layout import LayoutError, check_layout
 
     stage = "test" if split.startswith("test") else "val"
+    lists = list_dir_of(data)
+    have = sorted(p.stem for p in Path(lists).glob("*.txt")) if os.path.isdir(lists) else []
+    if have and split not in have:   # a mistyped infer_set, most likely
+        raise InferError(f"no split list {split}.txt in {lists}; infer_set can be: {', '.join(have)}")
+    if check and stage == "val":
+        try:
+            check_layout(data, [split])
+        except LayoutError as exc:
+            raise InferError(str(exc)) from None
     try:
         return build_dataset(data, split, stage)
     except (FileNotFoundError, ValueError) as exc:
-        lists = list_dir_of(data)
-        have = sorted(p.stem for p in Path(lists).glob("*.txt")) if os.path.isdir(lists) else []
-        hint = f" (splits in {lists}: {', '.join(have)})" if have else ""
-        raise InferError(f"{str(exc).splitlines()[0]}{hint}") from None
+        raise InferError(str(exc).splitlines()[0]) from None
 
 
 def class_names(data: SimpleNamespace) -> list[str]:
@@ -286,7 +294,7 @@ class Evaluation:
             self.scales = tuple(float(s) for s in cfg.scales)
         else:
             self.scales = tuple(multi_scales) if cfg.multi_scale else tuple(default_scales)
-        self.dataset = build_dataset_for(self.data, self.split)
+        self.dataset = build_dataset_for(self.data, self.split, check=self.dist.is_main)
         if cfg.crf:
             from utils.crf import check_available
             check_available()
