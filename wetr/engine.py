@@ -36,14 +36,12 @@ from utils.dist import DeviceError, DistInfo
 from utils.logger import JsonlWriter, format_eta, get_logger, git_revision, setup_logger
 
 from . import losses as L
-from .cam import cam_to_label, denormalise, multi_scale_cam, refine_label
+from .cam import cam_to_label, denormalise, denormalise_255, multi_scale_cam, refine_label
 from .model import MoRe, build_model, load_weights
 from .optim import build_optimizer, set_lr
 from .par import PAR
 from .validate import build_val_loader, validate
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 LOSS_TERMS = ("cls", "cls_aux", "tokens", "cle", "une", "ptc", "seg", "reg")
 
 
@@ -69,13 +67,6 @@ def model_meta(model: MoRe, cfg: DictConfig) -> dict:
     return {"num_classes": int(cfg.data.num_classes), "embed_dim": int(model.embed_dim),
             "depth": len(enc.blocks), "num_heads": int(enc.blocks[0].attn.num_heads),
             "backbone": str(cfg.model.backbone)}
-
-
-def to_255(images: torch.Tensor) -> torch.Tensor:
-    """ImageNet-normalised (B,3,H,W) -> float RGB in 0..255 (not truncated), for the energy loss."""
-    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
-    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
-    return images * std + mean
 
 
 def build_train_loader(cfg: DictConfig, dist: DistInfo, start_step: int) -> DataLoader:
@@ -167,7 +158,7 @@ def compute_losses(model: torch.nn.Module, cam_model: MoRe, par: PAR, images: to
             terms["seg"] = L.seg_loss(segs, refined)
         if on["reg"]:
             r = cfg.reg
-            terms["reg"] = L.dense_energy_loss(to_255(images), segs, refined, weight=r.weight,
+            terms["reg"] = L.dense_energy_loss(denormalise_255(images), segs, refined, weight=r.weight,
                                                sigma_rgb=r.sigma_rgb, sigma_xy=r.sigma_xy,
                                                scale=r.scale, filter=r.filter,
                                                exact_scale=r.exact_scale)

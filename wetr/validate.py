@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from utils.dist import DistInfo, all_reduce_sum
-from utils.metrics import confusion_matrix, scores
+from utils.metrics import confusion_matrix, multilabel_f1, scores
 
 from .cam import cam_to_label, lam, minmax_normalise, multi_scale_cam
 
@@ -22,13 +22,6 @@ def build_val_loader(dataset, dist: DistInfo, num_workers: int, max_images: int 
     shard = Subset(dataset, list(range(dist.rank, n, dist.world_size)))
     return DataLoader(shard, batch_size=1, shuffle=False, num_workers=num_workers,
                       pin_memory=dist.device.type == "cuda")
-
-
-def image_f1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image binary F1 of multilabel predictions; pred, target: (B, K) 0/1 -> (B,)."""
-    tp = (pred * target).sum(1)
-    denom = pred.sum(1) + target.sum(1)
-    return torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.ones_like(tp))
 
 
 @torch.no_grad()
@@ -71,7 +64,7 @@ def validate(model: torch.nn.Module, loader: DataLoader, cfg, dist: DistInfo,
         }
         for k, p in preds.items():
             conf[k] += confusion_matrix(p, label, num_classes)
-        f1 = image_f1((out.cls_logits > 0).float(), cls_label)
+        f1 = multilabel_f1(out.cls_logits > 0, cls_label)
         f1_sum[0] += f1.sum()
         f1_sum[1] += f1.numel()
     for c in conf.values():

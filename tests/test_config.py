@@ -1,0 +1,40 @@
+import pytest
+
+from utils.config import ConfigError, make_config
+
+
+def test_overrides_and_dotlist_merge():
+    cfg = make_config({"tag": "x", "data": {"num_classes": 5}},
+                      ["max_iters=7", "cam.scales=[1.0,0.5]", "model.pretrained=/w/vit.pth"])
+    assert cfg.tag == "x" and cfg.max_iters == 7 and cfg.data.num_classes == 5
+    assert list(cfg.cam.scales) == [1.0, 0.5]
+    assert cfg.model.pretrained == "/w/vit.pth"
+    assert make_config(None, ["model.pretrained=false"]).model.pretrained is False
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["maxiters=3"], ["unknown config key 'maxiters'", "max_iters"]),
+    (["data.nme=voc"], ["unknown config key 'data.nme'", "data.name"]),
+    (["max_iters=abc"], ["max_iters"]),
+    (["amp=fp8"], ["amp", "bf16"]),
+    (["reg.filter=fast"], ["reg.filter", "permutohedral"]),
+    (["justaword"], ["key=value"]),
+])
+def test_bad_config_is_one_line_error(argv, words):
+    with pytest.raises(ConfigError) as info:
+        make_config(None, argv)
+    msg = str(info.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg
+
+
+def test_script_dicts_only_use_known_keys():
+    from scripts.train_coco import COCO
+    from scripts.train_voc import VOC
+    voc, coco = make_config(VOC), make_config(COCO)
+    assert voc.data.num_classes == 21 and coco.data.num_classes == 81
+    assert list(voc.cam.scales) == [1.0, 0.5, 0.75, 1.5]
+    assert list(coco.cam.scales) == [1.0, 0.5, 0.75, 1.25, 1.5]
+    with pytest.raises(ConfigError):
+        make_config({**VOC, "lr": 1.0})
