@@ -1,0 +1,153 @@
+"""Dataset layout check, run before training and evaluation.
+
+`check_layout(cfg.data, [train_split, val_split])` verifies, in order: the data root and its
+image / mask folders; each split list; the image-label file (loads without pickle, K columns,
+a row for every listed name); that every listed image and mask exists (all names: a directory
+listing, cheap even for COCO); and for the first `max_masks` names of each split (default 1500:
+all of VOC val and of the synthetic set, a prefix of VOC train_aug and COCO; None checks all) that
+the mask decodes, holds only 0..K and 255, has its image's size, and agrees with its image label.
+The "test" split needs neither masks nor labels. Each problem raises `LayoutError` with one line:
+the path, what is wrong, and the command that fixes it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, NoReturn, Sequence
+
+import numpy as np
+
+from PIL import Image
+
+from .coco import COCODataset
+from .synthetic import read_params
+from .voc import LABEL_FILE, VOCDataset, default_list_dir, read_cls_labels, read_mask, read_name_list
+
+_CLASSES = {"voc": VOCDataset, "coco": COCODataset}
+
+
+class LayoutError(ValueError):
+    """The dataset on disk does not match what the config expects (one-line message)."""
+
+
+def _prepare_command(name: str, root: str, list_dir: str | None, num_fg: int) -> str:
+    params = read_params(root)
+    if params is not None:
+        return (f"python -m datasets.synthetic --out {root} --num-classes {params['num_classes']} "
+                f"--train {params['num_train']} --val {params['num_val']} --size {params['size']} "
+                f"--seed {params['seed']} --force")
+    extra = f" --list-dir {list_dir}" if list_dir else ""
+    if name == "coco":
+        return f"python -m tools.prepare_coco --root {root}{extra}"
+    if num_fg != 20:
+        extra += f" --num-classes {num_fg}"
+    return f"python -m tools.prepare_voc --root {root}{extra}"
+
+
+def _download_hint(name: str, root: str) -> str:
+    if name == "coco":
+        return (f"extract the COCO 2014 train2014/val2014 images into {root}/JPEGImages and the "
+                f"annotations into {root}/annotations, then run: "
+                f"python -m tools.prepare_coco --root {root}")
+    return (f"extract VOCdevkit/VOC2012 and SegmentationClassAug (see README) there and run: "
+            f"python -m tools.prepare_voc --root {root}, or set data.root (a demo set: "
+            f"python -m datasets.synthetic --out {root})")
+
+
+def check_layout(cfg_data: Any, splits: Sequence[str], max_masks: int | None = 1500) -> None:
+    """cfg_data: attribute access to name, root, list_dir, num_classes (K + 1)."""
+    name, root = cfg_data.name, str(cfg_data.root)
+    if name not in _CLASSES:
+        raise LayoutError(f"unknown dataset {name!r}; fix: set data.name to voc or coco")
+    dataset = _CLASSES[name]
+    given_list_dir = getattr(cfg_data, "list_dir", None) or None
+    list_dir = given_list_dir or default_list_dir(root)
+    num_fg = int(cfg_data.num_classes) - 1
+    fix = "run: " + _prepare_command(name, root, given_list_dir, num_fg)
+    download = fix if read_params(root) else _download_hint(name, root)  # synthetic: regenerate
+
+    def fail(path: str, problem: str, how: str = fix) -> NoReturn:
+        raise LayoutError(f"{path}: {problem}; fix: {how}")
+
+    if not os.path.isdir(root):
+        fail(root, "data root not found", _download_hint(name, root))
+    for folder in (dataset.image_folder, dataset.mask_folder):
+        path = os.path.join(root, folder)
+        if not os.path.isdir(path):
+            fail(path, "folder not found",
+                 fix if name == "coco" and folder == dataset.mask_folder else download)
+
+    lists: dict[str, list[str]] = {}
+    for split in splits:
+        path = os.path.join(list_dir, f"{split}.txt")
+        if not os.path.isfile(path):
+            fail(path, f"split list {split!r} not found")
+        lists[split] = read_name_list(path)
+        if not lists[split]:
+            fail(path, "split list is empty")
+        for n in lists[split]:
+            try:
+                dataset.image_path(root, n)
+            except ValueError as exc:  # a COCO name that is not COCO_<subset>_<id>
+                fail(path, str(exc))
+
+    rows: dict[str, Any] = {}
+    labelled = [s for s in splits if s != "test"]
+    if labelled:
+        path = os.path.join(list_dir, LABEL_FILE)
+        if not os.path.isfile(path):
+            fail(path, "image-label file not found")
+        try:
+            names, labels = read_cls_labels(path)
+        except ValueError as exc:
+            fail(path, str(exc).replace(f" {path}", ""))
+        if labels.shape[1] != num_fg:
+            how = f"set data.num_classes={labels.shape[1] + 1} (K + 1)"
+            fail(path, f"labels have {labels.shape[1]} classes but data.num_classes={num_fg + 1} "
+                       f"means {num_fg}", how if read_params(root) else f"{how}, or {fix}")
+        rows = dict(zip(names, labels))
+        for split in labelled:
+            missing = [n for n in lists[split] if n not in rows]
+            if missing:
+                fail(path, f"no labels for {len(missing)} of the {len(lists[split])} names in "
+                           f"{split}.txt (first: {missing[0]}); the file is stale")
+
+    listing: dict[str, set[str]] = {}
+
+    def exists(path: str) -> bool:
+        folder, base = os.path.split(path)
+        if folder not in listing:
+            listing[folder] = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+        return base in listing[folder]
+
+    for split, names in lists.items():
+        list_path = os.path.join(list_dir, f"{split}.txt")
+        for n in names:
+            image = dataset.image_path(root, n)
+            if not exists(image):
+                fail(image, f"image listed in {list_path} not found", download)
+            if split != "test" and not exists(dataset.mask_path(root, n)):
+                fail(dataset.mask_path(root, n), f"mask listed in {list_path} not found")
+        if split == "test":
+            continue
+        for n in names[:max_masks]:
+            path = dataset.mask_path(root, n)
+            try:
+                mask = read_mask(path)
+            except ValueError as exc:
+                fail(path, str(exc).replace(f" {path}", ""))
+            values = set(np.flatnonzero(np.bincount(mask.ravel(), minlength=256)).tolist())
+            bad = sorted(v for v in values if v > num_fg and v != 255)
+            if bad:
+                fail(path, f"mask values {bad[:5]} outside 0..{num_fg} and 255",
+                     f"masks must hold class indices (e.g. SegmentationClassAug, not RGB colour "
+                     f"masks) and data.num_classes must be K+1; then {fix}")
+            with Image.open(dataset.image_path(root, n)) as img:  # header only
+                size = (img.height, img.width)
+            if mask.shape != size:
+                fail(path, f"mask is {mask.shape[0]}x{mask.shape[1]} but its image is "
+                           f"{size[0]}x{size[1]}")
+            present = [v for v in range(1, num_fg + 1) if v in values]
+            labelled_as = [i + 1 for i in range(num_fg) if rows[n][i]]
+            if present != labelled_as:
+                fail(os.path.join(list_dir, LABEL_FILE), f"labels of {n} {labelled_as} differ from "
+                     f"the classes in its mask {present}; the file is stale")

@@ -1,0 +1,240 @@
+"""A small synthetic dataset in exactly the VOC layout, learnable from image labels alone.
+
+    python -m datasets.synthetic --out data/synthetic --num-classes 4 --train 600 --val 100 --size 128
+
+Writes <out>/JPEGImages/*.jpg, <out>/SegmentationClassAug/*.png (L-mode, values 0..K, 255 on a
+thin band along every object boundary, as VOC), <out>/ImageSets/Segmentation/{train_aug,val}.txt
+and cls_labels.npz (through `tools.prepare_voc`, the code used for the real dataset), then
+<out>/synthetic.json with the parameters, last: a run with the same parameters finds it and
+skips. Train with `data.root=<out> data.num_classes=K+1`.
+
+Class c is a shape family (ellipse, box, triangle, cross) combined with a texture (checker,
+stripes, dots, rings); its two colours are drawn anew for every object from the same
+distribution for every class, so colour says nothing about the class. Each image has 1-3 objects
+of 1-2 classes with random position, size and orientation, on a background of smooth colour noise,
+solid blobs, lines and low-contrast textured patches, plus pixel noise and JPEG compression.
+Every image is a pure function of (seed, split, index).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+SHAPES = ("ellipse", "box", "triangle", "cross")
+TEXTURES = ("checker", "stripes", "dots", "rings")
+MAX_CLASSES = len(SHAPES) * len(TEXTURES)
+PARAMS_FILE = "synthetic.json"
+VERSION = 1
+
+
+def class_recipe(c: int) -> tuple[str, str]:
+    """Foreground class index c (0-based) -> (shape, texture); distinct for c < 16."""
+    s = c % len(SHAPES)
+    return SHAPES[s], TEXTURES[(s + c // len(SHAPES)) % len(TEXTURES)]
+
+
+def class_names(num_classes: int) -> list[str]:
+    """["background", "ellipse-checker", ...] for K = num_classes foreground classes."""
+    return ["background"] + ["-".join(class_recipe(c)) for c in range(num_classes)]
+
+
+def _colour_pair(rng: np.random.Generator, min_diff: float) -> tuple[np.ndarray, np.ndarray]:
+    """Two RGB colours whose luma differs by at least min_diff (so the texture is visible)."""
+    luma = np.array([0.299, 0.587, 0.114])
+    while True:
+        a, b = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        if abs(luma @ (a - b)) >= min_diff:
+            return a, b
+
+
+def _object_colours(rng: np.random.Generator, cls: int, num_classes: int,
+                    min_diff: float = 70) -> tuple[np.ndarray, np.ndarray]:
+    """Texture colours of one object. The first has a hue near the class's own (Gaussian jitter of
+    half the hue spacing, so neighbouring classes overlap) with random saturation and value; the
+    second is any colour. Colour is a weak cue, never the class."""
+    luma = np.array([0.299, 0.587, 0.114])
+    while True:
+        hue = (cls + rng.normal(0, 0.5)) * 180 / num_classes % 180
+        hsv = np.array([[[hue, rng.uniform(40, 255), rng.uniform(60, 255)]]], dtype=np.uint8)
+        a = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(np.float64)
+        b = rng.uniform(0, 255, 3)
+        if abs(luma @ (a - b)) >= min_diff:
+            return a, b
+
+
+def _pattern(texture: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, theta: float,
+             period: float) -> np.ndarray:
+    """(S, S) bool texture in the object's rotated frame."""
+    dx, dy = xx - cx, yy - cy
+    u = dx * np.cos(theta) + dy * np.sin(theta)
+    v = -dx * np.sin(theta) + dy * np.cos(theta)
+    if texture == "checker":
+        return (np.floor(u / period) + np.floor(v / period)) % 2 == 0
+    if texture == "stripes":
+        return np.floor(u / period) % 2 == 0
+    if texture == "dots":
+        q = 1.7 * period
+        return ((u % q - q / 2) ** 2 + (v % q - q / 2) ** 2) < (0.33 * q) ** 2
+    if texture == "rings":
+        return np.floor(np.hypot(u, v) / period) % 2 == 0
+    raise ValueError(texture)
+
+
+def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float, angle: float,
+                rng: np.random.Generator) -> np.ndarray:
+    """(S, S) bool filled shape of radius ~r centred at (cx, cy), rotated by angle (degrees)."""
+    canvas = np.zeros((size, size), dtype=np.uint8)
+    if shape == "ellipse":
+        axes = (int(round(r)), int(round(r * rng.uniform(0.55, 0.9))))
+        cv2.ellipse(canvas, (int(round(cx)), int(round(cy))), axes, angle, 0, 360, 1, -1)
+    elif shape == "box":
+        box = cv2.boxPoints(((cx, cy), (1.8 * r, 1.8 * r * rng.uniform(0.5, 0.85)), angle))
+        cv2.fillPoly(canvas, [np.round(box).astype(np.int32)], 1)
+    elif shape == "triangle":
+        t = np.deg2rad(angle + np.array([0.0, 120.0, 240.0]) + rng.uniform(-12, 12, 3))
+        pts = np.stack([cx + 1.15 * r * np.cos(t), cy + 1.15 * r * np.sin(t)], 1)
+        cv2.fillPoly(canvas, [np.round(pts).astype(np.int32)], 1)
+    elif shape == "cross":
+        arm = rng.uniform(0.55, 0.75) * r
+        for a in (angle, angle + 90):
+            box = cv2.boxPoints(((cx, cy), (2.1 * r, arm), a))
+            cv2.fillPoly(canvas, [np.round(box).astype(np.int32)], 1)
+    else:
+        raise ValueError(shape)
+    return canvas.astype(bool)
+
+
+def _background(rng: np.random.Generator, size: int, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+    """(S, S, 3) float clutter: smooth colour noise, solid blobs, lines, faint textured patches."""
+    low = cv2.resize(rng.normal(0, 1, (5, 5, 3)), (size, size), interpolation=cv2.INTER_CUBIC)
+    img = rng.uniform(40, 215, 3) + low * rng.uniform(15, 40)
+    for _ in range(rng.integers(0, 3)):  # faint textured patch, same families as the objects
+        patch = _shape_mask("ellipse", size, *rng.uniform(0, size, 2), rng.uniform(0.15, 0.35) * size,
+                            rng.uniform(0, 180), rng)
+        a = rng.uniform(30, 225, 3)
+        b = a + rng.uniform(-25, 25, 3)
+        tex = _pattern(TEXTURES[rng.integers(len(TEXTURES))], xx, yy, *rng.uniform(0, size, 2),
+                       rng.uniform(0, np.pi), rng.uniform(0.035, 0.06) * size)
+        img[patch] = np.where(tex[patch, None], a, b)
+    for _ in range(rng.integers(2, 7)):  # solid blobs: random convex polygons and ellipses
+        c, r = rng.uniform(0, size, 2), rng.uniform(0.04, 0.13) * size
+        if rng.random() < 0.5:
+            blob = _shape_mask("ellipse", size, *c, r, rng.uniform(0, 180), rng)
+        else:
+            t = np.sort(rng.uniform(0, 2 * np.pi, rng.integers(4, 8)))
+            pts = np.stack([c[0] + r * np.cos(t), c[1] + r * np.sin(t)], 1)
+            canvas = np.zeros((size, size), dtype=np.uint8)
+            cv2.fillPoly(canvas, [np.round(pts).astype(np.int32)], 1)
+            blob = canvas.astype(bool)
+        img[blob] = rng.uniform(0, 255, 3)
+    img = np.ascontiguousarray(img)
+    for _ in range(rng.integers(1, 6)):
+        p, q = rng.integers(0, size, 2), rng.integers(0, size, 2)
+        cv2.line(img, tuple(int(v) for v in p), tuple(int(v) for v in q),
+                 tuple(float(v) for v in rng.uniform(0, 255, 3)), int(rng.integers(1, 3)))
+    return img
+
+
+def render(rng: np.random.Generator, num_classes: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One sample: image (S, S, 3) uint8 RGB, mask (S, S) uint8 (0..K, 255 boundary band)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    img = _background(rng, size, xx, yy)
+    n_present = 1 if rng.random() < 0.55 else min(2, num_classes)
+    present = rng.choice(num_classes, n_present, replace=False)
+    n_obj = int(rng.integers(n_present, 4))
+    classes = list(present) + list(rng.choice(present, n_obj - n_present))
+    label = np.zeros((size, size), dtype=np.uint8)
+    for cls in classes:
+        shape, texture = class_recipe(int(cls))
+        for _ in range(50):  # place with little overlap so every object stays recognisable
+            lo, hi = (0.17, 0.30) if n_obj == 1 else (0.12, 0.22)
+            r = rng.uniform(lo, hi) * size
+            cx, cy = rng.uniform(0.12 * size, 0.88 * size, 2)
+            m = _shape_mask(shape, size, cx, cy, r, rng.uniform(0, 360), rng)
+            area = m.sum()
+            if area > 0.02 * size * size and (m & (label > 0)).sum() <= 0.1 * area:
+                break
+        else:
+            continue
+        a, b = _object_colours(rng, int(cls), num_classes)
+        tex = _pattern(texture, xx, yy, cx, cy, rng.uniform(0, np.pi), rng.uniform(0.035, 0.055) * size)
+        img[m] = np.where(tex[m, None], a, b)
+        label[m] = cls + 1
+    img += rng.normal(0, rng.uniform(3, 9), img.shape)
+    kernel = np.ones((3, 3), np.uint8)
+    label[cv2.dilate(label, kernel) != cv2.erode(label, kernel)] = 255
+    return np.clip(img, 0, 255).astype(np.uint8), label
+
+
+def _params(num_classes: int, num_train: int, num_val: int, size: int, seed: int) -> dict:
+    return dict(version=VERSION, num_classes=num_classes, num_train=num_train, num_val=num_val,
+                size=size, seed=seed, class_names=class_names(num_classes))
+
+
+def read_params(out_dir: str) -> dict | None:
+    try:
+        with open(os.path.join(out_dir, PARAMS_FILE)) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def make_synthetic(out_dir: str, num_classes: int = 4, num_train: int = 600, num_val: int = 100,
+                   size: int = 128, seed: int = 0, force: bool = False, progress: bool = True) -> bool:
+    """Write the dataset (num_classes = K foreground classes). -> False when an identical one
+    already exists (nothing written; `force` rewrites it), True otherwise."""
+    from tools.prepare_voc import atomic_open, prepare_voc, write_name_list
+    if not 1 <= num_classes <= MAX_CLASSES:
+        raise ValueError(f"num_classes must be in 1..{MAX_CLASSES}; got {num_classes}")
+    params = _params(num_classes, num_train, num_val, size, seed)
+    old = read_params(out_dir)
+    if old == params and not force:
+        return False
+    if old is not None:  # our own dataset with other parameters: start clean, no stale files
+        os.remove(os.path.join(out_dir, PARAMS_FILE))
+        for sub in ("JPEGImages", "SegmentationClassAug", "ImageSets"):
+            shutil.rmtree(os.path.join(out_dir, sub), ignore_errors=True)
+    img_dir, mask_dir = os.path.join(out_dir, "JPEGImages"), os.path.join(out_dir, "SegmentationClassAug")
+    os.makedirs(img_dir, exist_ok=True)
+    os.makedirs(mask_dir, exist_ok=True)
+    names = {split: [f"{split}_{i:05d}" for i in range(n)]
+             for split, n in (("train", num_train), ("val", num_val))}
+    jobs = [(s, i, n) for s, (split, ns) in enumerate(names.items()) for i, n in enumerate(ns)]
+    for split_id, i, name in tqdm(jobs, desc="synthetic", disable=not progress, unit="img"):
+        image, mask = render(np.random.default_rng([seed, split_id, i]), num_classes, size)
+        cv2.imwrite(os.path.join(img_dir, name + ".jpg"), image[:, :, ::-1],
+                    [cv2.IMWRITE_JPEG_QUALITY, 90])
+        cv2.imwrite(os.path.join(mask_dir, name + ".png"), mask)
+    # the "official" val list, from which prepare_voc derives train_aug exactly as for VOC
+    write_name_list(os.path.join(out_dir, "ImageSets", "Segmentation", "val.txt"), names["val"])
+    prepare_voc(out_dir, num_classes=num_classes, progress=False)
+    with atomic_open(os.path.join(out_dir, PARAMS_FILE), "w") as f:
+        json.dump(params, f, indent=1)
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write a synthetic VOC-layout dataset.")
+    parser.add_argument("--out", default="data/synthetic")
+    parser.add_argument("--num-classes", type=int, default=4, help="foreground classes K")
+    parser.add_argument("--train", type=int, default=600)
+    parser.add_argument("--val", type=int, default=100)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="rewrite even if up to date")
+    args = parser.parse_args(argv)
+    wrote = make_synthetic(args.out, args.num_classes, args.train, args.val, args.size, args.seed,
+                           args.force)
+    state = "wrote" if wrote else "up to date:"
+    print(f"{state} {args.out} ({args.train} train_aug / {args.val} val, K={args.num_classes}, "
+          f"{args.size}px); train with data.root={args.out} data.num_classes={args.num_classes + 1}")
+
+
+if __name__ == "__main__":
+    main()

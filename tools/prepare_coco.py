@@ -1,0 +1,181 @@
+"""VOC-style masks, split lists and image labels for MS COCO 2014 (SPEC 9).
+
+    python -m tools.prepare_coco --root data/COCO --workers 8
+
+Expects <root>/JPEGImages/{train2014,val2014}/COCO_*.jpg (the official zips, extracted) and
+<root>/annotations/instances_{train,val}2014.json (`--ann-dir` to point elsewhere). Writes
+- <root>/SegmentationClass/{train2014,val2014}/<12-digit id>.png: 8-bit L masks, one per image
+  with at least one annotation (82081 train, 40137 val);
+- into list_dir (default <root>/ImageSets/Segmentation): train.txt, val.txt, val_part.txt (the
+  first 5000 val names) and cls_labels.npz (classes present in each mask, 0 and 255 excluded).
+Names are the official file stems (COCO_val2014_000000000042), sorted.
+
+Mask rule. Category ids are mapped to 1..K (K = 80) in increasing id order; 0 is background.
+Each class covers the union of its non-crowd instances (instances of one class may overlap
+freely). A pixel covered by non-crowd instances of two or more different classes is 255, and
+every pixel inside a crowd region (iscrowd=1) is 255, whatever else covers it.
+Polygons and RLEs are rasterised by pycocotools (`frPyObjects` + `decode`, as `annToMask`).
+
+Resumable: an existing mask of the right size is kept (each PNG is written atomically, so one
+that exists is complete); its labels are read back from it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from multiprocessing import Pool
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from datasets.coco import parse_name
+from datasets.voc import LABEL_FILE, default_list_dir, read_cls_labels, read_mask
+from tools.prepare_voc import atomic_open, mask_classes, write_cls_labels, write_name_list
+
+SUBSETS = {"train2014": "train", "val2014": "val"}  # image folder -> list name
+VAL_PART = 5000
+
+
+def segm_to_mask(segm: Any, h: int, w: int) -> np.ndarray:
+    """COCO segmentation (polygons, uncompressed or compressed RLE) -> (h, w) bool."""
+    from pycocotools import mask as mask_utils
+    if isinstance(segm, list):
+        if not segm:
+            return np.zeros((h, w), dtype=bool)
+        rle = mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
+    elif isinstance(segm.get("counts"), list):
+        rle = mask_utils.frPyObjects(segm, h, w)
+    else:
+        rle = segm
+    return mask_utils.decode(rle).astype(bool)
+
+
+def compose_mask(anns: Sequence[tuple[int, int, Any]], h: int, w: int) -> np.ndarray:
+    """anns: (class 1..K, iscrowd, segmentation) -> (h, w) uint8 by the module's rule."""
+    unions: dict[int, np.ndarray] = {}
+    crowd = np.zeros((h, w), dtype=bool)
+    for cls, iscrowd, segm in anns:
+        m = segm_to_mask(segm, h, w)
+        if iscrowd:
+            crowd |= m
+        else:
+            unions[cls] = unions[cls] | m if cls in unions else m
+    label = np.zeros((h, w), dtype=np.uint8)
+    covered = np.zeros((h, w), dtype=np.uint8)
+    for cls, m in unions.items():
+        label[m] = cls
+        covered += m
+    label[(covered > 1) | crowd] = 255
+    return label
+
+
+def _convert(task: tuple) -> np.ndarray:
+    """Write one mask unless a complete one exists; -> (K,) image label read from the mask."""
+    path, h, w, anns, num_classes = task
+    if os.path.isfile(path):
+        try:
+            mask = read_mask(path)
+            if mask.shape == (h, w):
+                return mask_classes(mask, num_classes)
+        except ValueError:
+            pass  # unreadable leftover: rewrite it
+    mask = compose_mask(anns, h, w)
+    with atomic_open(path, "wb") as f:
+        Image.fromarray(mask).save(f, format="PNG")
+    return mask_classes(mask, num_classes)
+
+
+def _load_tasks(ann_path: str, mask_dir: str, cat_ids: list[int] | None):
+    """-> names, tasks, sorted category ids (from the json)."""
+    try:
+        with open(ann_path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"annotation file not found: {ann_path} (download "
+                                "annotations_trainval2014.zip from cocodataset.org)") from None
+    ids = sorted(c["id"] for c in data["categories"])
+    if cat_ids is not None and ids != cat_ids:
+        raise ValueError(f"{ann_path}: categories differ from the other annotation file")
+    index = {cid: i + 1 for i, cid in enumerate(ids)}
+    per_image: dict[int, list] = {}
+    for a in data["annotations"]:
+        per_image.setdefault(a["image_id"], []).append(
+            (index[a["category_id"]], int(a.get("iscrowd", 0)), a["segmentation"]))
+    tasks = []
+    for img in sorted(data["images"], key=lambda im: im["file_name"]):
+        if img["id"] not in per_image:
+            continue  # images without any annotation are not listed (as in the usual lists)
+        name = os.path.splitext(img["file_name"])[0]
+        _, image_id = parse_name(name)
+        path = os.path.join(mask_dir, image_id + ".png")
+        tasks.append((name, (path, img["height"], img["width"], per_image[img["id"]], len(ids))))
+    return [n for n, _ in tasks], [t for _, t in tasks], ids
+
+
+def prepare_coco(root: str, ann_dir: str | None = None, list_dir: str | None = None,
+                 subsets: Sequence[str] = tuple(SUBSETS), workers: int = 1,
+                 progress: bool = True) -> dict[str, int]:
+    """Masks + lists + cls_labels.npz. -> {list name: count}."""
+    ann_dir = ann_dir or os.path.join(root, "annotations")
+    list_dir = list_dir or default_list_dir(root)
+    all_names: list[str] = []
+    all_labels: list[np.ndarray] = []
+    counts: dict[str, int] = {}
+    cat_ids = None
+    for subset in subsets:
+        if subset not in SUBSETS:
+            raise ValueError(f"unknown subset {subset!r}; expected train2014 or val2014")
+        ann_path = os.path.join(ann_dir, f"instances_{subset}.json")
+        mask_dir = os.path.join(root, "SegmentationClass", subset)
+        names, tasks, cat_ids = _load_tasks(ann_path, mask_dir, cat_ids)
+        os.makedirs(mask_dir, exist_ok=True)
+        bar = dict(total=len(tasks), desc=subset, disable=not progress, unit="img")
+        if workers > 1:
+            with Pool(workers) as pool:
+                labels = list(tqdm(pool.imap(_convert, tasks, chunksize=32), **bar))
+        else:
+            labels = [_convert(t) for t in tqdm(tasks, **bar)]
+        split = SUBSETS[subset]
+        write_name_list(os.path.join(list_dir, f"{split}.txt"), names)
+        counts[split] = len(names)
+        if split == "val":
+            write_name_list(os.path.join(list_dir, "val_part.txt"), names[:VAL_PART])
+            counts["val_part"] = min(len(names), VAL_PART)
+        all_names += names
+        all_labels += labels
+    labels = np.stack(all_labels) if all_labels else np.zeros((0, len(cat_ids or [])), np.uint8)
+    label_path = os.path.join(list_dir, LABEL_FILE)
+    if os.path.isfile(label_path):  # keep the rows of subsets not converted in this run
+        old_names, old_labels = read_cls_labels(label_path)
+        done = set(all_names)
+        keep = [i for i, n in enumerate(old_names) if n not in done]
+        if keep and old_labels.shape[1] == labels.shape[1]:
+            all_names = [old_names[i] for i in keep] + all_names
+            labels = np.concatenate([old_labels[keep], labels])
+    order = np.argsort(all_names, kind="stable")
+    write_cls_labels(label_path, [all_names[i] for i in order], labels[order])
+    return counts
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--root", required=True, help="COCO folder holding JPEGImages/")
+    parser.add_argument("--ann-dir", default=None, help="default <root>/annotations")
+    parser.add_argument("--list-dir", default=None,
+                        help="where to write lists and labels (default <root>/ImageSets/Segmentation)")
+    parser.add_argument("--subsets", nargs="+", default=list(SUBSETS), choices=list(SUBSETS))
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    args = parser.parse_args(argv)
+    try:
+        counts = prepare_coco(args.root, args.ann_dir, args.list_dir, args.subsets, args.workers)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"prepare_coco: {exc}") from None
+    out = args.list_dir or default_list_dir(args.root)
+    print(f"wrote {', '.join(f'{k}.txt ({v})' for k, v in counts.items())} and {LABEL_FILE} to {out}")
+
+
+if __name__ == "__main__":
+    main()
