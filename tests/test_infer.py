@@ -1,0 +1,241 @@
+"""Inference tools (SPEC 8): multi-scale + flip maps against loop references, checkpoint loading,
+and a 2-process gloo evaluation that must equal the 1-process one."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tools import infer_cam, infer_lam, infer_seg_voc
+from tools.common import (SEED_SCALES, build_model_from_checkpoint, describe_checkpoint,
+                          parse_config, seed_crf_stack, seed_prediction, to_uint8_rgb)
+from utils.checkpoint import model_state, save_atomic
+from utils.config import ConfigError, make_config, to_container
+from utils.palette import read_label_png
+
+K = 3
+
+
+class FakeModel(nn.Module):
+    """The MoRe interface on a patchify conv: CAMs, class tokens that depend on the image and on
+    with_gcr, patch map and seg logits at 1/16 resolution."""
+
+    def __init__(self, k=K, d=6):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.proj = nn.Conv2d(3, d, 16, stride=16)
+        self.cls = nn.Conv2d(d, k, 1, bias=False)
+        self.dec = nn.Conv2d(d, k + 1, 1)
+        self.tokens = nn.Parameter(torch.randn(k, d, generator=g))
+
+    def forward(self, x, cam_only=False, with_gcr=True):
+        p = self.proj(x)
+        if cam_only:
+            return self.cls(p).mul(0.5), self.cls(p)
+        tokens = self.tokens[None] * (1 + x.mean((1, 2, 3)))[:, None, None]
+        if with_gcr:
+            tokens = torch.tanh(tokens)
+        cls = self.cls(F.adaptive_max_pool2d(p, 1)).flatten(1)
+        return SimpleNamespace(cls_logits=cls, seg_logits=self.dec(p), patch_map=p, class_tokens=tokens)
+
+
+def up(x, size):
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def loop_minmax(m):
+    out = m.clone()
+    for b in range(m.shape[0]):
+        for c in range(m.shape[1]):
+            v = m[b, c] - m[b, c].min()
+            out[b, c] = v / (v.max() + 1e-5)
+    return out
+
+
+def loop_seed_maps(one_map, x, scales, relu):
+    """Per image and scale: map of the image and of its flip (separate forwards), flipped back,
+    element-wise max, optional ReLU; summed over scales (1.0 first); min-max normalised."""
+    h, w = x.shape[-2:]
+    out = []
+    for b in range(x.shape[0]):
+        xb = x[b:b + 1]
+        total = 0
+        for s in [1.0] + [s for s in scales if s != 1.0]:
+            xs = xb if s == 1.0 else up(xb, (int(s * h), int(s * w)))
+            m = up(one_map(xs), (h, w))
+            mf = up(one_map(xs.flip(-1)), (h, w)).flip(-1)
+            m = torch.maximum(m, mf)
+            total = total + (m.clamp(min=0) if relu else m)
+        out.append(total)
+    return loop_minmax(torch.cat(out))
+
+
+@pytest.mark.parametrize("scales", [(1.0,), SEED_SCALES])
+def test_cam_and_lam_maps_match_loop(scales):
+    torch.manual_seed(0)
+    model = FakeModel().eval()
+    x = torch.randn(2, 3, 32, 32)
+    cam = infer_cam.cam_maps(model, x, scales)
+    want = loop_seed_maps(lambda v: model(v, cam_only=True)[1], x, scales, relu=True)
+    assert cam.shape == (2, K, 32, 32)
+    assert torch.allclose(cam, want, atol=1e-5)
+    for gcr in (True, False):
+        cfg = SimpleNamespace(model=SimpleNamespace(with_gcr=gcr))
+        got = infer_lam.lam_maps(model, x, scales, cfg)
+        lam_one = lambda v: torch.einsum("kd,dhw->khw", model(v, with_gcr=gcr).class_tokens[0],
+                                         model(v, with_gcr=gcr).patch_map[0])[None]
+        want = loop_seed_maps(lam_one, x, scales, relu=False)   # no ReLU for LAMs
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_seg_logits_match_loop():
+    torch.manual_seed(1)
+    model = FakeModel().eval()
+    image = torch.randn(1, 3, 37, 53)
+    got = infer_seg_voc.multi_scale_seg(model, image, 64, (1.0, 1.25, 1.5), (37, 53))
+    best = None
+    for s in (1.0, 1.25, 1.5):
+        x = up(image, (int(64 * s), int(64 * s)))
+        a = up(model(x).seg_logits, (37, 53))
+        b = up(model(x.flip(-1)).seg_logits, (37, 53)).flip(-1)
+        best = a + b if best is None else torch.maximum(best, a + b)
+    assert got.shape == (1, K + 1, 37, 53)
+    assert torch.allclose(got, best, atol=1e-5)
+
+
+def test_seed_label_and_crf_stack_match_loop():
+    g = torch.Generator().manual_seed(2)
+    maps = torch.rand(1, 4, 5, 6, generator=g)
+    cls = torch.tensor([[1.0, 0.0, 1.0, 1.0]])
+    label = seed_prediction(maps, cls, 0.5)
+    probs, keys = seed_crf_stack(maps, cls)
+    assert keys.tolist() == [0, 1, 3, 4]
+    for y in range(5):
+        for x in range(6):
+            vals = [maps[0, c, y, x].item() * cls[0, c].item() for c in range(4)]
+            best = max(range(4), key=lambda c: vals[c])
+            assert label[0, y, x].item() == (0 if vals[best] <= 0.5 else best + 1)
+            present = [maps[0, c, y, x].item() for c in (0, 2, 3)]
+            assert abs(probs[0, y, x].item() - (1 - max(present))) < 1e-6
+            assert [probs[i, y, x].item() for i in (1, 2, 3)] == pytest.approx(present)
+    empty, no_keys = seed_crf_stack(maps, torch.zeros(1, 4))
+    assert empty.shape[0] == 0 and len(no_keys) == 0
+
+
+def test_uint8_image_recovered_from_normalised():
+    from datasets.transforms import normalise
+
+    rgb = np.random.default_rng(0).integers(0, 256, (7, 9, 3)).astype(np.uint8)
+    assert np.array_equal(to_uint8_rgb(normalise(rgb)), rgb)
+
+
+# --------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """Synthetic VOC-layout data and a tiny random MoRe checkpoint in our format."""
+    from datasets.synthetic import make_synthetic
+    from wetr import build_model
+
+    root = tmp_path_factory.mktemp("infer")
+    data = root / "syn"
+    make_synthetic(str(data), num_classes=K, num_train=4, num_val=5, size=48, seed=0, progress=False)
+    torch.manual_seed(0)
+    model = build_model(num_classes=K + 1, embed_dim=64, depth=4, num_heads=4)
+    cfg = make_config(argv=[f"data.root={data}", f"data.num_classes={K + 1}", "model.embed_dim=64",
+                            "model.depth=4", "model.num_heads=4", "model.pretrained=false"])
+    meta = {"num_classes": K + 1, "embed_dim": 64, "depth": 4, "num_heads": 4,
+            "backbone": "vit_base_patch16_224"}
+    ckpt = root / "run" / "checkpoints" / "last.pth"
+    save_atomic({"model": model.state_dict(), "config": to_container(cfg), "meta": meta, "step": 7},
+                ckpt)
+    return SimpleNamespace(root=root, data=data, ckpt=ckpt, model=model.eval())
+
+
+FAST = ["size=64", "num_workers=0", "device=cpu"]
+
+
+def test_reference_checkpoint_and_class_mismatch(run_dir):
+    ref = run_dir.root / "reference.pth"
+    torch.save({f"module.{k}": v for k, v in run_dir.model.state_dict().items()}, ref)
+    from utils.checkpoint import load_file
+    obj = load_file(ref)
+    info = describe_checkpoint(obj, model_state(obj))
+    assert (info["num_classes"], info["embed_dim"], info["depth"]) == (K + 1, 64, 4)
+    cfg = parse_config([f"ckpt={ref}", "model.num_heads=4"])
+    model, _ = build_model_from_checkpoint(cfg, torch.device("cpu"))
+    x = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        assert torch.equal(model(x).seg_logits, run_dir.model(x).seg_logits)
+    with pytest.raises(ConfigError) as err:
+        build_model_from_checkpoint(parse_config([f"ckpt={run_dir.ckpt}", "data.num_classes=21"]),
+                                    torch.device("cpu"))
+    assert "K=20" in str(err.value) and "K=3" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cam_seeds_tool_matches_manual_pipeline(run_dir):
+    out = run_dir.root / "cam"
+    result = infer_cam.main([f"ckpt={run_dir.ckpt}", f"out_dir={out}", "crf=true", "crf_workers=0",
+                             "save_arrays=true", *FAST])
+    saved = json.loads((out / "scores.json").read_text())
+    assert set(result) == {"cam", "cam_crf"} and saved["split"] == "train_aug"
+    assert saved["scores"]["cam"]["miou"] == pytest.approx(result["cam"]["miou"])
+    # one image by hand: resize to 64x64, CAM (scale 1 + flip), upsample to the label, bkg 0.5
+    from datasets import build_dataset
+    ds = build_dataset(SimpleNamespace(name="voc", root=str(run_dir.data), num_classes=K + 1),
+                       "train_aug", "val")
+    name, image, label, cls = ds[1]
+    x = up(image[None], (64, 64))
+    with torch.no_grad():
+        maps = up(loop_seed_maps(lambda v: run_dir.model(v, cam_only=True)[1], x, (1.0,), True),
+                  label.shape)
+    valid = maps * cls[None, :, None, None]
+    value, index = valid.max(1)
+    want = torch.where(value <= 0.5, 0, index + 1)[0]
+    assert np.array_equal(read_label_png(out / "cam" / f"{name}.png"), want.numpy())
+    arrays = np.load(out / "arrays" / f"{name}.npz")
+    present = cls.nonzero()[:, 0]
+    assert arrays["classes"].tolist() == (present + 1).tolist()
+    assert np.allclose(arrays["cam"], maps[0, present].numpy(), atol=1e-3)
+    assert (out / "cam_crf" / f"{name}.png").is_file()
+
+
+def test_two_process_gloo_equals_one_process(run_dir):
+    one, two = run_dir.root / "seg1", run_dir.root / "seg2"
+    args = [f"ckpt={run_dir.ckpt}", "crf=true", "crf_workers=0", "scales=[1.0,1.25]", *FAST]
+    result = infer_seg_voc.main([*args, f"out_dir={one}"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "tools.infer_seg_voc", *args, f"out_dir={two}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = json.loads((one / "scores.json").read_text())
+    b = json.loads((two / "scores.json").read_text())
+    assert b["processes"] == 2 and a["images"] == b["images"] == 5
+    assert a["scores"] == b["scores"] and a["scores"]["seg"]["pixels"] > 0
+    assert a["scores"]["seg_crf"]["miou"] == pytest.approx(result["seg_crf"]["miou"])
+    for variant in ("seg", "seg_crf"):
+        names = sorted(p.name for p in (one / variant).iterdir())
+        assert names == sorted(p.name for p in (two / variant).iterdir()) and len(names) == 5
+        for n in names:
+            assert np.array_equal(read_label_png(one / variant / n), read_label_png(two / variant / n))
+
+
+def test_test_split_writes_server_layout(run_dir):
+    lists = run_dir.data / "ImageSets" / "Segmentation"
+    (lists / "test.txt").write_text((lists / "val.txt").read_text())
+    out = run_dir.root / "test"
+    assert infer_seg_voc.main([f"ckpt={run_dir.ckpt}", "infer_set=test", f"out_dir={out}",
+                               "max_images=2", "multi_scale=false", *FAST]) == {}
+    server = out / "results" / "VOC2012" / "Segmentation" / "comp6_test_cls"
+    assert len(list(server.glob("*.png"))) == 2
+    assert json.loads((out / "scores.json").read_text())["scores"] == {}
+    with pytest.raises(Exception, match="cls_labels=pred"):
+        infer_cam.main([f"ckpt={run_dir.ckpt}", "infer_set=test", f"out_dir={out}", *FAST])
