@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Evaluate a VOC checkpoint as in the paper (SPEC 8): CAM seeds and LAM seeds on the train set,
 # then segmentation on val, each with torchrun over GPU_NUMBER processes; one table each, and
-# scores.json under <run>/eval/ (the folder above the checkpoint's checkpoints/).
+# scores.json under <run>/eval/<checkpoint stem>/ (<run>: the folder above checkpoints/).
 #
 #   bash run_evaluate_voc.sh GPU_DEVICE GPU_NUMBER CHECKPOINT [key=value ...]
 #   bash run_evaluate_voc.sh 0 1 logs/train_voc/checkpoints/best.pth

@@ -225,10 +225,11 @@ def class_names(data: SimpleNamespace) -> list[str]:
 
 
 def default_out_dir(ckpt: str, tool: str, split: str, suffix: str = "") -> Path:
-    """<run>/eval/<tool>_<split><suffix>, <run> being the folder above checkpoints/."""
-    folder = Path(ckpt).resolve().parent
-    run = folder.parent if folder.name == "checkpoints" else folder
-    return run / "eval" / f"{tool}_{split}{suffix}"
+    """<run>/eval/<checkpoint stem>/<tool>_<split><suffix>, <run> being the folder above
+    checkpoints/ (so evaluating best.pth and last.pth keeps both)."""
+    path = Path(ckpt).resolve()
+    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return run / "eval" / path.stem / f"{tool}_{split}{suffix}"
 
 
 # ----------------------------------------------------------------------------- tensor helpers
