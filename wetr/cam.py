@@ -45,7 +45,7 @@ def minmax_normalise(maps: torch.Tensor) -> torch.Tensor:
 
 
 def _flip_max_upsample(maps: torch.Tensor, b: int, size: Sequence[int]) -> torch.Tensor:
-    """maps: (2B, K, h, w) for [images; flipped images] -> ReLU(max(map, flipped back)) (B, K, *size)."""
+    """maps: (2B, C, h, w) for [images; flipped images] -> ReLU(max(map, flipped back)) (B, C, *size)."""
     maps = resize_cam(maps, size)
     return F.relu(torch.maximum(maps[:b], maps[b:].flip(-1)))
 
@@ -56,21 +56,22 @@ def multi_scale_cam(model: nn.Module, images: torch.Tensor,
     """Multi-scale, flip-augmented CAM and aux CAM, min-max normalised (SPEC 4).
 
     images: (B, 3, H, W) normalised; `model(x, cam_only=True)` returns (aux_cam, cam) at token
-    resolution. Returns (cam, aux_cam), both (B, K, H, W) in [0, 1).
+    resolution. Returns (cam, aux_cam), both (B, K, H, W) float32 in [0, 1).
     As in the reference, scale 1.0 is always evaluated, first, and other entries equal to 1.0 are
     skipped; the per-scale maps are summed in that order.
     """
     b, _, h, w = images.shape
-    cams, aux_cams = [], []
+    total = None
     for s in [1.0] + [s for s in scales if s != 1.0]:
         size = (int(s * h), int(s * w))
         x = images if size == (h, w) else resize_cam(images, size)
         aux_cam, cam = model(torch.cat([x, x.flip(-1)], dim=0), cam_only=True)
-        cams.append(_flip_max_upsample(cam, b, (h, w)))
-        aux_cams.append(_flip_max_upsample(aux_cam, b, (h, w)))
-    cam = minmax_normalise(torch.stack(cams, dim=0).sum(dim=0))
-    aux_cam = minmax_normalise(torch.stack(aux_cams, dim=0).sum(dim=0))
-    return cam, aux_cam
+        # One resize for both maps (channels are independent), in float32 even under autocast:
+        # half-precision sums would quantise the maps the thresholds act on.
+        both = _flip_max_upsample(torch.cat([cam, aux_cam], dim=1).float(), b, (h, w))
+        total = both if total is None else total + both
+    k = total.shape[1] // 2
+    return minmax_normalise(total[:, :k]), minmax_normalise(total[:, k:])
 
 
 def cam_to_label(cam: torch.Tensor, cls_label: torch.Tensor, bkg: float = 0.5, high: float = 0.7,
@@ -94,36 +95,49 @@ def maps_to_label(maps: torch.Tensor, cls_label: torch.Tensor, bkg: float = 0.5)
 
 
 def refine_label(par: PAR, images: torch.Tensor, cam: torch.Tensor, cls_label: torch.Tensor,
-                 high: float = 0.7, low: float = 0.25) -> torch.Tensor:
+                 high: float = 0.7, low: float = 0.25, num_present: int | None = None) -> torch.Tensor:
     """PAR-refined pixel label (SPEC 4, reference `refine_cams_with_bkg_v2`).
 
     images: (B, 3, H, W) denormalised to 0..1; cam: (B, K, H, W) already multiplied by the
     labels; cls_label: (B, K) 0/1. Returns (B, H, W) long.
+    num_present: an upper bound P on the number of present classes of any image of the batch;
+    only P class channels (plus background) per image go through PAR. Default: counted from
+    `cls_label` when it is a CPU tensor (no device sync), else K (every channel). A training
+    loop on a GPU gets it for free from the loader's CPU labels.
 
-    The reference loops over images and keeps only background + present classes. Here all K+1
-    channels go through one batched PAR call, with absent classes masked to -inf before the
-    channel softmax: they become exact zeros, PAR is linear per channel so they stay zero, and
-    the argmax (over positive present-class scores) never picks them; the argmax index is then
-    the class id itself.
+    The reference loops over images and keeps only background + present classes. Here one
+    batched PAR call takes, per image, background + the first P class channels in the order
+    "present classes ascending, then absent ones"; absent channels are masked to -inf before
+    the channel softmax, so they are exact zeros, stay zero through PAR (linear per channel)
+    and never win the argmax against the positive background. The argmax position maps back
+    to the class id through the gathered channel order.
     """
     b, k, h, w = cam.shape
+    if num_present is None:
+        num_present = int((cls_label != 0).sum(dim=1).max()) if cls_label.device.type == "cpu" and b else k
+    p = min(max(int(num_present), 0), k)
+    # Present classes first (ascending), then absent ones: a stable sort on "is absent".
+    order = torch.sort((cls_label == 0).to(torch.uint8), dim=1, stable=True).indices[:, :p]  # (B, P)
+    present = torch.cat([cls_label.new_ones(b, 1), cls_label.gather(1, order)], dim=1) != 0
+    absent = ~present[:, :, None, None]  # (B, P+1, 1, 1)
+    cam = cam.gather(1, order[:, :, None, None].expand(-1, -1, h, w))
+
     half = (h // 2, w // 2)
     small_images = F.interpolate(images, size=half, mode="bilinear", align_corners=False)
     # Background planes are added at full size and downsampled with the CAMs, as the reference does.
     planes = cam.new_tensor([high, low]).view(1, 2, 1, 1).expand(b, 2, h, w)
     stack = F.interpolate(torch.cat([planes, cam], dim=1), size=half, mode="bilinear",
                           align_corners=False)
-    present = torch.cat([cls_label.new_ones(b, 1), cls_label], dim=1) != 0  # (B, K+1)
-    absent = ~present[:, :, None, None]
     logits = torch.cat([stack[:, 0:1], stack[:, 2:], stack[:, 1:2], stack[:, 2:]], dim=1)
     probs = torch.cat([
-        logits[:, :k + 1].masked_fill(absent, float("-inf")).softmax(dim=1),
-        logits[:, k + 1:].masked_fill(absent, float("-inf")).softmax(dim=1),
+        logits[:, :p + 1].masked_fill(absent, float("-inf")).softmax(dim=1),
+        logits[:, p + 1:].masked_fill(absent, float("-inf")).softmax(dim=1),
     ], dim=1)
     refined = F.interpolate(par(small_images, probs), size=(h, w), mode="bilinear",
                             align_corners=False)
-    label_high = refined[:, :k + 1].argmax(dim=1)
-    label_low = refined[:, k + 1:].argmax(dim=1)
+    class_ids = torch.cat([order.new_zeros(b, 1), order + 1], dim=1)  # (B, P+1)
+    label_high = class_ids.gather(1, refined[:, :p + 1].argmax(dim=1).flatten(1)).view(b, h, w)
+    label_low = class_ids.gather(1, refined[:, p + 1:].argmax(dim=1).flatten(1)).view(b, h, w)
     label = label_high.masked_fill(label_high == 0, IGNORE_INDEX)
     return label.masked_fill((label_high + label_low) == 0, 0)
 

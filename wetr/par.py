@@ -53,9 +53,10 @@ class PAR(nn.Module):
     def affinity(self, images: torch.Tensor) -> torch.Tensor:
         """images: (B, 3, H, W) -> aff (B, n, H, W), n = 8 * len(dilations)."""
         nb = torch.stack(self._neighbours(images), dim=2)  # (B, 3, n, H, W)
-        diff = (nb - images.unsqueeze(2)).abs()
         std = nb.std(dim=2, keepdim=True)  # unbiased, over the neighbours of all dilations
-        aff = -(diff / (std + 1e-8) / self.w1) ** 2
+        # -(|nb - I| / (std + 1e-8) / w1)^2, the same operations in the same order, in place:
+        # the (B, 3, n, H, W) temporaries are the bulk of PAR's memory traffic on a CPU.
+        aff = nb.sub_(images.unsqueeze(2)).abs_().div_(std + 1e-8).div_(self.w1).pow_(2).neg_()
         aff = aff.mean(dim=1)  # average over RGB
         return aff.softmax(dim=1) + self.pos_weight
 

@@ -1,0 +1,99 @@
+"""Speed paths (issue 6): they give the plain paths' results, and the benchmark runs end to end."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import wetr.engine as engine
+import wetr.losses as wetr_losses
+from tools import benchmark
+from wetr.cam import refine_label
+from wetr.energy import exact_gaussian_filter
+from wetr.par import PAR
+
+
+def _refine_inputs(b=4, k=6, size=(18, 22), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.zeros(b, k)  # image 0 without foreground; at most 3 present classes
+    y[1, [0, 3, 5]] = 1.0
+    y[2, 4] = 1.0
+    y[3, [1, 2]] = 1.0
+    images = torch.rand(b, 3, *size, generator=g)
+    cam = F.interpolate(torch.rand(b, k, 4, 5, generator=g) ** 2, size=size, mode="bilinear",
+                        align_corners=False) * y[:, :, None, None]
+    return images, cam, y
+
+
+def refine_label_all_channels(par, images, cam, y, high, low):
+    """Every class channel through PAR, absent ones as zero probability (the uncompacted form)."""
+    b, k, h, w = cam.shape
+    half = (h // 2, w // 2)
+    labels = []
+    for thre in (high, low):
+        stack = torch.cat([torch.full((b, 1, h, w), thre), cam], dim=1)
+        stack = F.interpolate(stack, size=half, mode="bilinear", align_corners=False)
+        present = torch.cat([torch.ones(b, 1), y], dim=1)[:, :, None, None] != 0
+        probs = stack.masked_fill(~present, float("-inf")).softmax(dim=1)
+        small = F.interpolate(images, size=half, mode="bilinear", align_corners=False)
+        refined = F.interpolate(par(small, probs), size=(h, w), mode="bilinear", align_corners=False)
+        labels.append(refined.argmax(dim=1))
+    hi, lo = labels
+    return hi.masked_fill(hi == 0, 255).masked_fill(hi + lo == 0, 0)
+
+
+@pytest.mark.parametrize("num_present", [None, 3, 4, 6])
+def test_refine_label_compaction_equals_all_channels(num_present):
+    images, cam, y = _refine_inputs()
+    assert int(y.sum(1).max()) == 3
+    par = PAR(num_iter=4, dilations=(1, 2, 4))
+    want = refine_label_all_channels(par, images, cam, y, 0.7, 0.25)
+    got = refine_label(par, images, cam, y, num_present=num_present)
+    assert torch.equal(got, want)
+    assert set(got.unique().tolist()) - {0, 255}  # some class labels, not only bkg / ignore
+
+
+def test_par_affinity_in_place_equals_formula():
+    images = torch.rand(2, 3, 9, 11, generator=torch.Generator().manual_seed(1))
+    par = PAR(dilations=(1, 3))
+    nb = torch.stack(par._neighbours(images), dim=2)
+    aff = -((nb - images.unsqueeze(2)).abs() / (nb.std(dim=2, keepdim=True) + 1e-8) / par.w1) ** 2
+    want = aff.mean(dim=1).softmax(dim=1) + par.pos_weight
+    assert torch.equal(par.affinity(images), want)
+
+
+def test_naive_filter_of_the_benchmark_is_the_gaussian_sum():
+    g = torch.Generator().manual_seed(2)
+    f, v = torch.randn(2, 30, 5, generator=g), torch.rand(2, 30, 3, generator=g)
+    loop = torch.zeros_like(v)
+    for b in range(2):
+        for i in range(30):
+            for j in range(30):
+                loop[b, i] += torch.exp(-0.5 * ((f[b, i] - f[b, j]) ** 2).sum()) * v[b, j]
+    torch.testing.assert_close(benchmark.naive_gaussian_filter(f, v), loop, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(exact_gaussian_filter(f, v), loop, rtol=1e-4, atol=1e-6)
+
+
+def test_benchmark_tiny_run_writes_every_stage(tmp_path):
+    originals = [engine.multi_scale_cam, engine.refine_label, wetr_losses.cle_loss, F.multilabel_soft_margin_loss]
+    res = benchmark.run(["model.embed_dim=32", "model.depth=3", "model.num_heads=2", "data.crop_size=32",
+                         "batch_size=2", "data.num_classes=4", "bench.warmup=1", "bench.steps=2",
+                         "bench.infer_images=1", "bench.energy_sizes=[8,16]", "bench.naive_max_gib=0.0001",
+                         f"bench.out_dir={tmp_path}", "bench.name=tiny", "device=cpu"])
+    # the engine's functions are restored after timing
+    assert originals == [engine.multi_scale_cam, engine.refine_label, wetr_losses.cle_loss,
+                         F.multilabel_soft_margin_loss]
+    saved = json.loads((tmp_path / "tiny.json").read_text())
+    assert (tmp_path / "tiny.md").read_text().startswith("# Benchmark tiny")
+    stages = saved["step"]["stages_s"]
+    wanted = {*benchmark.ENGINE_STAGES.values(), *benchmark.LOSS_STAGES.values(), "loss cls + cls_aux",
+              "forward", "network passes (CAM)", "backward", "optimizer", "step"}
+    assert wanted <= set(stages) and all(stages[k] > 0 for k in wanted)
+    s = res["step"]
+    assert 0 < s["outside_network_share"] < 1 and s["flops_per_step"] > 0
+    assert s["stages_s"]["multi-scale CAM"] >= s["stages_s"]["network passes (CAM)"]
+    assert all(v["images_per_s"] > 0 for k, v in saved["infer"].items() if isinstance(v, dict))
+    small, large = saved["energy"]
+    assert "ms" in small["naive N x N"] and "ms_extrapolated" in large["naive N x N"]
+    assert small["exact_vs_naive_max_rel_err"] < 1e-4
+    assert saved["torch"] == torch.__version__ and saved["config"]["data"]["crop_size"] == 32
