@@ -546,7 +546,9 @@ def markdown(res: dict) -> str:
             losses = f"{rw['loss fwd+bwd permutohedral ms']:.1f} / {rw['loss fwd+bwd exact ms']:.1f}"
             lines.append(f"| {rw['grid']} | {rw['N']} | {lat['ms']:.1f} | {ex['ms']:.1f} | {naive_txt} | "
                          f"{ratio[0]} | {ratio[1]} | {mib} | {losses} |")
-        lines.append("")
+        lines += ["", "Extra peak: growth of the peak memory during the call (CPU: process RSS; 0 = no "
+                  "memory beyond what the process already held). Extrapolated naive times scale the "
+                  "largest measured one by N^2.", ""]
         lines.append("lattice / exact sum(AS): " + ", ".join(
             f"{rw['grid']} {rw['lattice_over_exact_sum']:.3f}" for rw in en))
     return "\n".join(lines) + "\n"
