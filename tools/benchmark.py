@@ -1,9 +1,12 @@
 """Training-step, inference and dense-energy benchmark (issue 6).
 
-    python -m tools.benchmark                                        # ViT-B, crop 448, batch 4, K=20
-    python -m tools.benchmark model.embed_dim=64 model.depth=2 model.num_heads=2 data.crop_size=64 \
-        batch_size=2 data.num_classes=5 bench.energy_sizes=[32,64]   # tiny, seconds on a CPU
-    python -m tools.benchmark data.crop_size=448 batch_size=4 amp=bf16 device=cuda
+    # tiny, seconds on a CPU; bench.threads=1 keeps timings steady on a shared machine
+    python -m tools.benchmark model.embed_dim=64 model.depth=4 model.num_heads=4 data.crop_size=64 \
+        batch_size=2 data.num_classes=5 bench.energy_sizes=[32,64] bench.threads=1
+    python -m tools.benchmark data.crop_size=224 batch_size=2 bench.threads=1   # ViT-B on a CPU
+    # the paper's setting on a GPU (ViT-B/16, crop 448, batch 4, K=20), fp32 then bf16
+    python -m tools.benchmark device=cuda data.crop_size=448 batch_size=4 data.num_classes=21 \
+        amp=none bench.naive_max_gib=20        # then amp=bf16
 
 Arguments are the training config's `key=value` overrides (utils.config.TrainConfig: model.*,
 data.crop_size, data.num_classes, batch_size, amp, compile, channels_last, device, ...) plus
@@ -23,6 +26,7 @@ Peak memory: CUDA max_memory_allocated; CPU the process's peak RSS (VmHWM, reset
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import platform
@@ -46,6 +50,7 @@ import wetr.engine as engine
 import wetr.losses as wetr_losses
 from datasets.synthetic import MAX_CLASSES, render
 from utils.config import ConfigError, TrainConfig, make_config, to_container
+from utils.dist import resolve_device
 from utils.logger import git_revision
 from wetr.cam import IMAGENET_MEAN_255, IMAGENET_STD_255, multi_scale_cam
 from wetr.energy import bilateral_features, dense_energy_loss, exact_gaussian_filter
@@ -56,7 +61,7 @@ from wetr.permutohedral import permutohedral_filter
 
 @dataclass
 class BenchOptions:
-    warmup: int = 2                     # un-timed steps first (allocator, autotuning, compile)
+    warmup: int = 2                     # un-timed steps first (allocator, autotuning; >= 3 with compile)
     steps: int = 5                      # timed steps; medians are reported
     step: int = -1                      # iteration given to compute_losses; -1: every term on
     seed: int = 0
@@ -244,14 +249,15 @@ def build_trainer(cfg: DictConfig, device: torch.device) -> Trainer:
 
 
 def train_step(t: Trainer, images: torch.Tensor, cls_label: torch.Tensor, step: int, cfg: DictConfig,
-               timer: StageTimer) -> torch.Tensor:
-    """One iteration of the engine's loop body, each part in a timed stage."""
+               timer: StageTimer, extra: dict | None = None) -> torch.Tensor:
+    """One iteration of the engine's loop body, each part in a timed stage.
+    `extra`: keyword arguments for compute_losses (e.g. num_present, where the engine has it)."""
     with timer.stage("optimizer"):
         set_lr(t.optimizer, step, cfg)
     with timer.stage("compute_losses"):
         total, terms = engine.compute_losses(
             timer.wrap(t.train_model, "forward"), timer.wrap(t.model, "network passes (CAM)"), t.par,
-            images, cls_label, step, cfg, t.amp_dtype)
+            images, cls_label, step, cfg, t.amp_dtype, **(extra or {}))
     with timer.stage("finite check (1 sync)"):
         values = torch.stack([total.detach()] + [terms[k].detach().float() for k in engine.LOSS_TERMS])
         if (~torch.isfinite(values)).any().item():
@@ -269,6 +275,10 @@ def train_step(t: Trainer, images: torch.Tensor, cls_label: torch.Tensor, step: 
 def bench_step(cfg: DictConfig, device: torch.device) -> tuple[dict, Trainer]:
     b = cfg.bench
     images, cls_label = synthetic_batch(cfg.batch_size, cfg.data.crop_size, cfg.data.num_classes - 1, b.seed)
+    # As a training loop would: the bound on present classes comes from the loader's CPU labels.
+    extra = {}
+    if "num_present" in inspect.signature(engine.compute_losses).parameters:
+        extra["num_present"] = int(cls_label.sum(dim=1).max())
     images, cls_label = images.to(device), cls_label.to(device)
     if cfg.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -282,14 +292,14 @@ def bench_step(cfg: DictConfig, device: torch.device) -> tuple[dict, Trainer]:
     timer.enabled = False
     timer.new_step()
     for _ in range(b.warmup):
-        train_step(t, images, cls_label, step, cfg, timer)
+        train_step(t, images, cls_label, step, cfg, timer, extra)
 
     plain = []
     if device.type == "cuda":  # one sync per step, as in training
         for _ in range(b.steps):
             _sync(device)
             t0 = time.perf_counter()
-            train_step(t, images, cls_label, step, cfg, timer)
+            train_step(t, images, cls_label, step, cfg, timer, extra)
             _sync(device)
             plain.append(time.perf_counter() - t0)
 
@@ -301,7 +311,7 @@ def bench_step(cfg: DictConfig, device: torch.device) -> tuple[dict, Trainer]:
             timer.new_step()
             _sync(device)
             t0 = time.perf_counter()
-            values = train_step(t, images, cls_label, step, cfg, timer)
+            values = train_step(t, images, cls_label, step, cfg, timer, extra)
             _sync(device)
             timer.steps[-1]["step"] = time.perf_counter() - t0
     peak = mem.peak()
@@ -321,20 +331,23 @@ def bench_step(cfg: DictConfig, device: torch.device) -> tuple[dict, Trainer]:
         quiet = StageTimer(device)
         quiet.enabled = False
         with FlopCounterMode(display=False) as counter:
-            train_step(t, images, cls_label, step, cfg, quiet)
+            train_step(t, images, cls_label, step, cfg, quiet, extra)
         flops = counter.get_total_flops()
 
     step_s = stages["step"]
+    # Throughput figures use the un-instrumented step where there is one (CUDA).
+    wall_s = statistics.median(plain) if plain else step_s
     network = stages["network"]
     outside = stages["outside network"]
     # Medians are taken per stage, so the rows need not add up exactly to the median step.
     return {
         "iteration": step,
+        "compute_losses_extra": extra,
         "params_M": params / 1e6,
         "step_s": step_s,
         "step_s_all": [st["step"] for st in steps],
         "step_s_unsynced": statistics.median(plain) if plain else None,
-        "images_per_s": cfg.batch_size / (statistics.median(plain) if plain else step_s),
+        "images_per_s": cfg.batch_size / wall_s,
         "stages_s": stages,
         "network_s": network,
         "outside_network_s": outside,
@@ -346,7 +359,7 @@ def bench_step(cfg: DictConfig, device: torch.device) -> tuple[dict, Trainer]:
         "peak_memory_kind": ("cuda max_memory_allocated" if device.type == "cuda" else
                              "process peak RSS (VmHWM)" + ("" if mem.resettable else ", lifetime")),
         "flops_per_step": flops,
-        "achieved_tflops": flops / step_s / 1e12 if flops else None,
+        "achieved_tflops": flops / wall_s / 1e12 if flops else None,
         "loss_values": dict(zip(("total",) + engine.LOSS_TERMS, values.tolist())),
     }, t
 
@@ -559,7 +572,7 @@ def run(argv: list[str]) -> dict:
     b = cfg.bench
     if b.steps < 1:
         raise ConfigError("bench.steps must be >= 1")
-    device = engine.dist_utils.resolve_device(cfg.device, 0)
+    device = resolve_device(cfg.device, 0)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if b.threads > 0:
