@@ -4,18 +4,73 @@ The sampler yields `epoch * len(dataset) + index`; `SeededDataset` decodes it an
 numpy and torch from (seed, epoch, index) before the wrapped dataset draws its augmentation.
 A sample's crop, flip and jitter therefore depend only on (seed, epoch, index) — not on the number
 of workers, on the process that loads it, or on where a resumed run starts — which is what makes a
-killed and resumed run bit-identical to an uninterrupted one.
+killed and resumed run bit-identical to an uninterrupted one. The global generators are restored
+afterwards, so loading in the main process (num_workers=0) leaves the training stream (UNE's
+random tokens, dropout) untouched.
 """
 from __future__ import annotations
 
 import random
+import re
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
 
+class SampleError(RuntimeError):
+    """A sample that cannot be loaded (missing or corrupt file); the message is one line.
+
+    DataLoader workers re-raise an exception as `type(exc)("Caught ... Original Traceback ...")`;
+    the constructor keeps only the original one-line message, so the error reads the same
+    whichever process loaded the sample.
+    """
+
+    def __init__(self, message: str):
+        lines = [ln for ln in str(message).strip().splitlines() if ln.strip()]
+        last = lines[-1] if lines else ""
+        if len(lines) > 1 and lines[0].startswith("Caught "):  # "pkg.SampleError: <message>"
+            last = re.sub(r"^[\w.]+: ", "", last)
+        super().__init__(last.strip())
+
+
+class CheckedDataset(Dataset):
+    """Turns a missing or undecodable file (OSError / ValueError from the wrapped dataset) into a
+    one-line `SampleError`, so a bad file found mid-run stops the run with one line."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index]
+        except (OSError, ValueError) as exc:
+            raise SampleError(str(exc)) from None
+
+
+@contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Seed python, numpy and torch (CPU) with `seed` inside the block; restore them after."""
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+
+
 class SeededDataset(Dataset):
+    """Wraps a dataset indexed by `epoch * len(dataset) + index` codes (see ResumableSampler)."""
+
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset = dataset
         self.seed = seed
@@ -26,10 +81,11 @@ class SeededDataset(Dataset):
     def __getitem__(self, code: int):
         epoch, index = divmod(int(code), len(self.dataset))
         s = (self.seed * 1_000_003 + epoch * 7_919 + index) % (2**31 - 1)
-        random.seed(s)
-        np.random.seed(s)
-        torch.manual_seed(s)
-        return self.dataset[index]
+        with seeded_rng(s):
+            try:
+                return self.dataset[index]
+            except (OSError, ValueError) as exc:  # a missing / corrupt image: one line
+                raise SampleError(str(exc)) from None
 
 
 class ResumableSampler(Sampler[int]):

@@ -7,7 +7,9 @@ A checkpoint is a plain dict that loads with `torch.load(weights_only=True)`:
     step       number of optimisation steps done
     config     resolved config as plain containers
     meta       {"num_classes", "embed_dim", "depth", "num_heads", "backbone", "best_miou", ...}
-    rng        per-rank RNG states (lists of plain tensors / ints)
+    rng        per-rank RNG states (lists of plain tensors / ints), training checkpoints only
+    log        {"count": int, "sums": per-rank loss sums} since the last log line (exact logs
+               after a resume), training checkpoints only
 A reference checkpoint (the authors' code) is a bare state_dict, possibly `module.`-prefixed.
 """
 from __future__ import annotations
@@ -20,6 +22,9 @@ from typing import Any
 import torch
 
 
+TMP_SUFFIX = ".tmp"
+
+
 class CheckpointError(RuntimeError):
     """Unreadable or incompatible checkpoint; the message is one line naming the file."""
 
@@ -29,8 +34,9 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     leaves the previous file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual mode
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -45,6 +51,21 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_tmp(folder: str | os.PathLike) -> list[Path]:
+    """Delete temp files a killed `save_atomic` left behind (SIGKILL skips its cleanup)."""
+    folder = Path(folder)
+    stale = sorted(folder.glob(f".*{TMP_SUFFIX}")) if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def load_file(path: str | os.PathLike) -> dict:
@@ -100,3 +121,20 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def check_state_shapes(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                       path: str | os.PathLike) -> None:
+    """One-line CheckpointError naming the first missing, unexpected or mis-shaped weight."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise CheckpointError(f"checkpoint {path} does not fit the configured model: {k} is "
+                              f"{tuple(state[k].shape)} there but {tuple(expected[k].shape)} here "
+                              f"({len(wrong)} weights differ in shape)")
+    if missing or unexpected:
+        what = f"lacks {missing[0]}" if missing else f"has an unknown weight {unexpected[0]}"
+        raise CheckpointError(f"checkpoint {path} does not fit the configured model: it {what} "
+                              f"({len(missing)} missing, {len(unexpected)} unexpected)")
