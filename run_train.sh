@@ -6,10 +6,12 @@
 #   bash run_train.sh scripts/train_coco.py 0,1 2 29501 train_coco data.root=/datasets/COCO
 #   bash run_train.sh scripts/train_voc.py cpu 2 29500 smoke data.root=data/synthetic ...
 #
-# GPU_DEVICE is a CUDA_VISIBLE_DEVICES list, or `cpu`. Extra torchrun flags (multi-node, elastic
-# restarts) go in TORCHRUN_ARGS, e.g.
+# GPU_DEVICE is a CUDA_VISIBLE_DEVICES list, or `cpu` (GPU_NUMBER processes on the CPU, gloo).
+# Extra torchrun flags (multi-node, elastic restarts) go in TORCHRUN_ARGS, e.g.
 #   TORCHRUN_ARGS="--nnodes=2 --node_rank=0 --master_addr=node0" bash run_train.sh ...
-#   TORCHRUN_ARGS="--max-restarts=3" bash run_train.sh ... resume=auto
+#   TORCHRUN_ARGS="--max-restarts=3" bash run_train.sh ... resume=auto   # restart from last.pth
+# torchrun is started as `python -m utils.dist` (same arguments, one-line failure report).
+# Bad inputs are caught before any process starts; see docs/TROUBLESHOOTING.md.
 set -euo pipefail
 if [ $# -lt 5 ]; then
   echo "usage: bash run_train.sh SCRIPT GPU_DEVICE GPU_NUMBER MASTER_PORT TAG [key=value ...]" >&2
@@ -28,13 +30,21 @@ if [ "$gpus" = "cpu" ]; then
   export CUDA_VISIBLE_DEVICES=""
   device=cpu
 else
+  if ! [[ "$gpus" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
+    echo "error: GPU_DEVICE must be GPU ids like 0 or 0,1 (or cpu), got '$gpus'" >&2; exit 2
+  fi
+  listed=$(( $(tr -cd , <<<"$gpus" | wc -c) + 1 ))
+  if [ "$nproc" -gt "$listed" ]; then
+    echo "error: GPU_NUMBER=$nproc but GPU_DEVICE=$gpus lists $listed GPU(s); list $nproc ids or lower GPU_NUMBER" >&2; exit 2
+  fi
   export CUDA_VISIBLE_DEVICES="$gpus"
   visible=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
-  if [ "$visible" = "0" ]; then
-    echo "warning: no GPU visible for GPU_DEVICE=$gpus; training on CPU" >&2
+  if [ "$visible" = "0" ] && [ "$nproc" -eq 1 ]; then
+    # One process: a laptop without a GPU can still run the quick start (slowly).
+    echo "warning: no GPU visible for GPU_DEVICE=$gpus; training on the CPU (GPU_DEVICE=cpu says so explicitly)" >&2
     device=cpu
   elif [ "$nproc" -gt "$visible" ]; then
-    echo "error: GPU_NUMBER=$nproc but only $visible GPU(s) visible in GPU_DEVICE=$gpus" >&2; exit 2
+    echo "error: GPU_NUMBER=$nproc but only $visible GPU(s) visible for GPU_DEVICE=$gpus; lower GPU_NUMBER, or use GPU_DEVICE=cpu for $nproc CPU processes" >&2; exit 2
   else
     device=cuda
   fi
@@ -45,17 +55,21 @@ if [[ "${TORCHRUN_ARGS:-}" != *--nnodes* ]]; then
   if ! python - "$port" <<'PY'
 import socket, sys
 s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torchrun's store: TIME_WAIT is free
 try:
-    s.bind(("127.0.0.1", int(sys.argv[1])))
+    s.bind(("", int(sys.argv[1])))
 except OSError:
     sys.exit(1)
 PY
   then echo "error: MASTER_PORT $port is in use; pick another port" >&2; exit 2; fi
 fi
 
+# What torchrun would set for several processes per node, without its 4-line banner.
+if [ "$nproc" -gt 1 ]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
+
 # Checks that need no process group (config, log folder, dataset layout, resume checkpoint),
 # once, so a bad input is one line rather than one traceback per process.
 MORE_PREFLIGHT=1 python -m "$module" tag="$tag" device="$device" "$@"
 
-exec torchrun --nproc_per_node="$nproc" --master_port="$port" ${TORCHRUN_ARGS:-} \
+exec python -m utils.dist --nproc_per_node="$nproc" --master_port="$port" ${TORCHRUN_ARGS:-} \
   -m "$module" tag="$tag" device="$device" "$@"

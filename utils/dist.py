@@ -2,10 +2,13 @@
 
 Launch with torchrun; RANK / LOCAL_RANK / WORLD_SIZE come from the environment. A plain
 `python -m ...` run is a single process and needs no process group. NCCL on GPUs, gloo on CPU.
+`python -m utils.dist ARGS` is torchrun with the same ARGS and a one-line failure report (used by
+run_train.sh).
 """
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -59,7 +62,14 @@ def init_distributed(device: str = "auto", timeout_min: int = 30) -> DistInfo:
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        kwargs = dict(backend=backend, timeout=timedelta(minutes=timeout_min))
+        timeout = timedelta(minutes=timeout_min)
+        # torchrun's static rendezvous keeps one store across elastic restarts, so a restarted
+        # group could read the dead workers' addresses from it ("Connection refused"): give
+        # every attempt its own key prefix.
+        store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        kwargs = dict(backend=backend, timeout=timeout, rank=rank, world_size=world_size,
+                      store=dist.PrefixStore(f"more/attempt_{attempt}", store))
         if dev.type == "cuda":
             kwargs["device_id"] = dev
         dist.init_process_group(**kwargs)
@@ -97,6 +107,78 @@ def barrier() -> None:
         dist.barrier()
 
 
+def peer_failed(exc: BaseException) -> bool:
+    """Whether `exc` is a collective failing because another process of the group died."""
+    if not is_initialized():
+        return False
+    text = str(exc)
+    return isinstance(exc, getattr(dist, "DistNetworkError", ())) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer",
+                            "remote worker crashing", "NCCL communicator was aborted"))
+
+
 def cleanup() -> None:
     if is_initialized():
         dist.destroy_process_group()
+
+
+def _signal_name(code: int) -> str:
+    import signal
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+
+
+class _QuietElastic:
+    """logging filter for torchrun's agent: drop the lines `launch` replaces or that add nothing
+    to a worker's own message; let the restart notice (INFO) through."""
+
+    DROP = ("failed (exitcode", "Sending process")
+
+    def filter(self, record) -> bool:
+        msg = str(record.msg)
+        if "will restart worker group" in msg:
+            return True
+        return record.levelno >= 30 and not msg.startswith(self.DROP)
+
+
+def launch(argv: list[str]) -> int:
+    """torchrun (same arguments) with a short failure report; returns the exit code.
+
+    A worker that exits with code 2 has printed one `error: ...` line (a bad input found after
+    the preflight, a non-finite loss); torchrun's own report (a traceback and a 20-line failure
+    summary) would bury it, so it is left out, and replaced by one line for other failures.
+    Elastic restarts (`--max-restarts`) behave exactly as with torchrun, with a one-line notice.
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    for name in ("torch.distributed.elastic.agent.server.api",
+                 "torch.distributed.elastic.multiprocessing.api"):
+        log = logging.getLogger(name)
+        log.setLevel(logging.INFO)
+        log.addFilter(_QuietElastic())
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as exc:
+        failures = exc.failures
+        if any(f.exitcode == 2 for f in failures.values()):  # engine.EXIT_USER_ERROR:
+            return 2                                          # the worker said why in one line
+        # The root cause: not a rank that stopped because a peer died (3) or that torchrun
+        # terminated (SIGTERM); then the earliest.
+        rank = min(failures, key=lambda r: (failures[r].exitcode in (3, -15),
+                                            failures[r].timestamp, r))
+        code = failures[rank].exitcode
+        how = f"was killed by {_signal_name(code)}" if code < 0 else f"exited with code {code}"
+        hint = " (a SIGKILL with no message above is often the out-of-memory killer)" if code == -9 else ""
+        print(f"error: training process rank {rank} {how}; see its output above{hint}",
+              file=sys.stderr)
+        return 128 - code if code < 0 else code
+    return 0
+
+
+if __name__ == "__main__":  # python -m utils.dist [torchrun arguments] -m module [args]
+    sys.exit(launch(sys.argv[1:]))
