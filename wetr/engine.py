@@ -11,10 +11,11 @@ iteration schedule of the config -> AdamW with poly warm-up.
 """
 from __future__ import annotations
 
-import math
+import json
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -28,9 +29,10 @@ from torch.utils.data import DataLoader
 
 from datasets import build_dataset, seed_worker
 from datasets.layout import LayoutError, check_layout
-from datasets.sampler import ResumableSampler, SeededDataset
+from datasets.sampler import CheckedDataset, ResumableSampler, SampleError, SeededDataset
 from utils import dist as dist_utils
-from utils.checkpoint import CheckpointError, load_file, rng_state, save_atomic, set_rng_state
+from utils.checkpoint import (CheckpointError, check_state_shapes, load_file, model_state,
+                              remove_stale_tmp, rng_state, save_atomic, set_rng_state)
 from utils.config import ConfigError, make_config, to_container
 from utils.dist import DeviceError, DistInfo
 from utils.logger import JsonlWriter, format_eta, get_logger, git_revision, setup_logger
@@ -46,11 +48,16 @@ LOSS_TERMS = ("cls", "cls_aux", "tokens", "cle", "une", "ptc", "seg", "reg")
 
 
 class RunError(RuntimeError):
-    """A run that must not start (existing log folder, bad resume target); one-line message."""
+    """A run that must not start (existing log folder, bad resume target); one-line message.
+    `all_ranks`: every rank raised it, so only rank 0 prints it."""
+
+    def __init__(self, message: str, all_ranks: bool = False):
+        super().__init__(message)
+        self.all_ranks = all_ranks
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(RunError):
+    """A loss term became NaN/inf (nan_policy=stop)."""
 
 
 # ----------------------------------------------------------------------------- model & data
@@ -75,10 +82,13 @@ def build_train_loader(cfg: DictConfig, dist: DistInfo, start_step: int) -> Data
                                seed=cfg.seed, start_step=start_step)
     d = cfg.data
     workers = d.num_workers
+    # The loader's own generator (worker base seeds) keeps it off the global torch stream, which
+    # a resumed run restores just before creating the loader's iterator.
     return DataLoader(
         SeededDataset(dataset, cfg.seed), batch_size=cfg.batch_size, sampler=sampler,
         num_workers=workers, pin_memory=d.pin_memory and dist.device.type == "cuda",
         drop_last=True, worker_init_fn=seed_worker,
+        generator=torch.Generator().manual_seed(cfg.seed + dist.rank),
         persistent_workers=d.persistent_workers and workers > 0,
         prefetch_factor=d.prefetch_factor if workers > 0 else None)
 
@@ -176,7 +186,7 @@ def run_dir(cfg: DictConfig) -> Path:
 
 
 def find_resume(cfg: DictConfig) -> Path | None:
-    """Checkpoint to resume from, or None for a fresh start."""
+    """Checkpoint to resume from, or None for a fresh start (resume=auto with no last.pth yet)."""
     if not cfg.resume:
         return None
     if cfg.resume == "auto":
@@ -198,19 +208,30 @@ def check_run_dir(cfg: DictConfig) -> None:
 
 
 def check_checkpoint_matches(ckpt: dict, cfg: DictConfig, path: Path) -> None:
-    meta = ckpt.get("meta", {})
-    want = {"num_classes": cfg.data.num_classes}
-    for key, value in want.items():
-        if key in meta and meta[key] != value:
+    """The resume checkpoint must be a training checkpoint of the configured K and encoder."""
+    if "optimizer" not in ckpt or "step" not in ckpt:
+        raise CheckpointError(f"{path} holds weights only; resume needs a training checkpoint "
+                              f"(<work_dir>/<tag>/checkpoints/last.pth)")
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        model = model_from_config(cfg, pretrained=False)
+    meta, want = ckpt.get("meta", {}), model_meta(model, cfg)
+    for key in ("num_classes", "backbone", "embed_dim", "depth", "num_heads"):
+        if key in meta and meta[key] != want[key]:
             raise CheckpointError(f"checkpoint {path} was trained with {key}={meta[key]} but the "
-                                  f"config has {value}")
+                                  f"config gives {key}={want[key]}; resume with the run's own config "
+                                  f"(see its config.yaml) or start a new tag")
+    check_state_shapes(model_state(ckpt), model.state_dict(), path)
 
 
 def preflight(cfg: DictConfig) -> None:
     """Every check that needs no process group: run folder, dataset layout, resume checkpoint."""
     check_run_dir(cfg)
     if cfg.data.check_layout:
-        check_layout(cfg.data, [cfg.data.train_split, cfg.data.val_split])
+        try:
+            check_layout(cfg.data, [cfg.data.train_split, cfg.data.val_split])
+        except OSError as exc:  # e.g. an image header PIL cannot read (not always naming it)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise LayoutError(f"{first} (while checking the dataset in {cfg.data.root})") from None
     path = find_resume(cfg)
     if path is not None:
         check_checkpoint_matches(load_file(path), cfg, path)
@@ -218,6 +239,8 @@ def preflight(cfg: DictConfig) -> None:
 
 # ----------------------------------------------------------------------------- training
 def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed python, numpy and torch; `deterministic` also asks for deterministic kernels (cuDNN
+    autotuning off, deterministic algorithms where PyTorch has them; see docs/TROUBLESHOOTING.md)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -229,24 +252,29 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def save_checkpoint(path: Path, model: MoRe, optimizer, scaler, step: int, cfg: DictConfig,
-                    extra: dict, rng: list[dict] | None) -> None:
+                    extra: dict, ranks: dict | None) -> None:
+    """Weights-only (optimizer None: iter_N.pth, best.pth) or training checkpoint (last.pth).
+
+    ranks: {"rng": per-rank RNG states, "sums": per-rank loss sums, "count": steps in the sums}.
+    """
     obj = {"model": model.state_dict(), "step": step, "config": to_container(cfg),
            "meta": {**model_meta(model, cfg), **extra}}
     if optimizer is not None:
         obj["optimizer"] = optimizer.state_dict()
         obj["scaler"] = scaler.state_dict() if scaler is not None else {}
-        obj["rng"] = rng
+        obj["rng"] = ranks["rng"]
+        obj["log"] = {"count": ranks["count"], "sums": ranks["sums"]}
     save_atomic(obj, path)
 
 
-def gather_rng(dist: DistInfo) -> list[dict]:
-    """RNG states of every rank, gathered on all ranks (saved by rank 0)."""
-    state = rng_state(dist.device)
-    if not dist.distributed:
-        return [state]
-    out = [None] * dist.world_size
-    torch.distributed.all_gather_object(out, state)
-    return out
+def gather_rank_state(dist: DistInfo, loss_sum: torch.Tensor, loss_count: int) -> dict:
+    """RNG states and loss sums of every rank, gathered on all ranks (saved by rank 0)."""
+    state = (rng_state(dist.device), loss_sum.cpu())
+    out = [state]
+    if dist.distributed:
+        out = [None] * dist.world_size
+        torch.distributed.all_gather_object(out, state)
+    return {"rng": [o[0] for o in out], "sums": [o[1] for o in out], "count": loss_count}
 
 
 def log_scores(logger, result: dict, step: int) -> None:
@@ -261,19 +289,57 @@ def should_eval(step: int, cfg: DictConfig) -> bool:
     return cfg.eval_late_from >= 0 and step >= cfg.eval_late_from and step % cfg.eval_every_late == 0
 
 
+def injected_nan(step: int, rank: int) -> str | None:
+    """Test hook: MORE_INJECT_NAN=TERM:STEP[:RANK] (rank 0 if left out) makes loss term TERM
+    non-finite at STEP on RANK. Returns the term to poison now, or None."""
+    spec = os.environ.get("MORE_INJECT_NAN", "")
+    if not spec:
+        return None
+    term, at, *who = spec.split(":")
+    if term not in LOSS_TERMS:
+        raise RunError(f"MORE_INJECT_NAN: unknown loss term {term!r}; one of {', '.join(LOSS_TERMS)}")
+    return term if int(at) == step and int(who[0] if who else 0) == rank else None
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop records logged after `step` (by the run being resumed), so metrics.jsonl holds each
+    step once."""
+    if not path.is_file():
+        return
+
+    def kept(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except json.JSONDecodeError:  # a line cut short by the kill
+            return False
+    keep = [ln if ln.endswith("\n") else ln + "\n"
+            for ln in path.read_text().splitlines(keepends=True) if ln.strip() and kept(ln)]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
+def log_error(log_file: Path, message: str, rank: int | None) -> None:
+    """Record why the run stopped in train.log (the console gets the line once, from `main`).
+    Any rank may call it: one short O_APPEND write does not interleave with rank 0's lines."""
+    who = "" if rank is None else f"[rank {rank}] "
+    with open(log_file, "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {who}error: {message}\n")
+
+
 def train(cfg: DictConfig) -> dict:
     """Run training; returns the last validation result (rank 0 and others alike)."""
     dist = dist_utils.init_distributed(cfg.device)
-    # Rank 0 runs the checks; everyone fails together with the same one-line message.
+    # Rank 0 runs the checks; everyone fails together, and only rank 0 prints the line.
     err = None
     if dist.is_main:
         try:
             preflight(cfg)
-        except (RunError, LayoutError, CheckpointError, FileNotFoundError) as exc:
-            err = (type(exc).__name__, str(exc))
+        except USER_ERRORS as exc:
+            err = str(exc)
     err = dist_utils.broadcast_object(err)
     if err is not None:
-        raise RunError(err[1])
+        raise RunError(err, all_ranks=True)
 
     out_dir = run_dir(cfg)
     ckpt_dir = out_dir / "checkpoints"
@@ -282,8 +348,20 @@ def train(cfg: DictConfig) -> dict:
         if cfg.overwrite and not cfg.resume and out_dir.exists():
             shutil.rmtree(out_dir)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(ckpt_dir)
     dist_utils.barrier()
     logger = setup_logger(out_dir / "train.log", dist.is_main)
+    try:
+        return _train(cfg, dist, logger, resume_path)
+    except USER_ERRORS as exc:
+        if dist.is_main or not getattr(exc, "all_ranks", False):
+            log_error(out_dir / "train.log", str(exc), None if dist.is_main else dist.rank)
+        raise
+
+
+def _train(cfg: DictConfig, dist: DistInfo, logger, resume_path: Path | None) -> dict:
+    out_dir = run_dir(cfg)
+    ckpt_dir = out_dir / "checkpoints"
     metrics = JsonlWriter(out_dir / "metrics.jsonl" if dist.is_main else None)
     if dist.is_main:
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
@@ -306,24 +384,30 @@ def train(cfg: DictConfig) -> dict:
     par = PAR(num_iter=cfg.par.num_iter, dilations=tuple(cfg.par.dilations)).to(dist.device)
 
     start_step, best = 0, -1.0
+    loss_sum = torch.zeros(len(LOSS_TERMS) + 1, device=dist.device)
+    loss_count = 0
     if resume_path is not None:
         ckpt = load_file(resume_path)
         load_weights(model, ckpt)
-        if "optimizer" not in ckpt:
-            raise CheckpointError(f"{resume_path} holds weights only; resume needs a training "
-                                  f"checkpoint (checkpoints/last.pth)")
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_step = int(ckpt["step"])
         best = float(ckpt.get("meta", {}).get("best_miou", -1.0))
-        rngs = ckpt.get("rng") or []
+        rngs, log = ckpt.get("rng") or [], ckpt.get("log") or {}
         if len(rngs) == dist.world_size:
+            # Last thing before the loop that may draw random numbers: the data loader below
+            # has its own generator, so the restored streams continue exactly.
             set_rng_state(rngs[dist.rank], dist.device)
+            if len(log.get("sums", [])) == dist.world_size:
+                loss_sum.copy_(log["sums"][dist.rank])
+                loss_count = int(log["count"])
         elif dist.is_main:
             logger.warning(f"resuming on {dist.world_size} processes from a run on {len(rngs)}: "
-                           f"RNG streams are not restored exactly")
+                           f"data order and random streams differ from an uninterrupted run")
         logger.info(f"resumed from {resume_path} at step {start_step}")
+    if dist.is_main:
+        truncate_metrics(out_dir / "metrics.jsonl", start_step)
 
     train_model: torch.nn.Module = model
     if dist.distributed:
@@ -333,7 +417,7 @@ def train(cfg: DictConfig) -> dict:
         train_model = torch.compile(train_model)
 
     train_loader = build_train_loader(cfg, dist, start_step)
-    val_set = build_dataset(cfg.data, cfg.data.val_split, "val")
+    val_set = CheckedDataset(build_dataset(cfg.data, cfg.data.val_split, "val"))
     val_loader = build_val_loader(val_set, dist, cfg.data.num_workers, cfg.val.max_images)
     if dist.is_main:
         n_params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -345,23 +429,29 @@ def train(cfg: DictConfig) -> dict:
         from tqdm import tqdm
         progress = tqdm(total=cfg.max_iters, initial=start_step, desc=cfg.tag, dynamic_ncols=True)
 
+    def last_good() -> str:
+        last = ckpt_dir / "last.pth"
+        return f"{last} (step {int(load_file(last)['step'])})" if last.is_file() else "none"
+
     fault_marker = out_dir / ".fault_injected"
-    loss_sum = torch.zeros(len(LOSS_TERMS) + 1, device=dist.device)
-    loss_count = 0
     last_result: dict = {}
     t0, step0 = time.time(), start_step
     model.train()
     data_iter = iter(train_loader)
     step = start_step
     while step < cfg.max_iters:
-        _, images, cls_label = next(data_iter)
-        if step == cfg.fault_step and not fault_marker.exists():
-            dist_utils.barrier()
-            if dist.is_main:
-                fault_marker.touch()
-            dist_utils.barrier()
-            logger.warning(f"fault_step={step}: simulating a crash")
-            os._exit(3)
+        try:
+            _, images, cls_label = next(data_iter)
+        except SampleError as exc:
+            raise SampleError(f"{exc}; stopped at step {step}, last checkpoint: {last_good()}; "
+                              f"replace the file or remove it from the split list, then "
+                              f"resume=auto") from None
+        if step == cfg.fault_step and dist.rank == dist.world_size - 1 and not fault_marker.exists():
+            # Elastic-restart test: one worker dies hard (no cleanup, like a pre-empted node);
+            # the marker makes it happen once, so the restarted run gets past this step.
+            fault_marker.touch()
+            logger.warning(f"fault_step={step}: rank {dist.rank} kills itself")
+            os.kill(os.getpid(), signal.SIGKILL)
         images = images.to(dist.device, non_blocking=True)
         cls_label = cls_label.to(dist.device, non_blocking=True).float()
         if cfg.channels_last:
@@ -369,32 +459,39 @@ def train(cfg: DictConfig) -> dict:
         lr = set_lr(optimizer, step, cfg)
         total, terms = compute_losses(train_model, model, par, images, cls_label, step, cfg,
                                       amp_dtype)
+        poison = injected_nan(step, dist.rank)
+        if poison is not None:
+            terms[poison] = terms[poison] * float("nan")
+            total = total + terms[poison]
         values = torch.stack([total.detach()] + [terms[k].detach().float() for k in LOSS_TERMS])
-        finite = dist_utils.all_reduce_max((~torch.isfinite(values)).any().float().view(1))
-        if finite.item() > 0:  # one host sync per step: the price of never training on NaN
-            bad = [k for k, v in zip(("total",) + LOSS_TERMS, values.tolist()) if not math.isfinite(v)]
-            if cfg.nan_policy == "skip":
-                logger.warning(f"step {step}: non-finite loss ({', '.join(bad) or 'other rank'}); "
-                               f"step skipped")
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                continue
-            last = ckpt_dir / "last.pth"
-            raise NonFiniteLossError(
-                f"non-finite loss at step {step} (terms: {', '.join(bad) or 'on another rank'}); "
-                f"last good checkpoint: {last if last.exists() else 'none'}")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        # One host sync per step (the price of never training on NaN): every rank learns which
+        # terms were non-finite anywhere, so all ranks skip or stop together.
+        bad = dist_utils.all_reduce_max((~torch.isfinite(values)).float()).tolist()
+        skip = any(bad)
+        if skip:
+            names = [k for k, b in zip(("total",) + LOSS_TERMS, bad) if b]
+            names = ", ".join(n for n in names if n != "total" or len(names) == 1)
+            if cfg.nan_policy == "stop":
+                raise NonFiniteLossError(
+                    f"non-finite loss ({names}) at step {step}; last good checkpoint: "
+                    f"{last_good()}; lower optim.lr or check the data, then resume=auto (or "
+                    f"nan_policy=skip)", all_ranks=True)
+            if dist.is_main:
+                logger.warning(f"step {step}: non-finite loss ({names}); step skipped on all "
+                               f"{dist.world_size} process(es) (nan_policy=skip)")
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += values
+            loss_count += 1
         step += 1
-        loss_sum += values
-        loss_count += 1
         if progress is not None:
             progress.update(1)
 
         if step % cfg.log_every == 0 or step == cfg.max_iters:
-            avg = dist_utils.all_reduce_sum(loss_sum.clone()) / (loss_count * dist.world_size)
+            avg = dist_utils.all_reduce_sum(loss_sum.clone()) / (max(loss_count, 1) * dist.world_size)
             avg = dict(zip(("total",) + LOSS_TERMS, avg.tolist()))
             loss_sum.zero_()
             loss_count = 0
@@ -426,9 +523,10 @@ def train(cfg: DictConfig) -> dict:
                     save_checkpoint(ckpt_dir / "best.pth", model, None, None, step, cfg,
                                     {**extra, "val": last_result}, None)
         if save:
-            rng = gather_rng(dist)
+            ranks = gather_rank_state(dist, loss_sum, loss_count)
             if dist.is_main:
-                save_checkpoint(ckpt_dir / "last.pth", model, optimizer, scaler, step, cfg, extra, rng)
+                save_checkpoint(ckpt_dir / "last.pth", model, optimizer, scaler, step, cfg, extra,
+                                ranks)
                 if step % cfg.save_every == 0:
                     save_checkpoint(ckpt_dir / f"iter_{step}.pth", model, None, None, step, cfg,
                                     extra, None)
@@ -443,31 +541,39 @@ def train(cfg: DictConfig) -> dict:
 
 
 USER_ERRORS = (ConfigError, RunError, LayoutError, CheckpointError, DeviceError,
-               NonFiniteLossError, FileNotFoundError)
+               NonFiniteLossError, SampleError, FileNotFoundError)
+EXIT_USER_ERROR = 2  # the process printed one line saying what is wrong (see utils.dist.launch)
+EXIT_PEER_FAILED = 3  # a collective failed because another rank died first
 
 
 def main(overrides: dict, argv: list[str] | None = None) -> None:
     """Entry point of the training scripts: defaults <- overrides <- `key=value` arguments.
 
     With MORE_PREFLIGHT=1 only the checks run (used by run_train.sh before torchrun starts, so a
-    bad input is one line instead of one traceback per process).
+    bad input is one line instead of one traceback per process). A bad input exits with code 2
+    after one `error: ...` line on stderr (printed once, by rank 0, when every rank hit it).
     """
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg = make_config(overrides, argv)
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0 and not cfg.resume:
+            cfg.resume = "auto"  # a worker restarted by torchrun continues its run
         if os.environ.get("MORE_PREFLIGHT") == "1":
             preflight(cfg)
             return
         train(cfg)
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (*USER_ERRORS, ValueError) as exc:
+        lines = str(exc).strip().splitlines()
+        if not isinstance(exc, USER_ERRORS) and len(lines) != 1:
+            raise  # not a one-line input error: a bug, keep the traceback
+        if int(os.environ.get("RANK", 0)) == 0 or not getattr(exc, "all_ranks", False):
+            print(f"error: {lines[0] if lines else type(exc).__name__}", file=sys.stderr)
         dist_utils.cleanup()
-        sys.exit(2)
-    except ValueError as exc:  # e.g. a checkpoint of another K, a corrupt image
-        msg = str(exc).strip().splitlines()
-        if len(msg) == 1:
-            print(f"error: {msg[0]}", file=sys.stderr)
-            dist_utils.cleanup()
-            sys.exit(2)
-        raise
+        sys.exit(EXIT_USER_ERROR)
+    except RuntimeError as exc:
+        if not dist_utils.peer_failed(exc):
+            raise
+        # Another rank stopped (its own message says why; torchrun stops this one anyway):
+        # exit quietly instead of adding a traceback per surviving rank.
+        sys.exit(EXIT_PEER_FAILED)
     dist_utils.cleanup()
