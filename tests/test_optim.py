@@ -35,7 +35,7 @@ def test_param_groups_lr_and_decay():
     frozen = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
     groups[0].append(frozen)
     opt = build_optimizer(groups, cfg)
-    assert [g["lr"] for g in opt.param_groups] == [6e-5, 6e-5, 6e-4, 6e-4]
+    assert [g["lr"] for g in opt.param_groups] == [6e-5, 6e-5, 6e-5 * 10, 6e-5 * 10]
     assert all(g["weight_decay"] == 0.01 for g in opt.param_groups)
     assert all(p is not frozen for g in opt.param_groups for p in g["params"])
     lr = set_lr(opt, 0, cfg)
