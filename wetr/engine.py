@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -118,11 +119,14 @@ def active_terms(step: int, cfg: DictConfig) -> dict[str, bool]:
 
 def compute_losses(model: torch.nn.Module, cam_model: MoRe, par: PAR, images: torch.Tensor,
                    cls_label: torch.Tensor, step: int, cfg: DictConfig,
-                   amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, dict]:
+                   amp_dtype: torch.dtype | None = None,
+                   num_present: int | None = None) -> tuple[torch.Tensor, dict]:
     """Total loss and its (unweighted) terms for one batch.
 
     model: the trained module (maybe DDP-wrapped); cam_model: the bare module for the no-grad
-    CAM passes. images: (B,3,H,W) normalised; cls_label: (B,K) 0/1.
+    CAM passes. images: (B,3,H,W) normalised; cls_label: (B,K) 0/1. num_present: the largest
+    number of classes in one image of the batch (known on the host from the loader), so PAR
+    refines only those channels without a device sync.
     """
     on = active_terms(step, cfg)
     with torch.no_grad(), torch.autocast(images.device.type, dtype=amp_dtype,
@@ -134,7 +138,8 @@ def compute_losses(model: torch.nn.Module, cam_model: MoRe, par: PAR, images: to
         refined = None
         if on["seg"] or on["reg"]:
             refined = refine_label(par, denormalise(images), valid_cam, cls_label,
-                                   high=cfg.cam.high, low=cfg.cam.low)
+                                   high=cfg.cam.high, low=cfg.cam.low,
+                                   num_present=num_present)
 
     with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         out = model(images, with_gcr=cfg.model.with_gcr)
@@ -411,6 +416,9 @@ def _train(cfg: DictConfig, dist: DistInfo, logger, resume_path: Path | None) ->
 
     train_model: torch.nn.Module = model
     if dist.distributed:
+        # oneDNN returns 1x1-conv weight grads in a channels-last layout; DDP copies them into
+        # its buckets correctly but warns once per run. Harmless, so keep the log readable.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         train_model = DistributedDataParallel(
             model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     if cfg.compile:
@@ -452,13 +460,14 @@ def _train(cfg: DictConfig, dist: DistInfo, logger, resume_path: Path | None) ->
             fault_marker.touch()
             logger.warning(f"fault_step={step}: rank {dist.rank} kills itself")
             os.kill(os.getpid(), signal.SIGKILL)
+        num_present = int(cls_label.sum(1).max())  # CPU tensor from the loader: no device sync
         images = images.to(dist.device, non_blocking=True)
         cls_label = cls_label.to(dist.device, non_blocking=True).float()
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         lr = set_lr(optimizer, step, cfg)
         total, terms = compute_losses(train_model, model, par, images, cls_label, step, cfg,
-                                      amp_dtype)
+                                      amp_dtype, num_present)
         poison = injected_nan(step, dist.rank)
         if poison is not None:
             terms[poison] = terms[poison] * float("nan")
