@@ -21,33 +21,8 @@ gpus=$1; nproc=$2; ckpt=$3; shift 3
 [ -f "$ckpt" ] || { echo "error: checkpoint not found: $ckpt" >&2; exit 2; }
 ckpt=$(realpath "$ckpt")
 cd "$(dirname "$0")"
-[ -x .venv/bin/python ] && export PATH="$PWD/.venv/bin:$PATH"
-if ! [[ "$nproc" =~ ^[1-9][0-9]*$ ]]; then
-  echo "error: GPU_NUMBER must be a positive integer, got '$nproc'" >&2; exit 2
-fi
-if [ "$gpus" = "cpu" ]; then
-  export CUDA_VISIBLE_DEVICES=""
-  device=cpu
-else
-  export CUDA_VISIBLE_DEVICES="$gpus"
-  visible=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
-  if [ "$visible" = "0" ]; then
-    echo "warning: no GPU visible for GPU_DEVICE=$gpus; running on CPU" >&2
-    device=cpu
-  elif [ "$nproc" -gt "$visible" ]; then
-    echo "error: GPU_NUMBER=$nproc but only $visible GPU(s) visible in GPU_DEVICE=$gpus" >&2; exit 2
-  else
-    device=cuda
-  fi
-fi
-
-# launch MODULE key=value ...: a one-process check of config, checkpoint and data first (one
-# error line instead of one traceback per rank), then torchrun on a free port (--standalone).
-launch() {
-  local module=$1; shift
-  MORE_PREFLIGHT=1 python -m "$module" device="$device" "$@"
-  torchrun --standalone --nproc_per_node="$nproc" -m "$module" device="$device" "$@"
-}
+source tools/launch.sh
+select_device "$gpus" "$nproc"
 
 seeds=1
 for arg in "$@"; do
@@ -55,11 +30,11 @@ for arg in "$@"; do
 done
 if [ "$seeds" = 1 ]; then
   echo ">>> CAM seeds"
-  launch tools.infer_cam ckpt="$ckpt" "$@"
+  launch_tool tools.infer_cam ckpt="$ckpt" "$@"
   echo ">>> LAM seeds"
-  launch tools.infer_lam ckpt="$ckpt" "$@"
+  launch_tool tools.infer_lam ckpt="$ckpt" "$@"
 else
   echo ">>> seeds skipped: a test split has no image labels"
 fi
 echo ">>> segmentation"
-launch tools.infer_seg_voc ckpt="$ckpt" "$@"
+launch_tool tools.infer_seg_voc ckpt="$ckpt" "$@"

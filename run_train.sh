@@ -19,36 +19,10 @@ if [ $# -lt 5 ]; then
 fi
 script=$1; gpus=$2; nproc=$3; port=$4; tag=$5; shift 5
 cd "$(dirname "$0")"
-[ -x .venv/bin/python ] && export PATH="$PWD/.venv/bin:$PATH"
-
-if [ ! -f "$script" ]; then echo "error: no such training script: $script" >&2; exit 2; fi
-module=${script%.py}; module=${module//\//.}
-if ! [[ "$nproc" =~ ^[1-9][0-9]*$ ]]; then echo "error: GPU_NUMBER must be a positive integer, got '$nproc'" >&2; exit 2; fi
+source tools/launch.sh
+module=$(script_module "$script")
 if ! [[ "$port" =~ ^[0-9]+$ ]]; then echo "error: MASTER_PORT must be a number, got '$port'" >&2; exit 2; fi
-
-if [ "$gpus" = "cpu" ]; then
-  export CUDA_VISIBLE_DEVICES=""
-  device=cpu
-else
-  if ! [[ "$gpus" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
-    echo "error: GPU_DEVICE must be GPU ids like 0 or 0,1 (or cpu), got '$gpus'" >&2; exit 2
-  fi
-  listed=$(( $(tr -cd , <<<"$gpus" | wc -c) + 1 ))
-  if [ "$nproc" -gt "$listed" ]; then
-    echo "error: GPU_NUMBER=$nproc but GPU_DEVICE=$gpus lists $listed GPU(s); list $nproc ids or lower GPU_NUMBER" >&2; exit 2
-  fi
-  export CUDA_VISIBLE_DEVICES="$gpus"
-  visible=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
-  if [ "$visible" = "0" ] && [ "$nproc" -eq 1 ]; then
-    # One process: a laptop without a GPU can still run the quick start (slowly).
-    echo "warning: no GPU visible for GPU_DEVICE=$gpus; training on the CPU (GPU_DEVICE=cpu says so explicitly)" >&2
-    device=cpu
-  elif [ "$nproc" -gt "$visible" ]; then
-    echo "error: GPU_NUMBER=$nproc but only $visible GPU(s) visible for GPU_DEVICE=$gpus; lower GPU_NUMBER, or use GPU_DEVICE=cpu for $nproc CPU processes" >&2; exit 2
-  else
-    device=cuda
-  fi
-fi
+select_device "$gpus" "$nproc"
 
 # A single-node run needs a free master port; multi-node runs are checked by torchrun itself.
 if [[ "${TORCHRUN_ARGS:-}" != *--nnodes* ]]; then

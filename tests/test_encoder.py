@@ -131,7 +131,7 @@ def test_state_dict_keys():
 
 def test_random_init_tokens():
     torch.manual_seed(0)
-    enc = ClassTokenViT(K, embed_dim=D, depth=1, num_heads=HEADS)
+    enc = ClassTokenViT(K, embed_dim=D, depth=1, num_heads=HEADS, aux_layer=0)
     # timm's trunc_normal_(std=0.02) cuts at +-2 absolute, i.e. effectively a plain normal
     for p in (enc.cls_token, enc.pos_embed):
         assert 0.017 < p.std() < 0.023 and p.abs().max() < 0.2
@@ -144,7 +144,7 @@ def test_init_from_pretrained_file(tmp_path):
         src.cls_token.normal_()
     path = tmp_path / "tiny_vit.pth"
     torch.save(src.state_dict(), path)
-    enc = ClassTokenViT(K, pretrained=path, embed_dim=D, depth=2, num_heads=HEADS)
+    enc = ClassTokenViT(K, pretrained=path, embed_dim=D, depth=2, num_heads=HEADS, aux_layer=-2)
     ref = src.state_dict()
     T = K + 4
     assert torch.equal(enc.cls_token, ref["cls_token"].expand(1, T, D))
@@ -164,5 +164,10 @@ def test_offline_hub_gives_one_line_error(monkeypatch):
 
     monkeypatch.setattr(timm, "create_model", no_network)
     with pytest.raises(RuntimeError, match=r"model\.pretrained=/path/to/jx_vit_base_p16_224-80ecf9dd\.pth") as e:
-        ClassTokenViT(K, pretrained=True, embed_dim=D, depth=1, num_heads=HEADS)
+        ClassTokenViT(K, pretrained=True, embed_dim=D, depth=1, num_heads=HEADS, aux_layer=0)
     assert "\n" not in str(e.value)
+
+
+def test_aux_layer_outside_the_blocks_is_a_one_line_error():
+    with pytest.raises(ValueError, match="aux_layer=-3 does not index one of the 2 blocks"):
+        ClassTokenViT(K, embed_dim=D, depth=2, num_heads=HEADS)

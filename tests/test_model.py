@@ -182,7 +182,10 @@ def test_forward_matches_plain_reimplementation(size):
     assert isinstance(out, MoReOutput)
     for name, a, b in zip(MoReOutput._fields, out, want):
         assert a.shape == b.shape, name
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+        # the decoder sums 512 x 9 products per output: float32 rounding depends on the conv
+        # algorithm oneDNN picks (thread count), so its tolerance scales with that depth
+        tol = 1e-4 if name == "seg_logits" else 1e-5
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=name)
     for a, b in zip(cams, want_cams):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 

@@ -78,6 +78,9 @@ class ClassTokenViT(nn.Module):
             drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
+        if not -depth <= aux_layer < depth:
+            raise ValueError(f"aux_layer={aux_layer} does not index one of the {depth} blocks "
+                             f"(model.depth={depth}; the reference uses -3 with depth 12)")
         self.num_classes = num_classes
         self.num_tokens = NUM_EXTRA_TOKENS + num_classes
         self.patch_size = patch_size

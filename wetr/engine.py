@@ -229,8 +229,11 @@ def check_checkpoint_matches(ckpt: dict, cfg: DictConfig, path: Path) -> None:
 
 
 def preflight(cfg: DictConfig) -> None:
-    """Every check that needs no process group: run folder, dataset layout, resume checkpoint."""
+    """Every check that needs no process group: run folder, model shape, dataset layout, resume
+    checkpoint."""
     check_run_dir(cfg)
+    with torch.device("meta"):  # builds no weights: only the configuration is checked
+        model_from_config(cfg, pretrained=False)
     if cfg.data.check_layout:
         try:
             check_layout(cfg.data, [cfg.data.train_split, cfg.data.val_split])
