@@ -35,7 +35,9 @@ def plot_curves(metrics_file: Path, out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     steps = [r["step"] for r in train]
     for key in ("total", "cls", "cls_aux", "tokens", "cle", "une", "ptc", "seg"):
-        axes[0].plot(steps, [r[f"loss/{key}"] for r in train], label=key)
+        # a term that has not started yet is logged as 0: leave it out of the log-scale plot
+        values = [r[f"loss/{key}"] if r[f"loss/{key}"] > 0 else float("nan") for r in train]
+        axes[0].plot(steps, values, label=key)
     axes[0].set_yscale("log")
     axes[0].set_xlabel("step")
     axes[0].set_title("training losses (unweighted)")
