@@ -32,7 +32,8 @@ def parse_name(name: str) -> tuple[str, str]:
     """'COCO_val2014_000000000042' -> ('val2014', '000000000042')."""
     m = _NAME.fullmatch(name)
     if m is None:
-        raise ValueError(f"COCO name {name!r} is not of the form COCO_<train2014|val2014>_<12 digits>")
+        raise ValueError(f"COCO name {name!r} is not of the form "
+                         "COCO_<train2014|val2014>_<12 digits>")
     return m.group(1), m.group(2)
 
 

@@ -20,7 +20,8 @@ from PIL import Image
 
 from .coco import COCODataset
 from .synthetic import read_params
-from .voc import LABEL_FILE, VOCDataset, default_list_dir, read_cls_labels, read_mask, read_name_list
+from .voc import (LABEL_FILE, VOCDataset, default_list_dir, read_cls_labels, read_mask,
+                  read_name_list)
 
 _CLASSES = {"voc": VOCDataset, "coco": COCODataset}
 

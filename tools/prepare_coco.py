@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--root", required=True, help="COCO folder holding JPEGImages/")
     parser.add_argument("--ann-dir", default=None, help="default <root>/annotations")
     parser.add_argument("--list-dir", default=None,
-                        help="where to write lists and labels (default <root>/ImageSets/Segmentation)")
+                        help="folder for lists and labels (default <root>/ImageSets/Segmentation)")
     parser.add_argument("--subsets", nargs="+", default=list(SUBSETS), choices=list(SUBSETS))
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     args = parser.parse_args(argv)
@@ -174,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"prepare_coco: {exc}") from None
     out = args.list_dir or default_list_dir(args.root)
-    print(f"wrote {', '.join(f'{k}.txt ({v})' for k, v in counts.items())} and {LABEL_FILE} to {out}")
+    written = ", ".join(f"{k}.txt ({v})" for k, v in counts.items())
+    print(f"wrote {written} and {LABEL_FILE} to {out}")
 
 
 if __name__ == "__main__":

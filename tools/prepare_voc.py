@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", required=True, help="VOCdevkit/VOC2012 folder")
     parser.add_argument("--list-dir", default=None,
-                        help="where to write lists and labels (default <root>/ImageSets/Segmentation)")
+                        help="folder for lists and labels (default <root>/ImageSets/Segmentation)")
     parser.add_argument("--num-classes", type=int, default=20,
                         help="number of foreground classes K (VOC: 20)")
     args = parser.parse_args(argv)
@@ -120,10 +120,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"prepare_voc: {exc}") from None
     out = args.list_dir or default_list_dir(args.root)
-    print(f"wrote {', '.join(f'{k}.txt ({v})' for k, v in counts.items())} and {LABEL_FILE} to {out}")
+    written = ", ".join(f"{k}.txt ({v})" for k, v in counts.items())
+    print(f"wrote {written} and {LABEL_FILE} to {out}")
     if "val" not in counts:
-        print(f"note: no official val list at {os.path.join(default_list_dir(args.root), 'val.txt')}; "
-              "train_aug holds every mask")
+        val = os.path.join(default_list_dir(args.root), "val.txt")
+        print(f"note: no official val list at {val}; train_aug holds every mask")
 
 
 if __name__ == "__main__":
