@@ -105,6 +105,14 @@ def main() -> None:
     ckpt = args.run / "checkpoints" / "last.pth"
     plot_overlays(ckpt, report / "overlays.png", args.images)
     print(f"wrote {report / 'curves.png'} and {report / 'overlays.png'}")
+    rows = [json.loads(line) for line in (args.run / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]
+    val = [r for r in rows if "val/seg_miou" in r]
+    if val:
+        last = val[-1]
+        print(f"final val (step {last['step']}): " + " ".join(
+            f"{k.upper()} {100 * last[f'val/{k}_miou']:.1f}" for k in ("cam", "lam", "fused", "seg"))
+            + f" mIoU, cls F1 {100 * last['val/f1']:.1f}")
 
 
 if __name__ == "__main__":
