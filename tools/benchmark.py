@@ -54,7 +54,7 @@ from utils.dist import resolve_device
 from utils.logger import git_revision
 from wetr.cam import IMAGENET_MEAN_255, IMAGENET_STD_255, multi_scale_cam
 from wetr.energy import bilateral_features, dense_energy_loss, exact_gaussian_filter
-from wetr.optim import build_optimizer, set_lr
+from wetr.optim import set_lr
 from wetr.par import PAR
 from wetr.permutohedral import permutohedral_filter
 
@@ -234,15 +234,7 @@ class Trainer:
 
 
 def build_trainer(cfg: DictConfig, device: torch.device) -> Trainer:
-    model = engine.model_from_config(cfg).to(device)
-    model.encoder.head.requires_grad_(False)
-    model.graph_layer._fc1.requires_grad_(False)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model.param_groups(), cfg)
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    par = PAR(num_iter=cfg.par.num_iter, dilations=tuple(cfg.par.dilations)).to(device)
+    model, optimizer, scaler, par, amp_dtype = engine.build_training(cfg, device)
     train_model = torch.compile(model) if cfg.compile else model
     model.train()
     return Trainer(model, train_model, optimizer, scaler, par, amp_dtype)

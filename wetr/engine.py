@@ -246,6 +246,23 @@ def preflight(cfg: DictConfig) -> None:
 
 
 # ----------------------------------------------------------------------------- training
+def build_training(cfg: DictConfig, device: torch.device):
+    """Model, optimizer, GradScaler, PAR and autocast dtype, as the training loop uses them
+    (also used by tools/benchmark.py, so the benchmark times exactly this set-up)."""
+    model = model_from_config(cfg).to(device)
+    # Reference weights that never receive gradients (ViT head, GCR's _fc1) are frozen so DDP
+    # needs no unused-parameter search; AdamW skipped them anyway (grad None).
+    model.encoder.head.requires_grad_(False)
+    model.graph_layer._fc1.requires_grad_(False)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model.param_groups(), cfg)
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    par = PAR(num_iter=cfg.par.num_iter, dilations=tuple(cfg.par.dilations)).to(device)
+    return model, optimizer, scaler, par, amp_dtype
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     """Seed python, numpy and torch; `deterministic` also asks for deterministic kernels (cuDNN
     autotuning off, deterministic algorithms where PyTorch has them; see docs/TROUBLESHOOTING.md)."""
@@ -379,17 +396,7 @@ def _train(cfg: DictConfig, dist: DistInfo, logger, resume_path: Path | None) ->
         logger.info("config:\n" + OmegaConf.to_yaml(cfg))
 
     seed_everything(cfg.seed + dist.rank, cfg.deterministic)
-    model = model_from_config(cfg).to(dist.device)
-    # Reference weights that never receive gradients (ViT head, GCR's _fc1) are frozen so DDP
-    # needs no unused-parameter search; AdamW skipped them anyway (grad None).
-    model.encoder.head.requires_grad_(False)
-    model.graph_layer._fc1.requires_grad_(False)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model.param_groups(), cfg)
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
-    scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.amp == "fp16")
-    par = PAR(num_iter=cfg.par.num_iter, dilations=tuple(cfg.par.dilations)).to(dist.device)
+    model, optimizer, scaler, par, amp_dtype = build_training(cfg, dist.device)
 
     start_step, best = 0, -1.0
     loss_sum = torch.zeros(len(LOSS_TERMS) + 1, device=dist.device)
