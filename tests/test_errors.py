@@ -171,6 +171,7 @@ def test_bad_config(pristine, tmp_path, capsys, arg, expect):
     ("data.num_classes=3", "was trained with num_classes=3 but the config gives num_classes=5"),
     ("model.embed_dim=48", "was trained with embed_dim=48 but the config gives embed_dim=32"),
     ("model.depth=4", "was trained with depth=4 but the config gives depth=3"),
+    ("model.patch_size=8", "was trained with patch_size=8 but the config gives patch_size=16"),
 ])
 def test_checkpoint_of_another_model(pristine, tmp_path, capsys, trained_with, expect):
     ck = make_checkpoint(tmp_path / "other.pth", trained_with)

@@ -19,6 +19,7 @@ from tools.common import (SEED_SCALES, build_model_from_checkpoint, describe_che
 from utils.checkpoint import model_state, save_atomic
 from utils.config import ConfigError, make_config, to_container
 from utils.palette import read_label_png
+from wetr import build_model
 
 K = 3
 
@@ -141,7 +142,6 @@ def test_uint8_image_recovered_from_normalised():
 def run_dir(tmp_path_factory):
     """Synthetic VOC-layout data and a tiny random MoRe checkpoint in our format."""
     from datasets.synthetic import make_synthetic
-    from wetr import build_model
 
     root = tmp_path_factory.mktemp("infer")
     data = root / "syn"
@@ -177,6 +177,21 @@ def test_reference_checkpoint_and_class_mismatch(run_dir):
         build_model_from_checkpoint(parse_config([f"ckpt={run_dir.ckpt}", "data.num_classes=21"]),
                                     torch.device("cpu"))
     assert "K=20" in str(err.value) and "K=3" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_patch_size_read_from_the_weights(tmp_path):
+    """A bare state_dict carries no config: the patch size comes from the patch embedding."""
+    model = build_model(num_classes=K + 1, embed_dim=64, depth=4, num_heads=4, patch_size=8).eval()
+    ref = tmp_path / "p8.pth"
+    torch.save(model.state_dict(), ref)
+    from utils.checkpoint import load_file
+    obj = load_file(ref)
+    assert describe_checkpoint(obj, model_state(obj))["patch_size"] == 8
+    loaded, _ = build_model_from_checkpoint(parse_config([f"ckpt={ref}", "model.num_heads=4"]),
+                                            torch.device("cpu"))
+    x = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).seg_logits, model(x).seg_logits)
 
 
 def test_cam_seeds_tool_matches_manual_pipeline(run_dir):

@@ -87,6 +87,21 @@ def test_load_weights_mismatch_is_one_line(num_classes, width, message):
     assert str(e.value) == message
 
 
+def test_patch_size_option():
+    """model.patch_size: an 8-pixel patch grid doubles the map resolution; a checkpoint of one
+    patch size does not load into the other (one line)."""
+    model = build_model(K + 1, embed_dim=D, depth=DEPTH, num_heads=HEADS, patch_size=8).eval()
+    assert model.encoder.patch_embed.proj.weight.shape[-2:] == (8, 8)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 40, 64))
+        aux_cam, cam = model(torch.randn(2, 3, 40, 64), cam_only=True)
+    assert out.patch_map.shape[-2:] == out.seg_logits.shape[-2:] == cam.shape[-2:] == (5, 8)
+    assert out.attn_map.shape[-2:] == aux_cam.shape[-2:] == (5, 8)
+    with pytest.raises(ValueError) as e:
+        load_weights(model, tiny().state_dict())
+    assert str(e.value) == "checkpoint has patch size 16 but the model has patch size 8"
+
+
 def test_load_weights_depth_mismatch():
     model = build_model(K + 1, embed_dim=D, depth=DEPTH - 1, num_heads=HEADS)
     with pytest.raises(ValueError, match=f"checkpoint has depth {DEPTH} but the model has depth {DEPTH - 1}"):

@@ -47,6 +47,7 @@ class ModelConfig:
     embed_dim: int | None = None        # None: the backbone's own (768 for ViT-B)
     depth: int | None = None
     num_heads: int | None = None
+    patch_size: int | None = None       # None: the backbone's own (16); 8 for small images
     aux_layer: int = -3
     drop_path_rate: float = 0.0
     with_gcr: bool = True

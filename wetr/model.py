@@ -97,17 +97,20 @@ def build_model(
         embed_dim: int | None = None,
         depth: int | None = None,
         num_heads: int | None = None,
+        patch_size: int | None = None,
         aux_layer: int = -3,
         drop_path_rate: float = 0.0,
         gcr_topk_ratio: float = 0.5,
         gcr_gate_score: str = "reference",
 ) -> MoRe:
-    """MoRe with K = num_classes - 1 class tokens; width/depth/heads override the backbone's."""
+    """MoRe with K = num_classes - 1 class tokens; width/depth/heads/patch size override the
+    backbone's (timm resamples a pretrained patch embedding to another patch size)."""
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
     d, n, h = BACKBONES[backbone]
     encoder = ClassTokenViT(num_classes - 1, backbone=backbone, pretrained=pretrained, embed_dim=embed_dim or d,
-                            depth=depth or n, num_heads=num_heads or h, aux_layer=aux_layer,
+                            depth=depth or n, num_heads=num_heads or h, patch_size=patch_size or 16,
+                            aux_layer=aux_layer,
                             drop_path_rate=drop_path_rate)
     return MoRe(encoder, num_classes, gcr_topk_ratio=gcr_topk_ratio, gcr_gate_score=gcr_gate_score)
 
@@ -123,6 +126,10 @@ def _check_compatible(model: MoRe, sd: Mapping[str, torch.Tensor]) -> None:
         k_ckpt = tokens.shape[1] - NUM_EXTRA_TOKENS
     if k_ckpt is not None and k_ckpt != k_model:
         raise ValueError(f"checkpoint has K={k_ckpt} classes but the model has K={k_model}")
+    proj = sd.get("encoder.patch_embed.proj.weight")
+    if proj is not None and proj.ndim == 4 and proj.shape[-1] != model.patch_size:
+        raise ValueError(f"checkpoint has patch size {proj.shape[-1]} but the model has "
+                         f"patch size {model.patch_size}")
     depth = len({k.split(".")[2] for k in sd if k.startswith("encoder.blocks.")})
     if depth != model.encoder.depth:
         raise ValueError(f"checkpoint has depth {depth} but the model has depth {model.encoder.depth}")
