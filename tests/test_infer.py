@@ -179,14 +179,16 @@ def test_reference_checkpoint_and_class_mismatch(run_dir):
     assert "K=20" in str(err.value) and "K=3" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_patch_size_read_from_the_weights(tmp_path):
-    """A bare state_dict carries no config: the patch size comes from the patch embedding."""
-    model = build_model(num_classes=K + 1, embed_dim=64, depth=4, num_heads=4, patch_size=8).eval()
+def test_patch_size_and_decoder_width_read_from_the_weights(tmp_path):
+    """A bare state_dict carries no config: patch size and decoder width come from the shapes."""
+    model = build_model(num_classes=K + 1, embed_dim=64, depth=4, num_heads=4, patch_size=8,
+                        decoder_dim=32).eval()
     ref = tmp_path / "p8.pth"
     torch.save(model.state_dict(), ref)
     from utils.checkpoint import load_file
     obj = load_file(ref)
-    assert describe_checkpoint(obj, model_state(obj))["patch_size"] == 8
+    info = describe_checkpoint(obj, model_state(obj))
+    assert (info["patch_size"], info["decoder_dim"]) == (8, 32)
     loaded, _ = build_model_from_checkpoint(parse_config([f"ckpt={ref}", "model.num_heads=4"]),
                                             torch.device("cpu"))
     x = torch.randn(1, 3, 32, 48)

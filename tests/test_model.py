@@ -102,6 +102,14 @@ def test_patch_size_option():
     assert str(e.value) == "checkpoint has patch size 16 but the model has patch size 8"
 
 
+def test_decoder_width_option():
+    model = build_model(K + 1, embed_dim=D, depth=DEPTH, num_heads=HEADS, decoder_dim=24)
+    assert model.decoder.conv6.weight.shape == (24, D, 3, 3)
+    assert model.decoder.conv7.weight.shape == (24, 24, 3, 3)
+    assert model.decoder.conv8.weight.shape == (K + 1, 24, 1, 1)
+    assert tiny().decoder.conv7.weight.shape == (512, 512, 3, 3)  # the reference default
+
+
 def test_load_weights_depth_mismatch():
     model = build_model(K + 1, embed_dim=D, depth=DEPTH - 1, num_heads=HEADS)
     with pytest.raises(ValueError, match=f"checkpoint has depth {DEPTH} but the model has depth {DEPTH - 1}"):

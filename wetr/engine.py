@@ -67,6 +67,7 @@ def model_from_config(cfg: DictConfig, pretrained=None) -> MoRe:
     return build_model(num_classes=cfg.data.num_classes, backbone=m.backbone,
                        pretrained=m.pretrained if pretrained is None else pretrained,
                        embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, patch_size=m.patch_size,
+                       decoder_dim=m.decoder_dim,
                        aux_layer=m.aux_layer, drop_path_rate=m.drop_path_rate)
 
 
@@ -74,7 +75,7 @@ def model_meta(model: MoRe, cfg: DictConfig) -> dict:
     enc = model.encoder
     return {"num_classes": int(cfg.data.num_classes), "embed_dim": int(model.embed_dim),
             "depth": len(enc.blocks), "num_heads": int(enc.blocks[0].attn.num_heads),
-            "patch_size": int(enc.patch_size),
+            "patch_size": int(enc.patch_size), "decoder_dim": int(model.decoder.conv6.out_channels),
             "backbone": str(cfg.model.backbone)}
 
 
@@ -221,7 +222,8 @@ def check_checkpoint_matches(ckpt: dict, cfg: DictConfig, path: Path) -> None:
     with torch.device("meta"):  # shapes only: no memory, no init cost
         model = model_from_config(cfg, pretrained=False)
     meta, want = ckpt.get("meta", {}), model_meta(model, cfg)
-    for key in ("num_classes", "backbone", "embed_dim", "depth", "num_heads", "patch_size"):
+    for key in ("num_classes", "backbone", "embed_dim", "depth", "num_heads", "patch_size",
+                "decoder_dim"):
         if key in meta and meta[key] != want[key]:
             raise CheckpointError(f"checkpoint {path} was trained with {key}={meta[key]} but the "
                                   f"config gives {key}={want[key]}; resume with the run's own config "

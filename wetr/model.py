@@ -44,10 +44,11 @@ class LargeFOV(nn.Module):
 
 
 class MoRe(nn.Module):
-    """Args: num_classes: K+1 (background counted); encoder: a ClassTokenViT with K class tokens."""
+    """Args: num_classes: K+1 (background counted); encoder: a ClassTokenViT with K class tokens;
+    decoder_dim: LargeFOV width (512 in the reference)."""
 
     def __init__(self, encoder: ClassTokenViT, num_classes: int, gcr_topk_ratio: float = 0.5,
-                 gcr_gate_score: str = "reference") -> None:
+                 gcr_gate_score: str = "reference", decoder_dim: int = 512) -> None:
         super().__init__()
         if encoder.num_classes != num_classes - 1:
             raise ValueError(f"encoder has {encoder.num_classes} class tokens, expected {num_classes - 1}")
@@ -57,7 +58,7 @@ class MoRe(nn.Module):
         self.encoder = encoder
         self.classifier = nn.Conv2d(d, num_classes - 1, 1, bias=False)
         self.aux_classifier = nn.Conv2d(d, num_classes - 1, 1, bias=False)
-        self.decoder = LargeFOV(d, num_classes)
+        self.decoder = LargeFOV(d, num_classes, mid_planes=decoder_dim)
         self.graph_layer = GraphCategoryRepresentation(d, topk_ratio=gcr_topk_ratio, gate_score=gcr_gate_score)
 
     def param_groups(self) -> list[list[nn.Parameter]]:
@@ -98,13 +99,15 @@ def build_model(
         depth: int | None = None,
         num_heads: int | None = None,
         patch_size: int | None = None,
+        decoder_dim: int = 512,
         aux_layer: int = -3,
         drop_path_rate: float = 0.0,
         gcr_topk_ratio: float = 0.5,
         gcr_gate_score: str = "reference",
 ) -> MoRe:
     """MoRe with K = num_classes - 1 class tokens; width/depth/heads/patch size override the
-    backbone's (timm resamples a pretrained patch embedding to another patch size)."""
+    backbone's (timm resamples a pretrained patch embedding to another patch size); decoder_dim is
+    the LargeFOV width (512 in the reference)."""
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
     d, n, h = BACKBONES[backbone]
@@ -112,7 +115,8 @@ def build_model(
                             depth=depth or n, num_heads=num_heads or h, patch_size=patch_size or 16,
                             aux_layer=aux_layer,
                             drop_path_rate=drop_path_rate)
-    return MoRe(encoder, num_classes, gcr_topk_ratio=gcr_topk_ratio, gcr_gate_score=gcr_gate_score)
+    return MoRe(encoder, num_classes, gcr_topk_ratio=gcr_topk_ratio, gcr_gate_score=gcr_gate_score,
+                decoder_dim=decoder_dim)
 
 
 def _check_compatible(model: MoRe, sd: Mapping[str, torch.Tensor]) -> None:
