@@ -113,6 +113,10 @@ def main() -> None:
         print(f"final val (step {last['step']}): " + " ".join(
             f"{k.upper()} {100 * last[f'val/{k}_miou']:.1f}" for k in ("cam", "lam", "fused", "seg"))
             + f" mIoU, cls F1 {100 * last['val/f1']:.1f}")
+    for path in sorted((args.run / "eval" / ckpt.stem).glob("*/scores.json")):
+        result = json.loads(path.read_text())
+        print(f"{path.parent.name}: " + ", ".join(
+            f"{k} {100 * v['miou']:.1f}" for k, v in result["scores"].items()) + " mIoU")
 
 
 if __name__ == "__main__":
