@@ -1,4 +1,5 @@
 import pytest
+from omegaconf import OmegaConf
 
 from utils.config import ConfigError, make_config
 
@@ -38,3 +39,15 @@ def test_script_dicts_only_use_known_keys():
     assert list(coco.cam.scales) == [1.0, 0.5, 0.75, 1.25, 1.5]
     with pytest.raises(ConfigError):
         make_config({**VOC, "lr": 1.0})
+
+
+def test_demo_dict_keeps_the_voc_method():
+    """The demo scales sizes and the schedule down; losses, thresholds and CAM scales stay VOC's."""
+    from scripts.train_demo import DEMO
+    from scripts.train_voc import VOC
+    demo, voc = make_config(DEMO), make_config(VOC)
+    for key in ("cam.scales", "cam.bkg", "cam.high", "cam.low", "cam.cle_thresholds",
+                "cam.aux_thresholds", "cam.fin_thresholds", "loss.weights", "loss.cle_temp",
+                "une", "reg", "par"):
+        assert OmegaConf.select(demo, key) == OmegaConf.select(voc, key), key
+    assert demo.data.num_classes == 5 and demo.model.pretrained is False
