@@ -9,7 +9,8 @@ source tools/venv.sh
 # Compute threads: every core (at most 8); the one data-loading worker needs little CPU. On a
 # machine busy with other work, pass OMP_NUM_THREADS=1: OpenMP with more threads than free
 # cores slows small models down many times over.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(python3 -c "import os; print(min(8, len(os.sched_getaffinity(0))))")}
+cores=$(nproc)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores < 8 ? cores : 8 ))}
 start=$(date +%s)
 
 python -m datasets.synthetic --out data/synthetic --num-classes 4 --train 1000 --val 60 --size 128

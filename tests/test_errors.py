@@ -159,6 +159,8 @@ def test_sample_error_is_one_line_from_a_worker():
     ("modle.depth=3", "unknown config key 'modle' (did you mean 'model'?)"),
     ("max_iters=ten", "bad value for config key 'max_iters'"),
     ("nan_policy=ignore", "config key 'nan_policy' must be one of stop, skip; got 'ignore'"),
+    ("model.patch_size=0", "patch_size must be a positive number of pixels, got 0"),
+    ("model.decoder_dim=0", "decoder_dim must be positive, got 0"),
 ])
 def test_bad_config(pristine, tmp_path, capsys, arg, expect):
     line = fails(argv(pristine, tmp_path / "logs", arg), capsys)

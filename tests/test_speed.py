@@ -97,3 +97,13 @@ def test_benchmark_tiny_run_writes_every_stage(tmp_path):
     assert "ms" in small["naive N x N"] and "ms_extrapolated" in large["naive N x N"]
     assert small["exact_vs_naive_max_rel_err"] < 1e-4
     assert saved["torch"] == torch.__version__ and saved["config"]["data"]["crop_size"] == 32
+
+
+def test_benchmark_bad_model_config_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        benchmark.main(["model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+                        f"bench.out_dir={tmp_path}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: aux_layer=-3 does not index one of the 2 blocks") and "\n" not in err
+    assert not any(tmp_path.iterdir())

@@ -26,7 +26,6 @@ Peak memory: CUDA max_memory_allocated; CPU the process's peak RSS (VmHWM, reset
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import platform
@@ -268,9 +267,7 @@ def bench_step(cfg: DictConfig, device: torch.device) -> tuple[dict, Trainer]:
     b = cfg.bench
     images, cls_label = synthetic_batch(cfg.batch_size, cfg.data.crop_size, cfg.data.num_classes - 1, b.seed)
     # As a training loop would: the bound on present classes comes from the loader's CPU labels.
-    extra = {}
-    if "num_present" in inspect.signature(engine.compute_losses).parameters:
-        extra["num_present"] = int(cls_label.sum(dim=1).max())
+    extra = {"num_present": int(cls_label.sum(dim=1).max())}
     images, cls_label = images.to(device), cls_label.to(device)
     if cfg.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -479,6 +476,10 @@ def device_name(device: torch.device) -> str:
 def default_name(cfg: DictConfig, device: torch.device) -> str:
     m = cfg.model
     enc = f"d{m.embed_dim}x{m.depth}" if m.embed_dim else cfg.model.backbone.split("_")[1]
+    if m.patch_size not in (None, 16):
+        enc += f"p{m.patch_size}"
+    if m.decoder_dim != 512:
+        enc += f"dec{m.decoder_dim}"
     parts = [device.type, enc, f"c{cfg.data.crop_size}", f"b{cfg.batch_size}", f"k{cfg.data.num_classes - 1}",
              "fp32" if cfg.amp == "none" else cfg.amp]
     if cfg.compile:
@@ -564,6 +565,11 @@ def run(argv: list[str]) -> dict:
     b = cfg.bench
     if b.steps < 1:
         raise ConfigError("bench.steps must be >= 1")
+    try:  # a model the config cannot build is one line, as in training (no weights made here)
+        with torch.device("meta"):
+            engine.model_from_config(cfg, pretrained=False)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     device = resolve_device(cfg.device, 0)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -572,7 +578,8 @@ def run(argv: list[str]) -> dict:
     torch.manual_seed(b.seed)
     m = cfg.model
     summary = (f"{m.backbone} D={m.embed_dim or 'default'} depth={m.depth or 'default'} "
-               f"heads={m.num_heads or 'default'} | crop {cfg.data.crop_size} | batch {cfg.batch_size} | "
+               f"heads={m.num_heads or 'default'} patch={m.patch_size or 16} "
+               f"decoder={m.decoder_dim} | crop {cfg.data.crop_size} | batch {cfg.batch_size} | "
                f"K={cfg.data.num_classes - 1} | amp {cfg.amp} | compile {cfg.compile} | "
                f"channels_last {cfg.channels_last} | CAM scales {list(cfg.cam.scales)} | "
                f"reg.filter {cfg.reg.filter}")

@@ -160,8 +160,7 @@ def build_model_from_checkpoint(cfg: DictConfig, device: torch.device) -> tuple[
     model = build_model(num_classes=info["num_classes"], backbone=info["backbone"], pretrained=False,
                         embed_dim=info["embed_dim"], depth=info["depth"],
                         num_heads=int(info["num_heads"]), patch_size=info["patch_size"],
-                        decoder_dim=info["decoder_dim"],
-                        aux_layer=int(info["aux_layer"]))
+                        decoder_dim=info["decoder_dim"], aux_layer=int(info["aux_layer"]))
     try:
         load_weights(model, state)
     except ValueError as exc:

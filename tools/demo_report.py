@@ -21,11 +21,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from datasets import build_dataset  # noqa: E402
-from utils.checkpoint import load_file  # noqa: E402
+from tools.common import build_model_from_checkpoint, parse_config  # noqa: E402
 from utils.palette import colorize, jet_overlay  # noqa: E402
 from wetr.cam import denormalise, lam, minmax_normalise, multi_scale_cam  # noqa: E402
-from wetr.engine import model_from_config  # noqa: E402
-from wetr.model import load_weights  # noqa: E402
 
 
 def plot_curves(metrics_file: Path, out: Path) -> None:
@@ -57,11 +55,9 @@ def plot_curves(metrics_file: Path, out: Path) -> None:
 
 @torch.no_grad()
 def plot_overlays(ckpt_path: Path, out: Path, num_images: int) -> None:
-    ckpt = load_file(ckpt_path)
-    cfg = OmegaConf.create(ckpt["config"])
-    model = model_from_config(cfg, pretrained=False)
-    load_weights(model, ckpt)
-    model.eval()
+    model, info = build_model_from_checkpoint(parse_config([f"ckpt={ckpt_path}"]),
+                                              torch.device("cpu"))
+    cfg = OmegaConf.create(info["config"])
     dataset = build_dataset(cfg.data, cfg.data.val_split, "val")
     n = min(num_images, len(dataset))
     fig, axes = plt.subplots(n, 5, figsize=(12, 2.5 * n), squeeze=False)

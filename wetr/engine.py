@@ -66,8 +66,8 @@ def model_from_config(cfg: DictConfig, pretrained=None) -> MoRe:
     m = cfg.model
     return build_model(num_classes=cfg.data.num_classes, backbone=m.backbone,
                        pretrained=m.pretrained if pretrained is None else pretrained,
-                       embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, patch_size=m.patch_size,
-                       decoder_dim=m.decoder_dim,
+                       embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
+                       patch_size=m.patch_size, decoder_dim=m.decoder_dim,
                        aux_layer=m.aux_layer, drop_path_rate=m.drop_path_rate)
 
 

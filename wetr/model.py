@@ -110,11 +110,15 @@ def build_model(
     the LargeFOV width (512 in the reference)."""
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
+    if patch_size is not None and patch_size < 1:
+        raise ValueError(f"patch_size must be a positive number of pixels, got {patch_size}")
+    if decoder_dim < 1:
+        raise ValueError(f"decoder_dim must be positive, got {decoder_dim}")
     d, n, h = BACKBONES[backbone]
     encoder = ClassTokenViT(num_classes - 1, backbone=backbone, pretrained=pretrained, embed_dim=embed_dim or d,
-                            depth=depth or n, num_heads=num_heads or h, patch_size=patch_size or 16,
-                            aux_layer=aux_layer,
-                            drop_path_rate=drop_path_rate)
+                            depth=depth or n, num_heads=num_heads or h,
+                            patch_size=16 if patch_size is None else patch_size,
+                            aux_layer=aux_layer, drop_path_rate=drop_path_rate)
     return MoRe(encoder, num_classes, gcr_topk_ratio=gcr_topk_ratio, gcr_gate_score=gcr_gate_score,
                 decoder_dim=decoder_dim)
 
