@@ -274,3 +274,15 @@ def test_preflight_error_through_run_train_sh(tmp_path):
     line = one_line(launch("cpu", "2", free_port(), *argv(tmp_path / "nowhere", tmp_path / "logs")))
     assert "data root not found" in line
     assert not (tmp_path / "logs").exists()
+
+
+# ----------------------------------------------------------------------------- shell scripts
+@pytest.mark.skipif(not (ROOT / ".venv" / ".requirements.sha").is_file(),
+                    reason="needs the set-up .venv/ that run_tests.sh makes")
+@pytest.mark.parametrize("errexit, reached", [(True, False), (False, True)])
+def test_venv_helper_keeps_the_callers_errexit(errexit, reached):
+    """run_demo.sh sources tools/venv.sh under `set -e`: a failed training must stop the script
+    (not go on to evaluate a stale checkpoint), so the helper must not switch `set -e` off."""
+    script = ("set -e; " if errexit else "") + "source tools/venv.sh; false; echo reached"
+    out = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert ("reached" in out.stdout) == reached

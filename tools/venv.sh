@@ -2,6 +2,8 @@
 # Create (or reuse) .venv/ at the repo root with everything in requirements.txt.
 # Usage: source tools/venv.sh   (from the repo root; exports PATH with .venv/bin first)
 # Re-installs only when requirements.txt changed since the last successful install.
+# Stops on the first failure; leaves the caller's `set -e` state as it found it.
+case $- in *e*) _errexit=1 ;; *) _errexit=0 ;; esac
 set -e
 _root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _venv="$_root/.venv"
@@ -18,5 +20,5 @@ if [ "$(cat "$_stamp" 2>/dev/null)" != "$_want" ]; then
 fi
 export PATH="$_venv/bin:$PATH"
 export VIRTUAL_ENV="$_venv"
-unset _root _venv _stamp _want
-set +e
+[ "$_errexit" = 1 ] || set +e
+unset _root _venv _stamp _want _errexit
