@@ -196,6 +196,23 @@ def test_multi_scale_cam_matches_loop(scales):
     assert not torch.allclose(cam, aux)
 
 
+@pytest.mark.parametrize("scales", [(1.0, 0.5, 0.75, 1.5), (0.5, 1.25)])
+def test_multi_scale_cam_reuses_the_given_scale_one_maps(scales):
+    model = FakeCamModel()
+    images = torch.randn(2, 3, 48, 64, generator=torch.Generator().manual_seed(8))
+    first = model(images, cam_only=True)
+    model.batch_sizes.clear()
+    cam, aux = C.multi_scale_cam(model, images, scales, first=first)
+    # scale 1.0: only the flipped images go through the model; every other scale: image + flip
+    assert model.batch_sizes == [2] + [4] * (len({1.0, *scales}) - 1)
+    want_cam, want_aux = multi_scale_cam_loop(model, images, scales)
+    torch.testing.assert_close(cam, want_cam, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(aux, want_aux, rtol=1e-5, atol=1e-6)
+    # the given maps are used, not recomputed: other maps give another result
+    other = C.multi_scale_cam(model, images, scales, first=(first[0] * 0, first[1] * 0))[0]
+    assert not torch.allclose(other, cam)
+
+
 # ---------------------------------------------------------------- refine_label
 
 def refine_label_loop(par, images, cam, y, high, low):

@@ -229,3 +229,17 @@ def test_without_gcr_and_gradients():
                       "graph_layer._fc1.0.bias"}
     aux_cam, cam = model(x, cam_only=True)
     assert not aux_cam.requires_grad and not cam.requires_grad and cam.shape == (1, K, 3, 4)
+
+
+def test_return_cams_hands_over_the_cams_of_the_same_pass():
+    model = tiny().train()
+    x = torch.randn(2, 3, 48, 64)
+    out, (aux_cam, cam) = model(x, return_cams=True)
+    plain = model(x)
+    assert isinstance(out, MoReOutput) and out.cls_logits.requires_grad
+    for name, a, b in zip(MoReOutput._fields, out, plain):
+        torch.testing.assert_close(a, b, msg=name)
+    want_aux, want_cam = model(x, cam_only=True)
+    assert not aux_cam.requires_grad and not cam.requires_grad
+    torch.testing.assert_close(cam, want_cam, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(aux_cam, want_aux, atol=1e-5, rtol=1e-5)

@@ -107,3 +107,38 @@ def test_benchmark_bad_model_config_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: aux_layer=-3 does not index one of the 2 blocks") and "\n" not in err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("step", [150, 3000])  # before / after cam2mask, every term on
+def test_training_forward_cams_replace_the_scale_one_pass(step):
+    from utils.config import make_config
+    cfg = make_config(argv=["model.pretrained=false", "model.embed_dim=32", "model.depth=3",
+                            "model.num_heads=2", "data.num_classes=4", "cam.cam2mask=2000",
+                            "loss.after.seg=100", "loss.after.reg=100"])
+    torch.manual_seed(0)
+    model = engine.model_from_config(cfg).train()
+    par = PAR(num_iter=cfg.par.num_iter, dilations=tuple(cfg.par.dilations))
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(2, 3, 64, 80, generator=g)
+    cls_label = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    batch_sizes = []
+    model.register_forward_pre_hook(lambda m, args: batch_sizes.append(args[0].shape[0]))
+
+    def run(reuse):
+        cfg.cam.reuse_forward = reuse
+        batch_sizes.clear()
+        torch.manual_seed(1)  # UNE draws tokens at random
+        total, terms = engine.compute_losses(model, model, par, images, cls_label, step, cfg)
+        return total, terms, list(batch_sizes)
+
+    total, terms, passes = run(True)
+    want_total, want_terms, want_passes = run(False)
+    n_scales = len(cfg.cam.scales)
+    assert passes == [2, 2] + [4] * (n_scales - 1)      # forward, flips at 1.0, other scales
+    assert want_passes == [2] + [4] * n_scales          # forward, then every scale with flips
+    for k, v in want_terms.items():
+        torch.testing.assert_close(terms[k], v, atol=1e-5, rtol=1e-4, msg=k)
+    torch.testing.assert_close(total, want_total, atol=1e-5, rtol=1e-4)
+    assert terms["seg"] > 0 and terms["cle"] > 0
+    total.backward()  # the graph of the training forward is intact
+    assert model.decoder.conv8.weight.grad is not None

@@ -51,21 +51,28 @@ def _flip_max_upsample(maps: torch.Tensor, b: int, size: Sequence[int]) -> torch
 
 
 @torch.no_grad()
-def multi_scale_cam(model: nn.Module, images: torch.Tensor,
-                    scales: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def multi_scale_cam(model: nn.Module, images: torch.Tensor, scales: Sequence[float],
+                    first: tuple[torch.Tensor, torch.Tensor] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-scale, flip-augmented CAM and aux CAM, min-max normalised (SPEC 4).
 
     images: (B, 3, H, W) normalised; `model(x, cam_only=True)` returns (aux_cam, cam) at token
     resolution. Returns (cam, aux_cam), both (B, K, H, W) float32 in [0, 1).
     As in the reference, scale 1.0 is always evaluated, first, and other entries equal to 1.0 are
     skipped; the per-scale maps are summed in that order.
+    first: (aux_cam, cam) of `images` themselves at scale 1.0 when the caller already has them
+    (the training forward, same weights): then only their flips go through the network there.
     """
     b, _, h, w = images.shape
     total = None
     for s in [1.0] + [s for s in scales if s != 1.0]:
         size = (int(s * h), int(s * w))
         x = images if size == (h, w) else resize_cam(images, size)
-        aux_cam, cam = model(torch.cat([x, x.flip(-1)], dim=0), cam_only=True)
+        if first is not None and size == (h, w):
+            aux_flip, cam_flip = model(x.flip(-1), cam_only=True)
+            aux_cam, cam = (torch.cat([a, f], dim=0) for a, f in zip(first, (aux_flip, cam_flip)))
+        else:
+            aux_cam, cam = model(torch.cat([x, x.flip(-1)], dim=0), cam_only=True)
         # One resize for both maps (channels are independent), in float32 even under autocast:
         # half-precision sums would quantise the maps the thresholds act on.
         both = _flip_max_upsample(torch.cat([cam, aux_cam], dim=1).float(), b, (h, w))

@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -131,9 +132,17 @@ def compute_losses(model: torch.nn.Module, cam_model: MoRe, par: PAR, images: to
     refines only those channels without a device sync.
     """
     on = active_terms(step, cfg)
-    with torch.no_grad(), torch.autocast(images.device.type, dtype=amp_dtype,
-                                         enabled=amp_dtype is not None):
-        cam, aux_cam = multi_scale_cam(cam_model, images, cfg.cam.scales)
+    autocast = partial(torch.autocast, images.device.type, dtype=amp_dtype,
+                       enabled=amp_dtype is not None)
+    # The training forward runs first and hands over its own (detached) CAMs as the unflipped
+    # scale-1.0 pass of the multi-scale CAM: the same weights and images, so the same maps, one
+    # network pass fewer. Not with stochastic depth, whose training passes differ from each other.
+    reuse = cfg.cam.reuse_forward and cfg.model.drop_path_rate == 0
+    with autocast():
+        out = model(images, with_gcr=cfg.model.with_gcr, return_cams=reuse)
+    out, first = out if reuse else (out, None)
+    with torch.no_grad(), autocast():
+        cam, aux_cam = multi_scale_cam(cam_model, images, cfg.cam.scales, first=first)
     cam, aux_cam = cam.float(), aux_cam.float()
     with torch.no_grad():
         valid_cam = cam * cls_label[:, :, None, None]
@@ -143,8 +152,6 @@ def compute_losses(model: torch.nn.Module, cam_model: MoRe, par: PAR, images: to
                                    high=cfg.cam.high, low=cfg.cam.low,
                                    num_present=num_present)
 
-    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        out = model(images, with_gcr=cfg.model.with_gcr)
     patch_map = out.patch_map.float()
     tokens = out.class_tokens.float()
     with torch.no_grad():

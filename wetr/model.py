@@ -76,9 +76,14 @@ class MoRe(nn.Module):
         enc = self.encoder(x)
         return F.conv2d(enc.aux_map, self.aux_classifier.weight), F.conv2d(enc.patch_map, self.classifier.weight)
 
-    def forward(self, x: torch.Tensor, cam_only: bool = False,
-                with_gcr: bool = True) -> MoReOutput | tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, 3, H, W) normalised images. cam_only: return `cams(x)` instead (no grad)."""
+    def forward(self, x: torch.Tensor, cam_only: bool = False, with_gcr: bool = True,
+                return_cams: bool = False):
+        """x: (B, 3, H, W) normalised images -> MoReOutput.
+
+        cam_only: return `cams(x)` instead (no grad). return_cams: return (MoReOutput, (aux_cam,
+        cam)), the CAMs of this very pass, detached, so that the training step does not run the
+        same images through the network again for the scale-1.0 CAM (SPEC 4).
+        """
         if cam_only:
             return self.cams(x)
         enc = self.encoder(x)
@@ -88,7 +93,13 @@ class MoRe(nn.Module):
         class_tokens = enc.class_tokens
         if with_gcr:
             class_tokens = self.graph_layer(class_tokens, enc.patch_map.flatten(2).transpose(1, 2))
-        return MoReOutput(cls_logits, seg_logits, enc.patch_map, aux_logits, class_tokens, enc.attn_map)
+        out = MoReOutput(cls_logits, seg_logits, enc.patch_map, aux_logits, class_tokens, enc.attn_map)
+        if not return_cams:
+            return out
+        with torch.no_grad():
+            cams = (F.conv2d(enc.aux_map, self.aux_classifier.weight),
+                    F.conv2d(enc.patch_map, self.classifier.weight))
+        return out, cams
 
 
 def build_model(
