@@ -135,8 +135,9 @@ def compute_losses(model: torch.nn.Module, cam_model: MoRe, par: PAR, images: to
     autocast = partial(torch.autocast, images.device.type, dtype=amp_dtype,
                        enabled=amp_dtype is not None)
     # The training forward runs first and hands over its own (detached) CAMs as the unflipped
-    # scale-1.0 pass of the multi-scale CAM: the same weights and images, so the same maps, one
-    # network pass fewer. Not with stochastic depth, whose training passes differ from each other.
+    # half of the scale-1.0 CAM pass: the same weights and images, so the same maps, B images
+    # fewer through the network (the no-grad CAM passes now run while the forward's activations
+    # are held). Not with stochastic depth, whose training passes differ from each other.
     reuse = cfg.cam.reuse_forward and cfg.model.drop_path_rate == 0
     with autocast():
         out = model(images, with_gcr=cfg.model.with_gcr, return_cams=reuse)
