@@ -76,8 +76,9 @@ class CamConfig:
     aux_thresholds: list[float] = field(default_factory=lambda: [0.7, 0.25])   # L_aux (aux CAM)
     fin_thresholds: list[float] = field(default_factory=lambda: [0.6, 0.35])   # L_fin (final CAM)
     cam2mask: int = 10000               # LIR switches from L_cle/L_aux to L_fin after this step
-    # The training forward's own CAMs stand in for the unflipped scale-1.0 pass (same maps, one
-    # network pass fewer); false runs that pass again, as the reference. Off with drop_path_rate > 0.
+    # The training forward's own CAMs stand in for the unflipped half of the scale-1.0 CAM pass
+    # (same maps, B images fewer through the network); false runs them again, as the reference.
+    # Off with drop_path_rate > 0.
     reuse_forward: bool = True
 
 

@@ -139,9 +139,11 @@ def compute_losses(model: torch.nn.Module, cam_model: MoRe, par: PAR, images: to
     # fewer through the network (the no-grad CAM passes now run while the forward's activations
     # are held). Not with stochastic depth, whose training passes differ from each other.
     reuse = cfg.cam.reuse_forward and cfg.model.drop_path_rate == 0
+    first = None
     with autocast():
         out = model(images, with_gcr=cfg.model.with_gcr, return_cams=reuse)
-    out, first = out if reuse else (out, None)
+    if reuse:
+        out, first = out
     with torch.no_grad(), autocast():
         cam, aux_cam = multi_scale_cam(cam_model, images, cfg.cam.scales, first=first)
     cam, aux_cam = cam.float(), aux_cam.float()

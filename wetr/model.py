@@ -73,7 +73,11 @@ class MoRe(nn.Module):
     @torch.no_grad()
     def cams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Classifier weights at every position: x (B, 3, H, W) -> (aux_cam, cam), each (B, K, h, w)."""
-        enc = self.encoder(x)
+        return self._cams_of(self.encoder(x))
+
+    @torch.no_grad()
+    def _cams_of(self, enc) -> tuple[torch.Tensor, torch.Tensor]:
+        """(aux_cam, cam) from an encoder output: the classifiers at every token (SPEC 2)."""
         return F.conv2d(enc.aux_map, self.aux_classifier.weight), F.conv2d(enc.patch_map, self.classifier.weight)
 
     def forward(self, x: torch.Tensor, cam_only: bool = False, with_gcr: bool = True,
@@ -94,12 +98,7 @@ class MoRe(nn.Module):
         if with_gcr:
             class_tokens = self.graph_layer(class_tokens, enc.patch_map.flatten(2).transpose(1, 2))
         out = MoReOutput(cls_logits, seg_logits, enc.patch_map, aux_logits, class_tokens, enc.attn_map)
-        if not return_cams:
-            return out
-        with torch.no_grad():
-            cams = (F.conv2d(enc.aux_map, self.aux_classifier.weight),
-                    F.conv2d(enc.patch_map, self.classifier.weight))
-        return out, cams
+        return (out, self._cams_of(enc)) if return_cams else out
 
 
 def build_model(
