@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from datasets.sampler import CheckedDataset, ResumableSampler, SampleError
 from datasets.synthetic import make_synthetic
 from scripts.train_voc import VOC
-from utils.checkpoint import load_file
+from utils.checkpoint import CheckpointError, load_file
 from utils.config import make_config
 from wetr.engine import main, model_from_config, save_checkpoint
 from wetr.optim import build_optimizer
@@ -205,6 +205,29 @@ def test_truncated_checkpoint(pristine, tmp_path, capsys):
     line = fails(argv(pristine, tmp_path / "logs", f"resume={ck}"), capsys)
     assert f"cannot read checkpoint {ck} (truncated or not a PyTorch file?)" in line
     assert not (tmp_path / "logs").exists()
+
+
+def test_not_a_checkpoint(pristine, tmp_path, capsys):
+    ck = tmp_path / "last.pth"
+    ck.write_text("not a checkpoint\n")
+    line = fails(argv(pristine, tmp_path / "logs", f"resume={ck}"), capsys)
+    assert f"cannot read checkpoint {ck} (not a PyTorch file?)" in line
+    assert "weights_only` set to `False`" not in line      # torch's advice, wrong here
+    assert not (tmp_path / "logs").exists()
+
+
+class _Foreign:
+    pass
+
+
+def test_checkpoint_with_code_objects(tmp_path):
+    ck = tmp_path / "foreign.pth"
+    torch.save({"model": {}, "extra": _Foreign}, ck)
+    with pytest.raises(CheckpointError) as err:
+        load_file(ck)
+    msg = str(err.value)
+    assert "\n" not in msg and "holds Python objects other than tensors" in msg
+    assert "_Foreign" in msg and "weights_only=True" in msg
 
 
 def test_missing_resume_checkpoint(pristine, tmp_path, capsys):

@@ -68,6 +68,23 @@ def remove_stale_tmp(folder: str | os.PathLike) -> list[Path]:
     return stale
 
 
+def _load_error(path: Path, exc: Exception) -> str:
+    """One line for a failed weights-only load. torch's own message for an unpickling failure
+    opens with advice to set weights_only=False, which is wrong for a corrupt file and unsafe for
+    a foreign one; keep only its "WeightsUnpickler error:" detail."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        detail = " ".join(text.split(marker, 1)[1].split("Check the documentation")[0].split())
+        if "Unsupported global" in detail:
+            return (f"checkpoint {path} holds Python objects other than tensors and plain "
+                    f"containers ({detail.split('. ')[0][:200]}); checkpoints are loaded with "
+                    f"weights_only=True: save the state_dict (or our checkpoint dict) instead")
+        return f"cannot read checkpoint {path} (not a PyTorch file?): {detail[:200]}"
+    first = (text.strip().splitlines() or [type(exc).__name__])[0]
+    return f"cannot read checkpoint {path} (truncated or not a PyTorch file?): {first[:200]}"
+
+
 def load_file(path: str | os.PathLike) -> dict:
     """Load a checkpoint or reference state_dict safely (weights_only) with one-line errors."""
     path = Path(path)
@@ -76,9 +93,7 @@ def load_file(path: str | os.PathLike) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, pickle with code objects, not a torch file ...
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated or not a PyTorch file?): "
-                              f"{first[:200]}") from None
+        raise CheckpointError(_load_error(path, exc)) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
     return obj
