@@ -7,7 +7,9 @@ Same method, losses, thresholds and CAM scales as VOC; only sizes and the schedu
 down. No ImageNet weights here, so: a tiny ViT (width 128, depth 4) with 8-pixel patches (a 16x16
 token grid on the 128-pixel images, where 16-pixel patches leave 8x8), a 128-wide decoder, a higher
 learning rate, and 96-pixel training crops (cheaper steps; validation at 128 sees the objects a
-little larger than training did, which widens the CAMs).
+little larger than training did, which widens the CAMs). Two schedule/augmentation knobs differ
+from VOC's: crops cover 0.5-1.0 of the image area (VOC 0.32-1.0) and the poly schedule decays with
+power 2 (VOC 0.9): over four seeds each, CAM +2.9 and Seg +1.7 mIoU (logs/demo_recipe_search.md).
 """
 from wetr.engine import main
 
@@ -20,10 +22,11 @@ DEMO = dict(
     eval_every=275,
     save_every=550,
     data=dict(name="voc", root="data/synthetic", train_split="train_aug", val_split="val",
-              num_classes=5, crop_size=96, aug="voc", num_workers=1, prefetch_factor=2),
+              num_classes=5, crop_size=96, rescale=[0.5, 1.0], aug="voc", num_workers=1,
+              prefetch_factor=2),
     model=dict(pretrained=False, embed_dim=128, depth=4, num_heads=4, patch_size=8,
                decoder_dim=128),
-    optim=dict(lr=1e-3, warmup_iters=50),
+    optim=dict(lr=1e-3, warmup_iters=50, power=2.0),
     cam=dict(cam2mask=700),
     loss=dict(after=dict(seg=100, reg=100)),
     val=dict(size=128),
