@@ -1,7 +1,11 @@
 """The README demo: a small MoRe trained from scratch on the built-in synthetic dataset, on CPU.
 
     bash run_demo.sh          # generates data/synthetic, trains, evaluates, draws logs/demo/report/
-    bash run_train.sh scripts/train_demo.py cpu 1 29500 demo overwrite=true
+    bash run_train.sh scripts/train_demo.py cpu 2 29500 demo overwrite=true
+
+Two processes (DDP over gloo) of 4 images each make the recipe's 8 images a step; on two cores
+they train 1.3x faster than one process with two threads (same figures within the seed noise).
+With one process, pass batch_size=8.
 
 Same method, thresholds and CAM scales as VOC; sizes and the schedule are scaled down and the
 segmentation loss weighs more (below). No ImageNet weights here, so: a tiny ViT (width 128,
@@ -24,7 +28,7 @@ DEMO = dict(
     tag="demo",
     device="cpu",
     max_iters=1100,
-    batch_size=8,
+    batch_size=4,                 # per process; run_demo.sh starts two
     log_every=50,
     eval_every=275,
     save_every=550,
