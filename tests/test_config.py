@@ -54,3 +54,15 @@ def test_demo_dict_keeps_the_voc_method():
     demo_w, voc_w = (OmegaConf.to_container(c.loss.weights) for c in (demo, voc))
     assert {k for k in voc_w if demo_w[k] != voc_w[k]} <= {"seg"}
     assert demo.data.num_classes == 5 and demo.model.pretrained is False
+
+
+def test_run_demo_trains_eight_images_a_step():
+    """run_demo.sh's training process count times the demo's per-process batch is the recipe's
+    8 images a step (the figures in the README were measured so)."""
+    import re
+    from pathlib import Path
+    from scripts.train_demo import DEMO
+    script = (Path(__file__).resolve().parents[1] / "run_demo.sh").read_text()
+    nproc = re.search(r"run_train\.sh scripts/train_demo\.py cpu (\d+) ", script)
+    assert nproc is not None
+    assert int(nproc.group(1)) * DEMO["batch_size"] == 8
