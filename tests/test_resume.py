@@ -200,11 +200,16 @@ def test_sigkill_during_save_leaves_a_readable_last(tmp_path):
     path = tmp_path / "last.pth"
     left_tmp = 0
     # Kill at varied moments until one lands inside a save (where the process spends most of
-    # its time; a kill between two saves is possible, so a fixed number of tries would be flaky).
-    for delay in (0.7, 1.1, 1.6, 0.35, 0.9, 1.3, 0.5, 1.9, 0.6, 1.0):
+    # its time; a kill between two saves is possible, so a fixed number of tries would be flaky;
+    # up to 20 tries, stopping after two hits). The clock starts at this process's first save,
+    # not at its start: on a loaded machine `import torch` alone can outlast every delay.
+    for delay in (0.7, 1.1, 1.6, 0.35, 0.9, 1.3, 0.5, 1.9, 0.6, 1.0,
+                  0.45, 1.45, 0.8, 1.75, 0.55, 1.2, 0.4, 1.5, 0.95, 0.65):
+        before = path.stat().st_mtime_ns if path.exists() else None
         p = subprocess.Popen([sys.executable, "-c", KILLER, str(path)], cwd=ROOT, env=env())
         deadline = time.time() + 60
-        while not path.exists() and time.time() < deadline:
+        while time.time() < deadline and (
+                not path.exists() or path.stat().st_mtime_ns == before):
             time.sleep(0.01)
         time.sleep(delay)
         p.kill()
