@@ -13,6 +13,7 @@ import torch
 from tools.benchmark import synthetic_batch
 from utils.config import make_config
 from wetr import engine
+from wetr.par import PAR
 from wetr.permutohedral import permutohedral_filter
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -28,7 +29,7 @@ def no_tf32():
 
 def _losses_and_grads(cfg, model, images, cls_label, step, device):
     model = model.to(device)
-    _, _, _, par, _ = engine.build_training(cfg, device)
+    par = PAR(num_iter=cfg.par.num_iter, dilations=tuple(cfg.par.dilations)).to(device)
     total, terms = engine.compute_losses(model, model, par, images.to(device), cls_label.to(device),
                                          step, cfg)
     model.zero_grad(set_to_none=True)
@@ -61,5 +62,6 @@ def test_permutohedral_filter_cuda_matches_cpu():
     feats = torch.rand(2, 400, 5, generator=g) * 4
     values = torch.rand(2, 400, 3, generator=g)
     ref = permutohedral_filter(feats, values)
-    got = permutohedral_filter(feats.cuda(), values.cuda()).cpu()
+    cuda = torch.device("cuda")
+    got = permutohedral_filter(feats.to(cuda), values.to(cuda)).cpu()
     assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
