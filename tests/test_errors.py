@@ -161,6 +161,7 @@ def test_sample_error_is_one_line_from_a_worker():
     ("nan_policy=ignore", "config key 'nan_policy' must be one of stop, skip; got 'ignore'"),
     ("model.patch_size=0", "patch_size must be a positive number of pixels, got 0"),
     ("model.decoder_dim=0", "decoder_dim must be positive, got 0"),
+    ("model.decoder_dilation=0", "decoder_dilation must be positive, got 0"),
 ])
 def test_bad_config(pristine, tmp_path, capsys, arg, expect):
     line = fails(argv(pristine, tmp_path / "logs", arg), capsys)
@@ -175,6 +176,7 @@ def test_bad_config(pristine, tmp_path, capsys, arg, expect):
     ("model.depth=4", "was trained with depth=4 but the config gives depth=3"),
     ("model.patch_size=8", "was trained with patch_size=8 but the config gives patch_size=16"),
     ("model.decoder_dim=64", "was trained with decoder_dim=64 but the config gives decoder_dim=512"),
+    ("model.decoder_dilation=2", "was trained with decoder_dilation=2 but the config gives decoder_dilation=5"),
 ])
 def test_checkpoint_of_another_model(pristine, tmp_path, capsys, trained_with, expect):
     ck = make_checkpoint(tmp_path / "other.pth", trained_with)

@@ -16,7 +16,7 @@ from torch import nn
 from tools import infer_cam, infer_lam, infer_seg_voc
 from tools.common import (SEED_SCALES, build_model_from_checkpoint, describe_checkpoint,
                           parse_config, seed_crf_stack, seed_prediction, to_uint8_rgb)
-from utils.checkpoint import model_state, save_atomic
+from utils.checkpoint import load_file, model_state, save_atomic
 from utils.config import ConfigError, make_config, to_container
 from utils.palette import read_label_png
 from wetr import build_model
@@ -164,7 +164,6 @@ FAST = ["size=64", "num_workers=0", "device=cpu"]
 def test_reference_checkpoint_and_class_mismatch(run_dir):
     ref = run_dir.root / "reference.pth"
     torch.save({f"module.{k}": v for k, v in run_dir.model.state_dict().items()}, ref)
-    from utils.checkpoint import load_file
     obj = load_file(ref)
     info = describe_checkpoint(obj, model_state(obj))
     assert (info["num_classes"], info["embed_dim"], info["depth"]) == (K + 1, 64, 4)
@@ -194,6 +193,22 @@ def test_patch_size_and_decoder_width_read_from_the_weights(tmp_path):
     x = torch.randn(1, 3, 32, 48)
     with torch.no_grad():
         assert torch.equal(loaded(x).seg_logits, model(x).seg_logits)
+
+
+def test_decoder_dilation_read_from_the_checkpoint_meta(tmp_path):
+    """The dilation leaves no trace in the weights' shapes: our checkpoints carry it in meta (a
+    bare state_dict is the reference's, dilation 5)."""
+    model = build_model(num_classes=K + 1, embed_dim=64, depth=4, num_heads=4, decoder_dim=32,
+                        decoder_dilation=2).eval()
+    ck = tmp_path / "d2.pth"
+    torch.save({"model": model.state_dict(), "meta": {"decoder_dilation": 2, "num_heads": 4}}, ck)
+    loaded, info = build_model_from_checkpoint(parse_config([f"ckpt={ck}"]), torch.device("cpu"))
+    assert info["decoder_dilation"] == 2 and loaded.decoder.conv6.dilation == (2, 2)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).seg_logits, model(x).seg_logits)
+    torch.save(model.state_dict(), ck)
+    assert describe_checkpoint(load_file(ck), model.state_dict())["decoder_dilation"] == 5
 
 
 def test_cam_seeds_tool_matches_manual_pipeline(run_dir):

@@ -110,6 +110,28 @@ def test_decoder_width_option():
     assert tiny().decoder.conv7.weight.shape == (512, 512, 3, 3)  # the reference default
 
 
+@pytest.mark.parametrize("dilation", [1, 2, 5])
+def test_decoder_dilation_sets_which_tokens_a_prediction_sees(dilation):
+    """LargeFOV's two dilated 3x3 convs see offsets {0, +-d, +-2d}: a token one step away changes
+    the prediction only when d == 1, one d away always; the map keeps its size."""
+    model = build_model(K + 1, embed_dim=D, depth=DEPTH, num_heads=HEADS, decoder_dim=24,
+                        decoder_dilation=dilation).eval()
+    assert model.decoder.conv6.dilation == model.decoder.conv7.dilation == (dilation, dilation)
+    x = torch.randn(1, D, 24, 24)
+
+    def changed(dy, dx):
+        y = x.clone()
+        y[0, :, 11 + dy, 11 + dx] += 1.0
+        with torch.no_grad():
+            return not torch.allclose(model.decoder(x)[0, :, 11, 11], model.decoder(y)[0, :, 11, 11])
+
+    with torch.no_grad():
+        assert model.decoder(x).shape == (1, K + 1, 24, 24)
+    assert changed(0, dilation) and changed(dilation, -dilation) and changed(0, 2 * dilation)
+    assert changed(0, 1) == (dilation == 1) and changed(1, 1) == (dilation == 1)
+    assert tiny().decoder.conv6.dilation == (5, 5)  # the reference default
+
+
 def test_load_weights_depth_mismatch():
     model = build_model(K + 1, embed_dim=D, depth=DEPTH - 1, num_heads=HEADS)
     with pytest.raises(ValueError, match=f"checkpoint has depth {DEPTH} but the model has depth {DEPTH - 1}"):

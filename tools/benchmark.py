@@ -480,6 +480,8 @@ def default_name(cfg: DictConfig, device: torch.device) -> str:
         enc += f"p{m.patch_size}"
     if m.decoder_dim != 512:
         enc += f"dec{m.decoder_dim}"
+    if m.decoder_dilation != 5:
+        enc += f"dil{m.decoder_dilation}"
     parts = [device.type, enc, f"c{cfg.data.crop_size}", f"b{cfg.batch_size}", f"k{cfg.data.num_classes - 1}",
              "fp32" if cfg.amp == "none" else cfg.amp]
     if cfg.compile:
@@ -579,7 +581,7 @@ def run(argv: list[str]) -> dict:
     m = cfg.model
     summary = (f"{m.backbone} D={m.embed_dim or 'default'} depth={m.depth or 'default'} "
                f"heads={m.num_heads or 'default'} patch={m.patch_size or 16} "
-               f"decoder={m.decoder_dim} | crop {cfg.data.crop_size} | batch {cfg.batch_size} | "
+               f"decoder={m.decoder_dim} dilation={m.decoder_dilation} | crop {cfg.data.crop_size} | batch {cfg.batch_size} | "
                f"K={cfg.data.num_classes - 1} | amp {cfg.amp} | compile {cfg.compile} | "
                f"channels_last {cfg.channels_last} | CAM scales {list(cfg.cam.scales)} | "
                f"reg.filter {cfg.reg.filter}")

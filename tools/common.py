@@ -114,7 +114,7 @@ def _dig(d: Any, *keys: str) -> Any:
 def describe_checkpoint(obj: dict, state: dict[str, torch.Tensor]) -> dict:
     """Model hyper-parameters of a checkpoint: ours from meta/config, a reference one from the
     weight shapes. Returns {num_classes, backbone, embed_dim, depth, num_heads, patch_size,
-    decoder_dim, aux_layer}."""
+    decoder_dim, decoder_dilation, aux_layer}."""
     if "classifier.weight" not in state:
         raise CheckpointError("checkpoint has no classifier.weight: not a MoRe checkpoint")
     k, d = state["classifier.weight"].shape[:2]
@@ -131,6 +131,7 @@ def describe_checkpoint(obj: dict, state: dict[str, torch.Tensor]) -> dict:
         if "encoder.patch_embed.proj.weight" in state else 16,
         "decoder_dim": int(state["decoder.conv6.weight"].shape[0])
         if "decoder.conv6.weight" in state else 512,
+        "decoder_dilation": int(meta.get("decoder_dilation") or _dig(conf, "model", "decoder_dilation") or 5),
         "aux_layer": _dig(conf, "model", "aux_layer"),
     }
     if info["aux_layer"] is None:
@@ -160,7 +161,8 @@ def build_model_from_checkpoint(cfg: DictConfig, device: torch.device) -> tuple[
     model = build_model(num_classes=info["num_classes"], backbone=info["backbone"], pretrained=False,
                         embed_dim=info["embed_dim"], depth=info["depth"],
                         num_heads=int(info["num_heads"]), patch_size=info["patch_size"],
-                        decoder_dim=info["decoder_dim"], aux_layer=int(info["aux_layer"]))
+                        decoder_dim=info["decoder_dim"], decoder_dilation=info["decoder_dilation"],
+                        aux_layer=int(info["aux_layer"]))
     try:
         load_weights(model, state)
     except ValueError as exc:

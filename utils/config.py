@@ -49,6 +49,7 @@ class ModelConfig:
     num_heads: int | None = None
     patch_size: int | None = None       # None: the backbone's own (16); 8 for small images
     decoder_dim: int = 512              # LargeFOV width (the reference's 512)
+    decoder_dilation: int = 5           # LargeFOV dilation (the reference's 5, on a 28-token grid)
     aux_layer: int = -3
     drop_path_rate: float = 0.0
     with_gcr: bool = True

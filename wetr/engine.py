@@ -69,7 +69,7 @@ def model_from_config(cfg: DictConfig, pretrained=None) -> MoRe:
                        pretrained=m.pretrained if pretrained is None else pretrained,
                        embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
                        patch_size=m.patch_size, decoder_dim=m.decoder_dim,
-                       aux_layer=m.aux_layer, drop_path_rate=m.drop_path_rate)
+                       decoder_dilation=m.decoder_dilation, aux_layer=m.aux_layer, drop_path_rate=m.drop_path_rate)
 
 
 def model_meta(model: MoRe, cfg: DictConfig) -> dict:
@@ -77,6 +77,7 @@ def model_meta(model: MoRe, cfg: DictConfig) -> dict:
     return {"num_classes": int(cfg.data.num_classes), "embed_dim": int(model.embed_dim),
             "depth": len(enc.blocks), "num_heads": int(enc.blocks[0].attn.num_heads),
             "patch_size": int(enc.patch_size), "decoder_dim": int(model.decoder.conv6.out_channels),
+            "decoder_dilation": int(model.decoder.conv6.dilation[0]),
             "backbone": str(cfg.model.backbone)}
 
 
@@ -233,7 +234,7 @@ def check_checkpoint_matches(ckpt: dict, cfg: DictConfig, path: Path) -> None:
         model = model_from_config(cfg, pretrained=False)
     meta, want = ckpt.get("meta", {}), model_meta(model, cfg)
     for key in ("num_classes", "backbone", "embed_dim", "depth", "num_heads", "patch_size",
-                "decoder_dim"):
+                "decoder_dim", "decoder_dilation"):
         if key in meta and meta[key] != want[key]:
             raise CheckpointError(f"checkpoint {path} was trained with {key}={meta[key]} but the "
                                   f"config gives {key}={want[key]}; resume with the run's own config "

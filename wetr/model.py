@@ -45,10 +45,10 @@ class LargeFOV(nn.Module):
 
 class MoRe(nn.Module):
     """Args: num_classes: K+1 (background counted); encoder: a ClassTokenViT with K class tokens;
-    decoder_dim: LargeFOV width (512 in the reference)."""
+    decoder_dim / decoder_dilation: LargeFOV width and dilation (512 and 5 in the reference)."""
 
     def __init__(self, encoder: ClassTokenViT, num_classes: int, gcr_topk_ratio: float = 0.5,
-                 gcr_gate_score: str = "reference", decoder_dim: int = 512) -> None:
+                 gcr_gate_score: str = "reference", decoder_dim: int = 512, decoder_dilation: int = 5) -> None:
         super().__init__()
         if encoder.num_classes != num_classes - 1:
             raise ValueError(f"encoder has {encoder.num_classes} class tokens, expected {num_classes - 1}")
@@ -58,7 +58,7 @@ class MoRe(nn.Module):
         self.encoder = encoder
         self.classifier = nn.Conv2d(d, num_classes - 1, 1, bias=False)
         self.aux_classifier = nn.Conv2d(d, num_classes - 1, 1, bias=False)
-        self.decoder = LargeFOV(d, num_classes, mid_planes=decoder_dim)
+        self.decoder = LargeFOV(d, num_classes, dilation=decoder_dilation, mid_planes=decoder_dim)
         self.graph_layer = GraphCategoryRepresentation(d, topk_ratio=gcr_topk_ratio, gate_score=gcr_gate_score)
 
     def param_groups(self) -> list[list[nn.Parameter]]:
@@ -110,27 +110,31 @@ def build_model(
         num_heads: int | None = None,
         patch_size: int | None = None,
         decoder_dim: int = 512,
+        decoder_dilation: int = 5,
         aux_layer: int = -3,
         drop_path_rate: float = 0.0,
         gcr_topk_ratio: float = 0.5,
         gcr_gate_score: str = "reference",
 ) -> MoRe:
     """MoRe with K = num_classes - 1 class tokens; width/depth/heads/patch size override the
-    backbone's (timm resamples a pretrained patch embedding to another patch size); decoder_dim is
-    the LargeFOV width (512 in the reference)."""
+    backbone's (timm resamples a pretrained patch embedding to another patch size); decoder_dim and
+    decoder_dilation are the LargeFOV width and dilation (512 and 5 in the reference, whose 5 is
+    a sixth of VOC's 28-token grid; a small token grid wants a smaller one)."""
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
     if patch_size is not None and patch_size < 1:
         raise ValueError(f"patch_size must be a positive number of pixels, got {patch_size}")
     if decoder_dim < 1:
         raise ValueError(f"decoder_dim must be positive, got {decoder_dim}")
+    if decoder_dilation < 1:
+        raise ValueError(f"decoder_dilation must be positive, got {decoder_dilation}")
     d, n, h = BACKBONES[backbone]
     encoder = ClassTokenViT(num_classes - 1, backbone=backbone, pretrained=pretrained, embed_dim=embed_dim or d,
                             depth=depth or n, num_heads=num_heads or h,
                             patch_size=16 if patch_size is None else patch_size,
                             aux_layer=aux_layer, drop_path_rate=drop_path_rate)
     return MoRe(encoder, num_classes, gcr_topk_ratio=gcr_topk_ratio, gcr_gate_score=gcr_gate_score,
-                decoder_dim=decoder_dim)
+                decoder_dim=decoder_dim, decoder_dilation=decoder_dilation)
 
 
 def _check_compatible(model: MoRe, sd: Mapping[str, torch.Tensor]) -> None:
