@@ -43,7 +43,8 @@ def test_script_dicts_only_use_known_keys():
 
 def test_demo_dict_keeps_the_voc_method():
     """The demo scales sizes and the schedule down; losses, thresholds and CAM scales stay VOC's
-    (of the loss weights only the segmentation term's may differ)."""
+    (of the loss weights only the segmentation and patch-token contrast terms' may differ: the
+    search behind both is in logs/demo_recipe_search.md)."""
     from scripts.train_demo import DEMO
     from scripts.train_voc import VOC
     demo, voc = make_config(DEMO), make_config(VOC)
@@ -52,7 +53,7 @@ def test_demo_dict_keeps_the_voc_method():
                 "une", "reg", "par"):
         assert OmegaConf.select(demo, key) == OmegaConf.select(voc, key), key
     demo_w, voc_w = (OmegaConf.to_container(c.loss.weights) for c in (demo, voc))
-    assert {k for k in voc_w if demo_w[k] != voc_w[k]} <= {"seg"}
+    assert {k for k in voc_w if demo_w[k] != voc_w[k]} <= {"seg", "ptc"}
     assert demo.data.num_classes == 5 and demo.model.pretrained is False
 
 
