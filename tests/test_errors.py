@@ -176,7 +176,8 @@ def test_bad_config(pristine, tmp_path, capsys, arg, expect):
     ("model.depth=4", "was trained with depth=4 but the config gives depth=3"),
     ("model.patch_size=8", "was trained with patch_size=8 but the config gives patch_size=16"),
     ("model.decoder_dim=64", "was trained with decoder_dim=64 but the config gives decoder_dim=512"),
-    ("model.decoder_dilation=2", "was trained with decoder_dilation=2 but the config gives decoder_dilation=5"),
+    ("model.decoder_dilation=2",
+     "was trained with decoder_dilation=2 but the config gives decoder_dilation=5"),
 ])
 def test_checkpoint_of_another_model(pristine, tmp_path, capsys, trained_with, expect):
     ck = make_checkpoint(tmp_path / "other.pth", trained_with)

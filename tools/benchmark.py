@@ -581,7 +581,8 @@ def run(argv: list[str]) -> dict:
     m = cfg.model
     summary = (f"{m.backbone} D={m.embed_dim or 'default'} depth={m.depth or 'default'} "
                f"heads={m.num_heads or 'default'} patch={m.patch_size or 16} "
-               f"decoder={m.decoder_dim} dilation={m.decoder_dilation} | crop {cfg.data.crop_size} | batch {cfg.batch_size} | "
+               f"decoder={m.decoder_dim} dilation={m.decoder_dilation} | crop {cfg.data.crop_size} | "
+               f"batch {cfg.batch_size} | "
                f"K={cfg.data.num_classes - 1} | amp {cfg.amp} | compile {cfg.compile} | "
                f"channels_last {cfg.channels_last} | CAM scales {list(cfg.cam.scales)} | "
                f"reg.filter {cfg.reg.filter}")

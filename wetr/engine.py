@@ -69,7 +69,8 @@ def model_from_config(cfg: DictConfig, pretrained=None) -> MoRe:
                        pretrained=m.pretrained if pretrained is None else pretrained,
                        embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
                        patch_size=m.patch_size, decoder_dim=m.decoder_dim,
-                       decoder_dilation=m.decoder_dilation, aux_layer=m.aux_layer, drop_path_rate=m.drop_path_rate)
+                       decoder_dilation=m.decoder_dilation, aux_layer=m.aux_layer,
+                       drop_path_rate=m.drop_path_rate)
 
 
 def model_meta(model: MoRe, cfg: DictConfig) -> dict:

@@ -48,7 +48,8 @@ class MoRe(nn.Module):
     decoder_dim / decoder_dilation: LargeFOV width and dilation (512 and 5 in the reference)."""
 
     def __init__(self, encoder: ClassTokenViT, num_classes: int, gcr_topk_ratio: float = 0.5,
-                 gcr_gate_score: str = "reference", decoder_dim: int = 512, decoder_dilation: int = 5) -> None:
+                 gcr_gate_score: str = "reference", decoder_dim: int = 512,
+                 decoder_dilation: int = 5) -> None:
         super().__init__()
         if encoder.num_classes != num_classes - 1:
             raise ValueError(f"encoder has {encoder.num_classes} class tokens, expected {num_classes - 1}")
