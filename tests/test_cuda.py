@@ -13,7 +13,6 @@ import torch
 from tools.benchmark import synthetic_batch
 from utils.config import make_config
 from wetr import engine
-from wetr.par import PAR
 from wetr.permutohedral import permutohedral_filter
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -29,7 +28,7 @@ def no_tf32():
 
 def _losses_and_grads(cfg, model, images, cls_label, step, device):
     model = model.to(device)
-    par = PAR(num_iter=cfg.par.num_iter, dilations=tuple(cfg.par.dilations)).to(device)
+    par = engine.build_par(cfg).to(device)
     total, terms = engine.compute_losses(model, model, par, images.to(device), cls_label.to(device),
                                          step, cfg)
     model.zero_grad(set_to_none=True)

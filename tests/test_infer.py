@@ -209,6 +209,10 @@ def test_decoder_dilation_read_from_the_checkpoint_meta(tmp_path):
         assert torch.equal(loaded(x).seg_logits, model(x).seg_logits)
     torch.save(model.state_dict(), ck)
     assert describe_checkpoint(load_file(ck), model.state_dict())["decoder_dilation"] == 5
+    bare, _ = build_model_from_checkpoint(parse_config([f"ckpt={ck}", "model.num_heads=4",
+                                                        "model.decoder_dilation=2"]), torch.device("cpu"))
+    with torch.no_grad():
+        assert torch.equal(bare(x).seg_logits, model(x).seg_logits)
 
 
 def test_cam_seeds_tool_matches_manual_pipeline(run_dir):

@@ -117,7 +117,7 @@ def test_training_forward_cams_replace_the_scale_one_pass(step):
                             "loss.after.seg=100", "loss.after.reg=100"])
     torch.manual_seed(0)
     model = engine.model_from_config(cfg).train()
-    par = PAR(num_iter=cfg.par.num_iter, dilations=tuple(cfg.par.dilations))
+    par = engine.build_par(cfg)
     g = torch.Generator().manual_seed(3)
     images = torch.randn(2, 3, 64, 80, generator=g)
     cls_label = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])

@@ -58,6 +58,7 @@ class InferModel:
     embed_dim: int | None = None
     depth: int | None = None
     num_heads: int | None = None        # reference checkpoints: embed_dim // 64 unless set
+    decoder_dilation: int | None = None  # reference checkpoints: 5 unless set
     aux_layer: int | None = None
     with_gcr: bool = True               # LAM from the GCR class tokens (reference default)
 
@@ -153,7 +154,7 @@ def build_model_from_checkpoint(cfg: DictConfig, device: torch.device) -> tuple[
     if want is not None and want != info["num_classes"]:
         raise ConfigError(f"data.num_classes={want} (K={want - 1}) but checkpoint {cfg.ckpt} has "
                           f"K={info['num_classes'] - 1} classes (num_classes={info['num_classes']})")
-    for key in ("backbone", "embed_dim", "depth", "num_heads", "aux_layer"):
+    for key in ("backbone", "embed_dim", "depth", "num_heads", "decoder_dilation", "aux_layer"):
         if cfg.model[key] is not None:
             info[key] = cfg.model[key]
     if info["num_heads"] is None:

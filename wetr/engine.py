@@ -274,8 +274,12 @@ def build_training(cfg: DictConfig, device: torch.device):
     optimizer = build_optimizer(model.param_groups(), cfg)
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    par = PAR(num_iter=cfg.par.num_iter, dilations=tuple(cfg.par.dilations)).to(device)
-    return model, optimizer, scaler, par, amp_dtype
+    return model, optimizer, scaler, build_par(cfg).to(device), amp_dtype
+
+
+def build_par(cfg: DictConfig) -> PAR:
+    """The pseudo-label refinement of the config (`par.num_iter`, `par.dilations`; SPEC 4)."""
+    return PAR(num_iter=cfg.par.num_iter, dilations=tuple(cfg.par.dilations))
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
