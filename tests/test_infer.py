@@ -215,6 +215,16 @@ def test_decoder_dilation_read_from_the_checkpoint_meta(tmp_path):
         assert torch.equal(bare(x).seg_logits, model(x).seg_logits)
 
 
+@pytest.mark.parametrize("override, expect", [
+    ("model.decoder_dilation=0", "decoder_dilation must be positive, got 0"),
+    ("model.aux_layer=7", "aux_layer=7 does not index one of the 4 blocks"),
+])
+def test_bad_model_override_is_one_line(run_dir, override, expect):
+    with pytest.raises(ConfigError) as err:
+        build_model_from_checkpoint(parse_config([f"ckpt={run_dir.ckpt}", override]), torch.device("cpu"))
+    assert expect in str(err.value) and str(run_dir.ckpt) in str(err.value) and "\n" not in str(err.value)
+
+
 def test_cam_seeds_tool_matches_manual_pipeline(run_dir):
     out = run_dir.root / "cam"
     result = infer_cam.main([f"ckpt={run_dir.ckpt}", f"out_dir={out}", "crf=true", "crf_workers=0",
