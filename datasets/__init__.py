@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .coco import COCODataset
+from .transforms import JITTER
 from .voc import VOCDataset
 
 DATASETS = {"voc": VOCDataset, "coco": COCODataset}
@@ -17,7 +18,8 @@ __all__ = ["VOCDataset", "COCODataset", "DATASETS", "build_dataset", "seed_worke
 
 def build_dataset(cfg_data: Any, split: str, stage: str) -> VOCDataset:
     """Dataset from a config node (attribute access: OmegaConf node or SimpleNamespace) with
-    fields name (voc|coco), root, list_dir, num_classes, crop_size, rescale, jitter_p, aug."""
+    fields name (voc|coco), root, list_dir, num_classes, crop_size, rescale, jitter_p, jitter,
+    aug."""
     name = cfg_data.name
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
@@ -29,6 +31,7 @@ def build_dataset(cfg_data: Any, split: str, stage: str) -> VOCDataset:
         aug=getattr(cfg_data, "aug", None) or None,
         rescale=tuple(getattr(cfg_data, "rescale", (0.32, 1.0))),
         jitter_p=getattr(cfg_data, "jitter_p", None),
+        jitter=tuple(getattr(cfg_data, "jitter", JITTER)),
     )
 
 

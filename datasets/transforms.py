@@ -16,7 +16,16 @@ from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+JITTER = (0.4, 0.4, 0.2, 0.1)  # ColorJitter's brightness, contrast, saturation, hue (SPEC 6)
+
+
+def color_jitter(strengths: Sequence[float] = JITTER) -> T.ColorJitter:
+    """ColorJitter of (brightness, contrast, saturation, hue); bad strengths: one ValueError line."""
+    if len(strengths) != 4 or any(s < 0 for s in strengths) or strengths[3] > 0.5:
+        raise ValueError(f"jitter must be 4 numbers >= 0 (brightness, contrast, saturation, hue "
+                         f"<= 0.5); got {list(strengths)}")
+    b, c, s, h = (float(v) for v in strengths)
+    return T.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h)
 
 
 def normalise(image: Image.Image | np.ndarray) -> torch.Tensor:
@@ -54,12 +63,12 @@ class VOCTrainTransform:
     """RandomResizedCrop (bicubic) -> h-flip 0.5 -> ColorJitter with p -> normalise."""
 
     def __init__(self, crop_size: int = 448, rescale: Sequence[float] = (0.32, 1.0),
-                 jitter_p: float = 0.5):
+                 jitter_p: float = 0.5, jitter: Sequence[float] = JITTER):
         self.pipeline = T.Compose([
             T.RandomResizedCrop(crop_size, scale=tuple(rescale),
                                 interpolation=T.InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(0.5),
-            T.RandomApply([T.ColorJitter(**JITTER)], p=jitter_p),
+            T.RandomApply([color_jitter(jitter)], p=jitter_p),
         ])
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
@@ -72,10 +81,10 @@ class COCOTrainTransform:
     crop -> normalise (reference CocoClsDataset.transform_image)."""
 
     def __init__(self, crop_size: int = 448, rescale: Sequence[float] = (0.32, 1.0),
-                 jitter_p: float = 0.8):
+                 jitter_p: float = 0.8, jitter: Sequence[float] = JITTER):
         self.crop_size = crop_size
         self.rescale = (float(rescale[0]), float(rescale[1]))
-        self.jitter = T.RandomApply([T.ColorJitter(**JITTER)], p=jitter_p)
+        self.jitter = T.RandomApply([color_jitter(jitter)], p=jitter_p)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """image: PIL RGB -> (3, crop, crop) float."""
@@ -90,10 +99,12 @@ class COCOTrainTransform:
 
 
 def build_train_transform(aug: str, crop_size: int, rescale: Sequence[float] = (0.32, 1.0),
-                          jitter_p: float | None = None) -> Callable[[Image.Image], torch.Tensor]:
-    """aug: "voc" | "coco"; jitter_p None takes that recipe's default (0.5 / 0.8)."""
+                          jitter_p: float | None = None, jitter: Sequence[float] = JITTER
+                          ) -> Callable[[Image.Image], torch.Tensor]:
+    """aug: "voc" | "coco"; jitter_p None takes that recipe's default (0.5 / 0.8); jitter: the
+    ColorJitter strengths (brightness, contrast, saturation, hue), both recipes' by default."""
     if aug == "voc":
-        return VOCTrainTransform(crop_size, rescale, 0.5 if jitter_p is None else jitter_p)
+        return VOCTrainTransform(crop_size, rescale, 0.5 if jitter_p is None else jitter_p, jitter)
     if aug == "coco":
-        return COCOTrainTransform(crop_size, rescale, 0.8 if jitter_p is None else jitter_p)
+        return COCOTrainTransform(crop_size, rescale, 0.8 if jitter_p is None else jitter_p, jitter)
     raise ValueError(f"unknown augmentation {aug!r}; expected 'voc' or 'coco'")

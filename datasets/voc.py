@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .transforms import build_train_transform, normalise
+from .transforms import JITTER, build_train_transform, normalise
 
 CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
                "cat", "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person",
@@ -87,7 +87,8 @@ class VOCDataset(Dataset):
 
     def __init__(self, root: str, split: str, stage: str, num_classes: int = 21,
                  list_dir: str | None = None, crop_size: int = 448, aug: str | None = None,
-                 rescale: Sequence[float] = (0.32, 1.0), jitter_p: float | None = None):
+                 rescale: Sequence[float] = (0.32, 1.0), jitter_p: float | None = None,
+                 jitter: Sequence[float] = JITTER):
         if stage not in ("train", "val", "test"):
             raise ValueError(f"stage must be train, val or test; got {stage!r}")
         self.root, self.split, self.stage = root, split, stage
@@ -96,7 +97,7 @@ class VOCDataset(Dataset):
         self.names = read_name_list(os.path.join(self.list_dir, f"{split}.txt"))
         self.labels = self._load_labels() if stage != "test" else None
         self.transform = build_train_transform(aug or self.default_aug, crop_size, rescale,
-                                               jitter_p) if stage == "train" else None
+                                               jitter_p, jitter) if stage == "train" else None
 
     def _load_labels(self) -> np.ndarray:
         path = os.path.join(self.list_dir, LABEL_FILE)

@@ -41,6 +41,12 @@ def test_script_dicts_only_use_known_keys():
         make_config({**VOC, "lr": 1.0})
 
 
+@pytest.mark.parametrize("bad", ["[0.4,0.4]", "[0.4,-1,0.2,0.1]", "[0.4,0.4,0.2,0.7]"])
+def test_bad_jitter_is_a_config_error(bad):
+    with pytest.raises(ConfigError, match="data.jitter"):
+        make_config({}, [f"data.jitter={bad}"])
+
+
 def test_demo_dict_keeps_the_voc_method():
     """The demo scales sizes and the schedule down; losses, thresholds and CAM scales stay VOC's
     (of the loss weights only the segmentation and patch-token contrast terms' may differ: the
@@ -48,7 +54,7 @@ def test_demo_dict_keeps_the_voc_method():
     from scripts.train_demo import DEMO
     from scripts.train_voc import VOC
     demo, voc = make_config(DEMO), make_config(VOC)
-    for key in ("cam.scales", "cam.bkg", "cam.high", "cam.low", "cam.cle_thresholds",
+    for key in ("data.jitter", "cam.scales", "cam.bkg", "cam.high", "cam.low", "cam.cle_thresholds",
                 "cam.aux_thresholds", "cam.fin_thresholds", "loss.cle_temp",
                 "une", "reg", "par"):
         assert OmegaConf.select(demo, key) == OmegaConf.select(voc, key), key

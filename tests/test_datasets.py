@@ -13,8 +13,8 @@ from PIL import Image
 
 from datasets import COCODataset, VOCDataset, build_dataset, seed_worker
 from datasets.synthetic import class_recipe, make_synthetic, read_params, render
-from datasets.transforms import (IMAGENET_MEAN, IMAGENET_STD, COCOTrainTransform,
-                                 VOCTrainTransform, normalise, random_pad_crop)
+from datasets.transforms import (IMAGENET_MEAN, IMAGENET_STD, JITTER, COCOTrainTransform,
+                                 VOCTrainTransform, color_jitter, normalise, random_pad_crop)
 from datasets.voc import read_cls_labels, read_mask, read_name_list
 from tools.prepare_voc import write_cls_labels, write_name_list
 
@@ -198,6 +198,41 @@ def test_voc_transform_keeps_a_constant_colour():
     out = VOCTrainTransform(24, (0.32, 1.0), jitter_p=0.0)(img)
     want = normalise(np.array([[[200, 30, 120]]], np.uint8))[:, 0, 0]
     torch.testing.assert_close(out, want.view(3, 1, 1).expand(3, 24, 24), atol=1e-5, rtol=0)
+
+
+def test_jitter_strengths_default_to_spec_and_reach_the_transform(syn):
+    """SPEC 6: ColorJitter(0.4, 0.4, 0.2, 0.1) in both recipes; `data.jitter` sets the four."""
+    from utils.config import make_config
+    assert JITTER == (0.4, 0.4, 0.2, 0.1)
+    assert tuple(make_config({}).data.jitter) == JITTER
+    j = color_jitter()
+    assert (j.brightness, j.contrast, j.saturation, j.hue) == ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2),
+                                                               (-0.1, 0.1))
+    cfg = SimpleNamespace(name="voc", root=syn, num_classes=K + 1, crop_size=32,
+                          rescale=(0.5, 1.0), jitter_p=1.0, jitter=(0.0, 0.0, 0.3, 0.0))
+    jit = build_dataset(cfg, "train_aug", "train").transform.pipeline.transforms[-1].transforms[0]
+    assert jit.brightness is None and jit.contrast is None and jit.hue is None
+    assert jit.saturation == (0.7, 1.3)
+
+
+def test_zero_jitter_changes_no_colour():
+    """All-zero strengths with p=1 give the same crop as no jitter at all."""
+    img = Image.fromarray(np.random.default_rng(5).integers(0, 256, (40, 30, 3), dtype=np.uint8))
+    torch.manual_seed(7)
+    a = VOCTrainTransform(24, (0.5, 1.0), jitter_p=1.0, jitter=(0, 0, 0, 0))(img)
+    torch.manual_seed(7)
+    b = VOCTrainTransform(24, (0.5, 1.0), jitter_p=0.0)(img)
+    torch.testing.assert_close(a, b)
+    torch.manual_seed(7)
+    c = VOCTrainTransform(24, (0.5, 1.0), jitter_p=1.0, jitter=(0, 0, 0, 0.3))(img)
+    assert not torch.allclose(a, c)  # hue alone moves the colours
+
+
+@pytest.mark.parametrize("bad", [(0.4, 0.4, 0.2), (0.4, -0.1, 0.2, 0.1), (0.4, 0.4, 0.2, 0.6)])
+def test_bad_jitter_is_one_line(bad):
+    with pytest.raises(ValueError, match="jitter must be 4 numbers") as e:
+        color_jitter(bad)
+    assert "\n" not in str(e.value)
 
 
 def _to_uint8(t: torch.Tensor) -> np.ndarray:

@@ -32,6 +32,8 @@ class DataConfig:
     crop_size: int = 448
     rescale: list[float] = field(default_factory=lambda: [0.32, 1.0])
     jitter_p: float = 0.5               # probability of ColorJitter
+    # ColorJitter's brightness, contrast, saturation, hue
+    jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
     aug: str = "voc"                    # voc: RandomResizedCrop; coco: rescale + pad-crop
     num_workers: int = 4
     pin_memory: bool = True
@@ -225,6 +227,10 @@ def make_config(overrides: dict | None = None, argv: list[str] | None = None,
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value not in choices:
             raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}; got {value!r}")
+    jitter = OmegaConf.select(cfg, "data.jitter", default=None)
+    if jitter is not None and (len(jitter) != 4 or min(jitter) < 0 or jitter[3] > 0.5):
+        raise ConfigError(f"config key 'data.jitter' must be 4 numbers >= 0 (brightness, contrast, "
+                          f"saturation, hue <= 0.5); got {list(jitter)}")
     OmegaConf.set_readonly(cfg, False)
     return cfg
 
