@@ -20,10 +20,11 @@ JITTER = (0.4, 0.4, 0.2, 0.1)  # ColorJitter's brightness, contrast, saturation,
 
 
 def color_jitter(strengths: Sequence[float] = JITTER) -> T.ColorJitter:
-    """ColorJitter of (brightness, contrast, saturation, hue); bad strengths: one ValueError line."""
-    if len(strengths) != 4 or any(s < 0 for s in strengths) or strengths[3] > 0.5:
-        raise ValueError(f"jitter must be 4 numbers >= 0 (brightness, contrast, saturation, hue "
-                         f"<= 0.5); got {list(strengths)}")
+    """ColorJitter of (brightness, contrast, saturation, hue). A wrong count is one ValueError
+    line here, a bad value one from torchvision; `make_config` checks `data.jitter` up front."""
+    if len(strengths) != 4:
+        raise ValueError(f"jitter takes 4 strengths (brightness, contrast, saturation, hue); "
+                         f"got {list(strengths)}")
     b, c, s, h = (float(v) for v in strengths)
     return T.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h)
 

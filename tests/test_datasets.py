@@ -230,7 +230,7 @@ def test_zero_jitter_changes_no_colour():
 
 @pytest.mark.parametrize("bad", [(0.4, 0.4, 0.2), (0.4, -0.1, 0.2, 0.1), (0.4, 0.4, 0.2, 0.6)])
 def test_bad_jitter_is_one_line(bad):
-    with pytest.raises(ValueError, match="jitter must be 4 numbers") as e:
+    with pytest.raises(ValueError) as e:
         color_jitter(bad)
     assert "\n" not in str(e.value)
 
