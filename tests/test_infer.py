@@ -209,8 +209,8 @@ def test_decoder_dilation_read_from_the_checkpoint_meta(tmp_path):
         assert torch.equal(loaded(x).seg_logits, model(x).seg_logits)
     torch.save(model.state_dict(), ck)
     assert describe_checkpoint(load_file(ck), model.state_dict())["decoder_dilation"] == 5
-    bare, _ = build_model_from_checkpoint(parse_config([f"ckpt={ck}", "model.num_heads=4",
-                                                        "model.decoder_dilation=2"]), torch.device("cpu"))
+    cfg = parse_config([f"ckpt={ck}", "model.num_heads=4", "model.decoder_dilation=2"])
+    bare, _ = build_model_from_checkpoint(cfg, torch.device("cpu"))
     with torch.no_grad():
         assert torch.equal(bare(x).seg_logits, model(x).seg_logits)
 
@@ -221,8 +221,10 @@ def test_decoder_dilation_read_from_the_checkpoint_meta(tmp_path):
 ])
 def test_bad_model_override_is_one_line(run_dir, override, expect):
     with pytest.raises(ConfigError) as err:
-        build_model_from_checkpoint(parse_config([f"ckpt={run_dir.ckpt}", override]), torch.device("cpu"))
-    assert expect in str(err.value) and str(run_dir.ckpt) in str(err.value) and "\n" not in str(err.value)
+        build_model_from_checkpoint(parse_config([f"ckpt={run_dir.ckpt}", override]),
+                                    torch.device("cpu"))
+    msg = str(err.value)
+    assert expect in msg and str(run_dir.ckpt) in msg and "\n" not in msg
 
 
 def test_cam_seeds_tool_matches_manual_pipeline(run_dir):

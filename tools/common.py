@@ -160,10 +160,11 @@ def build_model_from_checkpoint(cfg: DictConfig, device: torch.device) -> tuple[
     if info["num_heads"] is None:
         info["num_heads"] = info["embed_dim"] // 64   # timm ViT convention (ViT-B: 768 / 12)
     try:  # a bad model.* override (aux_layer past the depth, dilation 0, ...) is one line
-        model = build_model(num_classes=info["num_classes"], backbone=info["backbone"], pretrained=False,
-                            embed_dim=info["embed_dim"], depth=info["depth"],
+        model = build_model(num_classes=info["num_classes"], backbone=info["backbone"],
+                            pretrained=False, embed_dim=info["embed_dim"], depth=info["depth"],
                             num_heads=int(info["num_heads"]), patch_size=info["patch_size"],
-                            decoder_dim=info["decoder_dim"], decoder_dilation=info["decoder_dilation"],
+                            decoder_dim=info["decoder_dim"],
+                            decoder_dilation=info["decoder_dilation"],
                             aux_layer=int(info["aux_layer"]))
     except ValueError as exc:
         raise ConfigError(f"cannot build the model of {cfg.ckpt}: {exc}") from None
