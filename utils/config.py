@@ -32,7 +32,8 @@ class DataConfig:
     crop_size: int = 448
     rescale: list[float] = field(default_factory=lambda: [0.32, 1.0])
     jitter_p: float = 0.5               # probability of ColorJitter
-    # ColorJitter's brightness, contrast, saturation, hue
+    # ColorJitter's brightness, contrast, saturation, hue: datasets.transforms.JITTER, written out
+    # so that the config imports no torch; test_datasets pins both to SPEC 6
     jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
     aug: str = "voc"                    # voc: RandomResizedCrop; coco: rescale + pad-crop
     num_workers: int = 4
