@@ -13,7 +13,8 @@ depth 4) with 8-pixel patches (a 16x16 token grid on the 128-pixel images, where
 leave 8x8), a 128-wide decoder, a higher learning rate, and 96-pixel training crops (cheaper
 steps; validation during training at 128 sees the objects a little larger than training did,
 which widens the CAMs; `run_demo.sh`'s evaluation resizes to the 96-pixel crop, as the reference
-resizes VOC to its 448 crop, so that its upscaled passes stay near the trained sizes). Seven knobs differ from VOC's (the search behind each: logs/demo_recipe_search.md):
+resizes VOC to its 448 crop, so that its upscaled passes stay near the trained sizes).
+Seven knobs differ from VOC's (the search behind each: logs/demo_recipe_search.md):
 - crops cover 0.5-1.0 of the image area (VOC 0.32-1.0) and the poly schedule decays with power 2
   (VOC 0.9): over four seeds, CAM +2.9 and Seg +1.7 mIoU;
 - the heads (classifiers, GCR, decoder) learn at 3x the backbone's rate, not 10x (the base rate

@@ -91,19 +91,22 @@ def test_run_demo_trains_eight_images_a_step():
 
 def test_run_demo_evaluates_at_the_training_crop_size(tmp_path):
     """run_demo.sh resizes the val images to the run's training crop for the evaluation (as the
-    reference resizes VOC to its 448 crop): its lookup, run on a saved run config, prints the
+    reference resizes VOC to its 448 crop): its lookup, run on a saved run config, yields the
     crop, and that value is what reaches run_evaluate_voc.sh."""
+    import os
     import re
     import subprocess
     import sys
     from pathlib import Path
     from scripts.train_demo import DEMO
     script = (Path(__file__).resolve().parents[1] / "run_demo.sh").read_text()
-    lookup = re.search(r'^crop=\$\(python -c "(.+)"\)$', script, re.M)
-    assert lookup is not None and re.search(r'run_evaluate_voc\.sh .* size="\$crop" ', script)
-    run = tmp_path / "logs" / "demo"
-    run.mkdir(parents=True)
-    OmegaConf.save(make_config(DEMO, ["data.crop_size=80"]), run / "config.yaml")
-    out = subprocess.run([sys.executable, "-c", lookup.group(1)], cwd=tmp_path, check=True,
-                         capture_output=True, text=True).stdout
+    run = re.search(r"^run=(\S+)$", script, re.M)
+    lookup = re.search(r"^crop=\$\(python -c .*?\)$", script, re.M | re.S)
+    assert run and lookup
+    assert re.search(r'run_evaluate_voc\.sh .*"\$run/\S+" size="\$crop" ', script)
+    (tmp_path / run.group(1)).mkdir(parents=True)
+    OmegaConf.save(make_config(DEMO, ["data.crop_size=80"]), tmp_path / run.group(1) / "config.yaml")
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    out = subprocess.run(["bash", "-c", f'{run.group(0)}\n{lookup.group(0)}\necho "$crop"'],
+                         cwd=tmp_path, env=env, check=True, capture_output=True, text=True).stdout
     assert out.strip() == "80"
