@@ -31,4 +31,4 @@ crop=$(python -c "import sys, omegaconf; print(omegaconf.OmegaConf.load(sys.argv
 bash run_evaluate_voc.sh cpu 2 "$run/checkpoints/last.pth" size="$crop" infer_set=val \
     multi_scale=true crf=true
 python -m tools.demo_report "$run"
-echo "demo: training $((train_end - start)) s, total $(( $(date +%s) - start )) s; see logs/demo/report/"
+echo "demo: training $((train_end - start)) s, total $(( $(date +%s) - start )) s; see $run/report/"
