@@ -18,15 +18,18 @@ start=$(date +%s)
 
 python -m datasets.synthetic --out data/synthetic --num-classes 4 --train 1000 --val 60 --size 128
 port=$(python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-bash run_train.sh scripts/train_demo.py cpu 2 "$port" demo overwrite=true "$@"
+tag=demo; run=logs/$tag
+bash run_train.sh scripts/train_demo.py cpu 2 "$port" "$tag" overwrite=true "$@"
 train_end=$(date +%s)
-run=logs/demo
+[ -f "$run/config.yaml" ] || {
+  echo "error: no $run/config.yaml after training: run_demo.sh keeps tag=$tag and work_dir=logs" >&2
+  exit 2; }
 
 # the paper's evaluation on the val set: CAM / LAM seeds multi-scale, segmentation multi-scale,
 # each without and with DenseCRF. Images are resized to the training crop (the demo's 96), as
 # the reference resizes VOC to its 448 crop: the multi-scale passes (seeds 0.5-2x, segmentation
 # 1-1.5x) then bracket the sizes the network trained on rather than start 1.3x above them.
-crop=$(python -c "import sys, omegaconf; print(omegaconf.OmegaConf.load(sys.argv[1]).data.crop_size)" \
+crop=$(python -c "import sys, omegaconf as o; print(o.OmegaConf.load(sys.argv[1]).data.crop_size)" \
     "$run/config.yaml")
 bash run_evaluate_voc.sh cpu 2 "$run/checkpoints/last.pth" size="$crop" infer_set=val \
     multi_scale=true crf=true

@@ -100,13 +100,14 @@ def test_run_demo_evaluates_at_the_training_crop_size(tmp_path):
     from pathlib import Path
     from scripts.train_demo import DEMO
     script = (Path(__file__).resolve().parents[1] / "run_demo.sh").read_text()
-    run = re.search(r"^run=(\S+)$", script, re.M)
+    run = re.search(r"^tag=\S+; run=\S+$", script, re.M)
     lookup = re.search(r"^crop=\$\(python -c .*?\)$", script, re.M | re.S)
     assert run and lookup
     assert re.search(r'run_evaluate_voc\.sh .*"\$run/\S+" size="\$crop" ', script)
-    (tmp_path / run.group(1)).mkdir(parents=True)
-    OmegaConf.save(make_config(DEMO, ["data.crop_size=80"]), tmp_path / run.group(1) / "config.yaml")
+    OmegaConf.save(make_config(DEMO, ["data.crop_size=80"]), tmp_path / "trained.yaml")
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    out = subprocess.run(["bash", "-c", f'{run.group(0)}\n{lookup.group(0)}\necho "$crop"'],
-                         cwd=tmp_path, env=env, check=True, capture_output=True, text=True).stdout
+    steps = [run.group(0), 'mkdir -p "$run" && cp trained.yaml "$run/config.yaml"', lookup.group(0),
+             'echo "$crop"']
+    out = subprocess.run(["bash", "-c", "\n".join(steps)], cwd=tmp_path, env=env, check=True,
+                         capture_output=True, text=True).stdout
     assert out.strip() == "80"
