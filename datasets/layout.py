@@ -33,7 +33,8 @@ class LayoutError(ValueError):
 def _prepare_command(name: str, root: str, list_dir: str | None, num_fg: int) -> str:
     params = read_params(root)
     if params is not None:
-        return (f"python -m datasets.synthetic --out {root} --num-fg-classes {params['num_fg_classes']} "
+        k = params.get("num_fg_classes", num_fg)   # datasets written before the key's rename
+        return (f"python -m datasets.synthetic --out {root} --num-fg-classes {k} "
                 f"--train {params['num_train']} --val {params['num_val']} --size {params['size']} "
                 f"--seed {params['seed']} --force")
     extra = f" --list-dir {list_dir}" if list_dir else ""

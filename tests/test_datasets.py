@@ -374,3 +374,9 @@ def test_synthetic_variety_and_colour_is_not_the_class():
     # colour is a cue (chance is 0.25) but not the class: neighbouring hues overlap
     assert 0.35 < (pred == classes[half:]).mean() < 0.85
     assert len({class_recipe(c) for c in range(16)}) == 16
+
+
+def test_train_stage_needs_crop_size(syn):
+    """The crop size has its default in the config only: a train-stage dataset must be given it."""
+    with pytest.raises(ValueError, match="crop_size"):
+        VOCDataset(syn, "train_aug", "train", num_classes=K + 1)

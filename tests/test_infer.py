@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tools import infer_cam, infer_seg_voc
-from tools.config import SEED_SCALES, parse_config
+from tools.config import SEED_SCALES, SEG_SCALES, parse_config, resolve_scales
 from tools.evaluation import to_uint8_rgb
 from tools.model_loader import build_model_from_checkpoint, describe_checkpoint
 from utils.checkpoint import load_file, model_state, save_atomic
@@ -96,6 +96,18 @@ def test_cam_and_lam_maps_match_loop(scales):
                                          model(v, with_gcr=gcr).patch_map[0])[None]
         want = loop_seed_maps(lam_one, x, scales, relu=False)   # no ReLU for LAMs
         assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_seed_kind_and_scales_resolution():
+    with pytest.raises(ValueError, match="cam, lam"):
+        seed_maps("seg", FakeModel(), torch.randn(1, 3, 32, 32), (1.0,), with_gcr=True)
+    spec = infer_cam.SPEC
+    cfg = parse_config(["ckpt=x.pth"])
+    assert resolve_scales(cfg, spec) == (1.0,)
+    assert resolve_scales(parse_config(["ckpt=x.pth", "multi_scale=true"]), spec) == SEED_SCALES
+    assert resolve_scales(parse_config(["ckpt=x.pth", "scales=[0.5,2]"]), spec) == (0.5, 2.0)
+    assert resolve_scales(parse_config(["ckpt=x.pth"], infer_seg_voc.SPEC.defaults),
+                          infer_seg_voc.SPEC) == SEG_SCALES
 
 
 def test_seg_logits_match_loop():
