@@ -16,7 +16,7 @@ half=$(( cores / 2 )); half=$(( half < 1 ? 1 : (half > 4 ? 4 : half) ))
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$half}
 start=$(date +%s)
 
-python -m datasets.synthetic --out data/synthetic --num-classes 4 --train 1000 --val 60 --size 128
+python -m datasets.synthetic --out data/synthetic --num-fg-classes 4 --train 1000 --val 60 --size 128
 port=$(python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 tag=demo; run=logs/$tag
 bash run_train.sh scripts/train_demo.py cpu 2 "$port" "$tag" overwrite=true "$@"

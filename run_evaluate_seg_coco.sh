@@ -7,7 +7,7 @@
 #   bash run_evaluate_seg_coco.sh tools/infer_seg_coco.py cpu 2 val_part logs/smoke/checkpoints/last.pth crf=true
 #
 # INFER_SET: val (all val2014 images listed) or val_part (the first 5000); GPU_DEVICE is a
-# CUDA_VISIBLE_DEVICES list, or `cpu` (gloo). key=value arguments: tools/common.py InferConfig.
+# CUDA_VISIBLE_DEVICES list, or `cpu` (gloo). key=value arguments: tools/config.py InferConfig.
 set -euo pipefail
 if [ $# -lt 5 ]; then
   echo "usage: bash run_evaluate_seg_coco.sh tools/infer_seg_coco.py GPU_DEVICE GPU_NUMBER INFER_SET CHECKPOINT [key=value ...]" >&2

@@ -10,7 +10,7 @@
 #   bash run_evaluate_voc.sh cpu 2 logs/smoke/checkpoints/last.pth
 #
 # GPU_DEVICE is a CUDA_VISIBLE_DEVICES list, or `cpu` (gloo). key=value arguments go to every
-# tool (see tools/common.py InferConfig). A test split (infer_set=test...) has no image labels,
+# tool (see tools/config.py InferConfig). A test split (infer_set=test...) has no image labels,
 # so only the segmentation step runs, writing results/VOC2012/Segmentation/comp6_test_cls/.
 set -euo pipefail
 if [ $# -lt 3 ]; then

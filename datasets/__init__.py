@@ -27,7 +27,7 @@ def build_dataset(cfg_data: Any, split: str, stage: str) -> VOCDataset:
         cfg_data.root, split, stage,
         num_classes=int(cfg_data.num_classes),
         list_dir=getattr(cfg_data, "list_dir", None) or None,
-        crop_size=int(getattr(cfg_data, "crop_size", 448)),
+        crop_size=getattr(cfg_data, "crop_size", None),
         aug=getattr(cfg_data, "aug", None) or None,
         rescale=tuple(getattr(cfg_data, "rescale", (0.32, 1.0))),
         jitter_p=getattr(cfg_data, "jitter_p", None),

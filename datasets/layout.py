@@ -33,14 +33,15 @@ class LayoutError(ValueError):
 def _prepare_command(name: str, root: str, list_dir: str | None, num_fg: int) -> str:
     params = read_params(root)
     if params is not None:
-        return (f"python -m datasets.synthetic --out {root} --num-classes {params['num_classes']} "
+        k = params.get("num_fg_classes", num_fg)   # datasets written before the key's rename
+        return (f"python -m datasets.synthetic --out {root} --num-fg-classes {k} "
                 f"--train {params['num_train']} --val {params['num_val']} --size {params['size']} "
                 f"--seed {params['seed']} --force")
     extra = f" --list-dir {list_dir}" if list_dir else ""
     if name == "coco":
         return f"python -m tools.prepare_coco --root {root}{extra}"
     if num_fg != 20:
-        extra += f" --num-classes {num_fg}"
+        extra += f" --num-fg-classes {num_fg}"
     return f"python -m tools.prepare_voc --root {root}{extra}"
 
 

@@ -42,19 +42,19 @@ def class_recipe(c: int) -> tuple[str, str]:
     return SHAPES[s], TEXTURES[(s + c // len(SHAPES)) % len(TEXTURES)]
 
 
-def class_names(num_classes: int) -> list[str]:
-    """["background", "ellipse-checker", ...] for K = num_classes foreground classes."""
-    return ["background"] + ["-".join(class_recipe(c)) for c in range(num_classes)]
+def class_names(num_fg_classes: int) -> list[str]:
+    """["background", "ellipse-checker", ...] for K = num_fg_classes foreground classes."""
+    return ["background"] + ["-".join(class_recipe(c)) for c in range(num_fg_classes)]
 
 
-def _object_colours(rng: np.random.Generator, cls: int, num_classes: int,
+def _object_colours(rng: np.random.Generator, cls: int, num_fg_classes: int,
                     min_diff: float = 60) -> tuple[np.ndarray, np.ndarray]:
     """The two texture colours of one object: a light and a dark shade of one hue drawn around
     the class's own hue with a Gaussian jitter of half the hue spacing, so neighbouring classes
     overlap: colour is a cue, never the class."""
     luma = np.array([0.299, 0.587, 0.114])
     while True:
-        hue = (cls + rng.normal(0, 0.5)) * 180 / num_classes % 180
+        hue = (cls + rng.normal(0, 0.5)) * 180 / num_fg_classes % 180
         hsv = np.array([[[hue, rng.uniform(120, 255), rng.uniform(150, 255)],
                          [hue, rng.uniform(120, 255), rng.uniform(20, 130)]]], dtype=np.uint8)
         a, b = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0].astype(np.float64)
@@ -142,12 +142,12 @@ def _background(rng: np.random.Generator, size: int, xx: np.ndarray, yy: np.ndar
     return img
 
 
-def render(rng: np.random.Generator, num_classes: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+def render(rng: np.random.Generator, num_fg_classes: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     """One sample: image (S, S, 3) uint8 RGB, mask (S, S) uint8 (0..K, 255 boundary band)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     img = _background(rng, size, xx, yy)
-    n_present = 1 if rng.random() < 0.55 else min(2, num_classes)
-    present = rng.choice(num_classes, n_present, replace=False)
+    n_present = 1 if rng.random() < 0.55 else min(2, num_fg_classes)
+    present = rng.choice(num_fg_classes, n_present, replace=False)
     n_obj = int(rng.integers(n_present, 4))
     classes = list(present) + list(rng.choice(present, n_obj - n_present))
     label = np.zeros((size, size), dtype=np.uint8)
@@ -163,7 +163,7 @@ def render(rng: np.random.Generator, num_classes: int, size: int) -> tuple[np.nd
                 break
         else:
             continue
-        a, b = _object_colours(rng, int(cls), num_classes)
+        a, b = _object_colours(rng, int(cls), num_fg_classes)
         period = rng.uniform(0.035, 0.055) * size
         tex = _pattern(texture, xx, yy, cx, cy, rng.uniform(0, np.pi), period)
         img[m] = np.where(tex[m, None], a, b)
@@ -174,9 +174,9 @@ def render(rng: np.random.Generator, num_classes: int, size: int) -> tuple[np.nd
     return np.clip(img, 0, 255).astype(np.uint8), label
 
 
-def _params(num_classes: int, num_train: int, num_val: int, size: int, seed: int) -> dict:
-    return dict(version=VERSION, num_classes=num_classes, num_train=num_train, num_val=num_val,
-                size=size, seed=seed, class_names=class_names(num_classes))
+def _params(num_fg_classes: int, num_train: int, num_val: int, size: int, seed: int) -> dict:
+    return dict(version=VERSION, num_fg_classes=num_fg_classes, num_train=num_train, num_val=num_val,
+                size=size, seed=seed, class_names=class_names(num_fg_classes))
 
 
 def read_params(out_dir: str) -> dict | None:
@@ -187,15 +187,15 @@ def read_params(out_dir: str) -> dict | None:
         return None
 
 
-def make_synthetic(out_dir: str, num_classes: int = 4, num_train: int = 600, num_val: int = 100,
+def make_synthetic(out_dir: str, num_fg_classes: int = 4, num_train: int = 600, num_val: int = 100,
                    size: int = 128, seed: int = 0, force: bool = False,
                    progress: bool = True) -> bool:
-    """Write the dataset (num_classes = K foreground classes). -> False when an identical one
+    """Write the dataset (num_fg_classes = K foreground classes). -> False when an identical one
     already exists (nothing written; `force` rewrites it), True otherwise."""
     from tools.prepare_voc import atomic_open, prepare_voc, write_name_list
-    if not 1 <= num_classes <= MAX_CLASSES:
-        raise ValueError(f"num_classes must be in 1..{MAX_CLASSES}; got {num_classes}")
-    params = _params(num_classes, num_train, num_val, size, seed)
+    if not 1 <= num_fg_classes <= MAX_CLASSES:
+        raise ValueError(f"num_fg_classes must be in 1..{MAX_CLASSES}; got {num_fg_classes}")
+    params = _params(num_fg_classes, num_train, num_val, size, seed)
     old = read_params(out_dir)
     if old == params and not force:
         return False
@@ -211,13 +211,13 @@ def make_synthetic(out_dir: str, num_classes: int = 4, num_train: int = 600, num
              for split, n in (("train", num_train), ("val", num_val))}
     jobs = [(s, i, n) for s, (split, ns) in enumerate(names.items()) for i, n in enumerate(ns)]
     for split_id, i, name in tqdm(jobs, desc="synthetic", disable=not progress, unit="img"):
-        image, mask = render(np.random.default_rng([seed, split_id, i]), num_classes, size)
+        image, mask = render(np.random.default_rng([seed, split_id, i]), num_fg_classes, size)
         cv2.imwrite(os.path.join(img_dir, name + ".jpg"), image[:, :, ::-1],
                     [cv2.IMWRITE_JPEG_QUALITY, 90])
         cv2.imwrite(os.path.join(mask_dir, name + ".png"), mask)
     # the "official" val list, from which prepare_voc derives train_aug exactly as for VOC
     write_name_list(os.path.join(out_dir, "ImageSets", "Segmentation", "val.txt"), names["val"])
-    prepare_voc(out_dir, num_classes=num_classes, progress=False)
+    prepare_voc(out_dir, num_fg_classes=num_fg_classes, progress=False)
     with atomic_open(os.path.join(out_dir, PARAMS_FILE), "w") as f:
         json.dump(params, f, indent=1)
     return True
@@ -226,19 +226,19 @@ def make_synthetic(out_dir: str, num_classes: int = 4, num_train: int = 600, num
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write a synthetic VOC-layout dataset.")
     parser.add_argument("--out", default="data/synthetic")
-    parser.add_argument("--num-classes", type=int, default=4, help="foreground classes K")
+    parser.add_argument("--num-fg-classes", type=int, default=4, help="foreground classes K")
     parser.add_argument("--train", type=int, default=600)
     parser.add_argument("--val", type=int, default=100)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="rewrite even if up to date")
     args = parser.parse_args(argv)
-    wrote = make_synthetic(args.out, args.num_classes, args.train, args.val, args.size, args.seed,
+    wrote = make_synthetic(args.out, args.num_fg_classes, args.train, args.val, args.size, args.seed,
                            args.force)
     state = "wrote" if wrote else "up to date:"
-    print(f"{state} {args.out} ({args.train} train_aug / {args.val} val, K={args.num_classes}, "
+    print(f"{state} {args.out} ({args.train} train_aug / {args.val} val, K={args.num_fg_classes}, "
           f"{args.size}px); train with data.root={args.out} "
-          f"data.num_classes={args.num_classes + 1}")
+          f"data.num_classes={args.num_fg_classes + 1}")
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def random_pad_crop(image: np.ndarray, crop_size: int) -> np.ndarray:
 class VOCTrainTransform:
     """RandomResizedCrop (bicubic) -> h-flip 0.5 -> ColorJitter with p -> normalise."""
 
-    def __init__(self, crop_size: int = 448, rescale: Sequence[float] = (0.32, 1.0),
+    def __init__(self, crop_size: int, rescale: Sequence[float] = (0.32, 1.0),
                  jitter_p: float = 0.5, jitter: Sequence[float] = JITTER):
         self.pipeline = T.Compose([
             T.RandomResizedCrop(crop_size, scale=tuple(rescale),
@@ -81,7 +81,7 @@ class COCOTrainTransform:
     """ColorJitter with p -> rescale by U(rescale) (bilinear) -> h-flip 0.5 -> zero-padded random
     crop -> normalise (reference CocoClsDataset.transform_image)."""
 
-    def __init__(self, crop_size: int = 448, rescale: Sequence[float] = (0.32, 1.0),
+    def __init__(self, crop_size: int, rescale: Sequence[float] = (0.32, 1.0),
                  jitter_p: float = 0.8, jitter: Sequence[float] = JITTER):
         self.crop_size = crop_size
         self.rescale = (float(rescale[0]), float(rescale[1]))

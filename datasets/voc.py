@@ -86,11 +86,13 @@ class VOCDataset(Dataset):
     default_aug = "voc"
 
     def __init__(self, root: str, split: str, stage: str, num_classes: int = 21,
-                 list_dir: str | None = None, crop_size: int = 448, aug: str | None = None,
+                 list_dir: str | None = None, crop_size: int | None = None, aug: str | None = None,
                  rescale: Sequence[float] = (0.32, 1.0), jitter_p: float | None = None,
                  jitter: Sequence[float] = JITTER):
         if stage not in ("train", "val", "test"):
             raise ValueError(f"stage must be train, val or test; got {stage!r}")
+        if stage == "train" and crop_size is None:
+            raise ValueError("stage 'train' needs crop_size (the config's data.crop_size)")
         self.root, self.split, self.stage = root, split, stage
         self.num_classes = num_classes
         self.list_dir = list_dir or default_list_dir(root)

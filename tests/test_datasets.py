@@ -25,7 +25,7 @@ SIZE = 64
 @pytest.fixture(scope="module")
 def syn(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("syn") / "synthetic")
-    make_synthetic(root, num_classes=K, num_train=6, num_val=3, size=SIZE, seed=0, progress=False)
+    make_synthetic(root, num_fg_classes=K, num_train=6, num_val=3, size=SIZE, seed=0, progress=False)
     return root
 
 
@@ -295,9 +295,9 @@ def _files(root: str) -> dict[str, bytes]:
 
 def test_synthetic_is_deterministic(tmp_path, syn):
     other = str(tmp_path / "again")
-    make_synthetic(other, num_classes=K, num_train=6, num_val=3, size=SIZE, seed=0, progress=False)
+    make_synthetic(other, num_fg_classes=K, num_train=6, num_val=3, size=SIZE, seed=0, progress=False)
     assert _files(other) == _files(syn)
-    make_synthetic(str(tmp_path / "seed1"), num_classes=K, num_train=6, num_val=3, size=SIZE,
+    make_synthetic(str(tmp_path / "seed1"), num_fg_classes=K, num_train=6, num_val=3, size=SIZE,
                    seed=1, progress=False)
     assert _files(str(tmp_path / "seed1"))["JPEGImages/train_00000.jpg"] != \
         _files(syn)["JPEGImages/train_00000.jpg"]
@@ -326,19 +326,19 @@ def test_synthetic_layout_and_labels(syn):
         assert 0 < border.mean() < 0.2
         near_label = cv2.dilate((~border).astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
         assert near_label[border].all()
-    assert read_params(syn)["num_classes"] == K
+    assert read_params(syn)["num_fg_classes"] == K
 
 
 def test_synthetic_is_idempotent_and_regenerates_on_change(tmp_path):
     root = str(tmp_path / "s")
-    assert make_synthetic(root, num_classes=2, num_train=3, num_val=2, size=48, progress=False)
+    assert make_synthetic(root, num_fg_classes=2, num_train=3, num_val=2, size=48, progress=False)
     stamp = os.stat(os.path.join(root, "JPEGImages", "train_00000.jpg")).st_mtime_ns
-    assert not make_synthetic(root, num_classes=2, num_train=3, num_val=2, size=48, progress=False)
+    assert not make_synthetic(root, num_fg_classes=2, num_train=3, num_val=2, size=48, progress=False)
     assert os.stat(os.path.join(root, "JPEGImages", "train_00000.jpg")).st_mtime_ns == stamp
-    assert make_synthetic(root, num_classes=2, num_train=2, num_val=1, size=48, progress=False)
+    assert make_synthetic(root, num_fg_classes=2, num_train=2, num_val=1, size=48, progress=False)
     assert sorted(os.listdir(os.path.join(root, "JPEGImages"))) == [
         "train_00000.jpg", "train_00001.jpg", "val_00000.jpg"]
-    assert make_synthetic(root, num_classes=2, num_train=2, num_val=1, size=48, force=True,
+    assert make_synthetic(root, num_fg_classes=2, num_train=2, num_val=1, size=48, force=True,
                           progress=False)
 
 
@@ -374,3 +374,9 @@ def test_synthetic_variety_and_colour_is_not_the_class():
     # colour is a cue (chance is 0.25) but not the class: neighbouring hues overlap
     assert 0.35 < (pred == classes[half:]).mean() < 0.85
     assert len({class_recipe(c) for c in range(16)}) == 16
+
+
+def test_train_stage_needs_crop_size(syn):
+    """The crop size has its default in the config only: a train-stage dataset must be given it."""
+    with pytest.raises(ValueError, match="crop_size"):
+        VOCDataset(syn, "train_aug", "train", num_classes=K + 1)

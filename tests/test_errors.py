@@ -38,7 +38,7 @@ TINY = ["data.num_classes=5", "data.crop_size=128", "data.num_workers=0", "model
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("errors") / "data"
-    make_synthetic(str(root), num_classes=4, num_train=8, num_val=2, size=64, progress=False)
+    make_synthetic(str(root), num_fg_classes=4, num_train=8, num_val=2, size=64, progress=False)
     return root
 
 

@@ -13,13 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tools import infer_cam, infer_lam, infer_seg_voc
-from tools.common import (SEED_SCALES, build_model_from_checkpoint, describe_checkpoint,
-                          parse_config, seed_crf_stack, seed_prediction, to_uint8_rgb)
+from tools import infer_cam, infer_seg_voc
+from tools.config import SEED_SCALES, SEG_SCALES, parse_config, resolve_scales
+from tools.evaluation import to_uint8_rgb
+from tools.model_loader import build_model_from_checkpoint, describe_checkpoint
 from utils.checkpoint import load_file, model_state, save_atomic
 from utils.config import ConfigError, make_config, to_container
 from utils.palette import read_label_png
 from wetr import build_model
+from wetr.cam import maps_to_label
+from wetr.infer import multi_scale_seg, seed_crf_stack, seed_maps
 
 K = 3
 
@@ -83,24 +86,35 @@ def test_cam_and_lam_maps_match_loop(scales):
     torch.manual_seed(0)
     model = FakeModel().eval()
     x = torch.randn(2, 3, 32, 32)
-    cam = infer_cam.cam_maps(model, x, scales)
+    cam = seed_maps("cam", model, x, scales, with_gcr=True)
     want = loop_seed_maps(lambda v: model(v, cam_only=True)[1], x, scales, relu=True)
     assert cam.shape == (2, K, 32, 32)
     assert torch.allclose(cam, want, atol=1e-5)
     for gcr in (True, False):
-        cfg = SimpleNamespace(model=SimpleNamespace(with_gcr=gcr))
-        got = infer_lam.lam_maps(model, x, scales, cfg)
+        got = seed_maps("lam", model, x, scales, with_gcr=gcr)
         lam_one = lambda v: torch.einsum("kd,dhw->khw", model(v, with_gcr=gcr).class_tokens[0],
                                          model(v, with_gcr=gcr).patch_map[0])[None]
         want = loop_seed_maps(lam_one, x, scales, relu=False)   # no ReLU for LAMs
         assert torch.allclose(got, want, atol=1e-5)
 
 
+def test_seed_kind_and_scales_resolution():
+    with pytest.raises(ValueError, match="cam, lam"):
+        seed_maps("seg", FakeModel(), torch.randn(1, 3, 32, 32), (1.0,), with_gcr=True)
+    spec = infer_cam.SPEC
+    cfg = parse_config(["ckpt=x.pth"])
+    assert resolve_scales(cfg, spec) == (1.0,)
+    assert resolve_scales(parse_config(["ckpt=x.pth", "multi_scale=true"]), spec) == SEED_SCALES
+    assert resolve_scales(parse_config(["ckpt=x.pth", "scales=[0.5,2]"]), spec) == (0.5, 2.0)
+    assert resolve_scales(parse_config(["ckpt=x.pth"], infer_seg_voc.SPEC.defaults),
+                          infer_seg_voc.SPEC) == SEG_SCALES
+
+
 def test_seg_logits_match_loop():
     torch.manual_seed(1)
     model = FakeModel().eval()
     image = torch.randn(1, 3, 37, 53)
-    got = infer_seg_voc.multi_scale_seg(model, image, 64, (1.0, 1.25, 1.5), (37, 53))
+    got = multi_scale_seg(model, image, 64, (1.0, 1.25, 1.5), (37, 53))
     best = None
     for s in (1.0, 1.25, 1.5):
         x = up(image, (int(64 * s), int(64 * s)))
@@ -115,7 +129,7 @@ def test_seed_label_and_crf_stack_match_loop():
     g = torch.Generator().manual_seed(2)
     maps = torch.rand(1, 4, 5, 6, generator=g)
     cls = torch.tensor([[1.0, 0.0, 1.0, 1.0]])
-    label = seed_prediction(maps, cls, 0.5)
+    label = maps_to_label(maps, cls, 0.5)
     probs, keys = seed_crf_stack(maps, cls)
     assert keys.tolist() == [0, 1, 3, 4]
     for y in range(5):
@@ -145,7 +159,7 @@ def run_dir(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("infer")
     data = root / "syn"
-    make_synthetic(str(data), num_classes=K, num_train=4, num_val=5, size=48, seed=0, progress=False)
+    make_synthetic(str(data), num_fg_classes=K, num_train=4, num_val=5, size=48, seed=0, progress=False)
     torch.manual_seed(0)
     model = build_model(num_classes=K + 1, embed_dim=64, depth=4, num_heads=4)
     cfg = make_config(argv=[f"data.root={data}", f"data.num_classes={K + 1}", "model.embed_dim=64",

@@ -22,7 +22,7 @@ SPLITS = ["train_aug", "val"]
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("layout") / "syn")
-    make_synthetic(root, num_classes=K, num_train=5, num_val=3, size=48, seed=0, progress=False)
+    make_synthetic(root, num_fg_classes=K, num_train=5, num_val=3, size=48, seed=0, progress=False)
     return root
 
 
@@ -159,7 +159,7 @@ def test_voc_fix_names_prepare_voc_with_list_dir(root, tmp_path):
     os.remove(os.path.join(root, PARAMS_FILE))  # now a plain VOC-layout folder
     list_dir = str(tmp_path / "lists")
     msg = _error(_cfg(root, list_dir=list_dir), os.path.join(list_dir, "train_aug.txt"))
-    assert f"python -m tools.prepare_voc --root {root} --list-dir {list_dir} --num-classes {K}" in msg
+    assert f"python -m tools.prepare_voc --root {root} --list-dir {list_dir} --num-fg-classes {K}" in msg
 
 
 def test_coco_layout_errors(tmp_path):

@@ -67,11 +67,11 @@ def test_prepare_voc_lists_and_labels(tmp_path):
     assert not [f for f in os.listdir(seg) if f.endswith(".tmp")]
 
 
-def test_prepare_voc_list_dir_and_num_classes(tmp_path):
+def test_prepare_voc_list_dir_and_num_fg_classes(tmp_path):
     root = str(tmp_path / "VOC2012")
     masks = _fake_voc(root, k=5, seed=1)
     out = str(tmp_path / "lists")
-    counts = prepare_voc(root, list_dir=out, num_classes=5, progress=False)
+    counts = prepare_voc(root, list_dir=out, num_fg_classes=5, progress=False)
     assert counts == {"train_aug": 3, "val": 2, "test": 2}
     assert not os.path.exists(os.path.join(root, "ImageSets", "Segmentation", "train_aug.txt"))
     names, labels = read_cls_labels(os.path.join(out, "cls_labels.npz"))

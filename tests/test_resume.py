@@ -36,7 +36,7 @@ TINY = ["data.num_classes=5", "data.crop_size=128", "model.pretrained=false", "m
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("resume") / "data"
-    make_synthetic(str(root), num_classes=4, num_train=16, num_val=4, size=96, progress=False)
+    make_synthetic(str(root), num_fg_classes=4, num_train=16, num_val=4, size=96, progress=False)
     return root
 
 

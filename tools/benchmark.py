@@ -369,8 +369,8 @@ def _timeit(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: i
 def bench_infer(cfg: DictConfig, model: torch.nn.Module, device: torch.device) -> dict:
     """Images/s: segmentation (SPEC 8, one image at a time as tools.infer_seg_voc, 1 and 3 scales)
     and batched multi-scale CAMs at the training scales (validation, pseudo labels)."""
-    from tools.common import SEG_SCALES
-    from tools.infer_seg_voc import multi_scale_seg
+    from tools.config import SEG_SCALES
+    from wetr.infer import multi_scale_seg
 
     b = cfg.bench
     size = b.infer_size or cfg.data.crop_size

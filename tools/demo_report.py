@@ -14,16 +14,17 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from datasets import build_dataset  # noqa: E402
-from tools.common import build_model_from_checkpoint, parse_config  # noqa: E402
+from tools.config import parse_config  # noqa: E402
+from tools.model_loader import build_model_from_checkpoint  # noqa: E402
 from utils.palette import colorize, jet_overlay  # noqa: E402
-from wetr.cam import denormalise, lam, minmax_normalise, multi_scale_cam  # noqa: E402
+from wetr.cam import denormalise, resize_cam  # noqa: E402
+from wetr.infer import validation_maps  # noqa: E402
 
 
 def plot_curves(metrics_file: Path, out: Path) -> None:
@@ -63,17 +64,10 @@ def plot_overlays(ckpt_path: Path, out: Path, num_images: int) -> None:
     fig, axes = plt.subplots(n, 5, figsize=(12, 2.5 * n), squeeze=False)
     for row in range(n):
         name, image, label, cls_label = dataset[row]
-        x = F.interpolate(image[None], size=(cfg.val.size,) * 2, mode="bilinear",
-                          align_corners=False)
-        size = label.shape[-2:]
-        y = cls_label[None].float()
-        cam, _ = multi_scale_cam(model, x, cfg.cam.scales)
-        cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False) * y[..., None, None]
-        o = model(x)
-        lam_map = F.interpolate(lam(o.class_tokens, o.patch_map), size=size, mode="bilinear",
-                                align_corners=False)
-        lam_map = minmax_normalise(lam_map) * y[..., None, None]
-        seg = F.interpolate(o.seg_logits, size=size, mode="bilinear", align_corners=False).argmax(1)
+        x = resize_cam(image[None], (cfg.val.size,) * 2)
+        y = cls_label[None, :, None, None].float()
+        maps = validation_maps(model, x, cfg.cam.scales, label.shape[-2:])
+        cam, lam_map, seg = maps.cam * y, maps.lam * y, maps.seg.argmax(1)
         rgb = (denormalise(image[None])[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
         panels = [rgb, jet_overlay(rgb, cam[0].max(0).values.numpy()),
                   jet_overlay(rgb, lam_map[0].max(0).values.numpy()),

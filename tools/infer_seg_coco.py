@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tools import infer_seg_voc
-from tools.common import run
+from tools.config import SEG_SCALES, ToolSpec
+from tools.pipelines import seg_image
+from tools.session import evaluate, run
 
-DEFAULTS = {"multi_scale": True, "infer_set": "val"}
+SPEC = ToolSpec("infer_seg_coco", "seg", SEG_SCALES, defaults={"multi_scale": True, "infer_set": "val"})
 
 
 def main(argv: Sequence[str]) -> dict | None:
-    return infer_seg_voc.main(argv, tool="infer_seg_coco", defaults=DEFAULTS)
+    return evaluate(SPEC, argv, seg_image)
 
 
 if __name__ == "__main__":

@@ -52,30 +52,30 @@ def write_cls_labels(path: str, names: Sequence[str], labels: np.ndarray) -> Non
         np.savez(f, names=np.asarray(list(names), dtype=str), labels=labels.astype(np.uint8))
 
 
-def mask_classes(mask: np.ndarray, num_classes: int) -> np.ndarray:
+def mask_classes(mask: np.ndarray, num_fg_classes: int) -> np.ndarray:
     """(H, W) uint8 -> (K,) uint8 presence of classes 1..K. Values outside 0..K and 255 raise."""
     counts = np.bincount(mask.ravel(), minlength=256)
-    bad = [v for v in np.flatnonzero(counts) if v > num_classes and v != 255]
+    bad = [v for v in np.flatnonzero(counts) if v > num_fg_classes and v != 255]
     if bad:
-        raise ValueError(f"values {bad} outside 0..{num_classes} and 255")
-    return (counts[1:num_classes + 1] > 0).astype(np.uint8)
+        raise ValueError(f"values {bad} outside 0..{num_fg_classes} and 255")
+    return (counts[1:num_fg_classes + 1] > 0).astype(np.uint8)
 
 
-def labels_from_masks(paths: Sequence[str], num_classes: int, progress: bool = True) -> np.ndarray:
+def labels_from_masks(paths: Sequence[str], num_fg_classes: int, progress: bool = True) -> np.ndarray:
     """(N, K) uint8 image labels from mask files; a bad mask raises naming its path."""
-    labels = np.zeros((len(paths), num_classes), dtype=np.uint8)
+    labels = np.zeros((len(paths), num_fg_classes), dtype=np.uint8)
     for i, path in enumerate(tqdm(paths, desc="masks", disable=not progress, unit="img")):
         try:
-            labels[i] = mask_classes(read_mask(path), num_classes)
+            labels[i] = mask_classes(read_mask(path), num_fg_classes)
         except ValueError as exc:
             msg = str(exc) if path in str(exc) else f"{path}: {exc}"
             raise ValueError(msg) from None
     return labels
 
 
-def prepare_voc(root: str, list_dir: str | None = None, num_classes: int = 20,
+def prepare_voc(root: str, list_dir: str | None = None, num_fg_classes: int = 20,
                 mask_folder: str = "SegmentationClassAug", progress: bool = True) -> dict[str, int]:
-    """Write lists + cls_labels.npz; num_classes = K foreground classes. -> {list name: count}."""
+    """Write lists + cls_labels.npz; num_fg_classes = K foreground classes. -> {list name: count}."""
     mask_dir = os.path.join(root, mask_folder)
     if not os.path.isdir(mask_dir):
         raise FileNotFoundError(f"mask folder not found: {mask_dir} (download SegmentationClassAug "
@@ -99,7 +99,7 @@ def prepare_voc(root: str, list_dir: str | None = None, num_classes: int = 20,
     if os.path.isfile(test_path):
         lists["test"] = read_name_list(test_path)
 
-    labels = labels_from_masks([os.path.join(mask_dir, n + ".png") for n in masks], num_classes,
+    labels = labels_from_masks([os.path.join(mask_dir, n + ".png") for n in masks], num_fg_classes,
                                progress)
     for split, names in lists.items():
         write_name_list(os.path.join(list_dir, f"{split}.txt"), names)
@@ -112,11 +112,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--root", required=True, help="VOCdevkit/VOC2012 folder")
     parser.add_argument("--list-dir", default=None,
                         help="folder for lists and labels (default <root>/ImageSets/Segmentation)")
-    parser.add_argument("--num-classes", type=int, default=20,
+    parser.add_argument("--num-fg-classes", type=int, default=20,
                         help="number of foreground classes K (VOC: 20)")
     args = parser.parse_args(argv)
     try:
-        counts = prepare_voc(args.root, args.list_dir, args.num_classes)
+        counts = prepare_voc(args.root, args.list_dir, args.num_fg_classes)
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"prepare_voc: {exc}") from None
     out = args.list_dir or default_list_dir(args.root)

@@ -23,6 +23,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
+    """`num_classes` is K + 1 everywhere in the project (config, `build_model`, MoRe, datasets,
+    metrics): the K foreground classes plus background. Code that counts the K foreground
+    classes alone (class tokens, image-label vectors, the synthetic data) names it
+    `num_fg_classes`."""
     name: str = "voc"                   # voc | coco
     root: str = "data/VOCdevkit/VOC2012"
     list_dir: str | None = None         # split lists + cls_labels.npz; default <root>/ImageSets/Segmentation

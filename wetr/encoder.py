@@ -54,7 +54,7 @@ class ClassTokenViT(nn.Module):
     """ViT with T = 4 + K leading tokens followed by the N = h*w patch tokens.
 
     Args:
-        num_classes: K, number of foreground classes (one class token each).
+        num_fg_classes: K, number of foreground classes (one class token each).
         pretrained: False (random init), True (timm hub weights) or a path to a timm ViT weight
             file (.pth / .npz) of the same width and depth.
         aux_layer: index into the per-block outputs for the aux patch map (-3: block 10 of 12).
@@ -62,7 +62,7 @@ class ClassTokenViT(nn.Module):
 
     def __init__(
             self,
-            num_classes: int,
+            num_fg_classes: int,
             backbone: str = "vit_base_patch16_224",
             pretrained: bool | str | Path = False,
             img_size: int = 224,
@@ -81,8 +81,8 @@ class ClassTokenViT(nn.Module):
         if not -depth <= aux_layer < depth:
             raise ValueError(f"aux_layer={aux_layer} does not index one of the {depth} blocks "
                              f"(model.depth={depth}; the reference uses -3 with depth 12)")
-        self.num_classes = num_classes
-        self.num_tokens = NUM_EXTRA_TOKENS + num_classes
+        self.num_fg_classes = num_fg_classes
+        self.num_tokens = NUM_EXTRA_TOKENS + num_fg_classes
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.num_heads = num_heads
@@ -190,7 +190,7 @@ class ClassTokenViT(nn.Module):
             class_tokens=x[:, NUM_EXTRA_TOKENS:self.num_tokens],
             patch_map=tokens_to_map(x[:, self.num_tokens:], h, w),
             aux_map=tokens_to_map(feats[self.aux_layer][:, self.num_tokens:], h, w),
-            attn_map=scores.reshape(B, self.num_classes, h, w),
+            attn_map=scores.reshape(B, self.num_fg_classes, h, w),
         )
 
 

@@ -51,8 +51,8 @@ class MoRe(nn.Module):
                  gcr_gate_score: str = "reference", decoder_dim: int = 512,
                  decoder_dilation: int = 5) -> None:
         super().__init__()
-        if encoder.num_classes != num_classes - 1:
-            raise ValueError(f"encoder has {encoder.num_classes} class tokens, expected {num_classes - 1}")
+        if encoder.num_fg_classes != num_classes - 1:
+            raise ValueError(f"encoder has {encoder.num_fg_classes} class tokens, expected {num_classes - 1}")
         self.num_classes = num_classes
         self.patch_size = encoder.patch_size
         self.embed_dim = d = encoder.embed_dim

@@ -1,18 +1,18 @@
 """Validation during training (SPEC 7): CAM, LAM, Fused and Seg mIoU plus classifier F1.
 
 Images are sharded by global rank; confusion matrices and F1 sums are all-reduced, so the numbers
-do not depend on the number of processes.
+do not depend on the number of processes. The maps come from `wetr.infer.validation_maps`.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from utils.dist import DistInfo, all_reduce_sum
 from utils.metrics import confusion_matrix, multilabel_f1, scores
 
-from .cam import cam_to_label, lam, minmax_normalise, multi_scale_cam
+from .cam import maps_to_label, resize_cam
+from .infer import validation_maps
 
 MAP_NAMES = ("cam", "lam", "fused", "seg")
 
@@ -35,7 +35,6 @@ def validate(model: torch.nn.Module, loader: DataLoader, cfg, dist: DistInfo,
     conf = {k: torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
             for k in MAP_NAMES}
     f1_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (sum, count)
-    size = (cfg.val.size, cfg.val.size)
     bkg = cfg.cam.bkg
     it = loader
     if progress:
@@ -45,26 +44,17 @@ def validate(model: torch.nn.Module, loader: DataLoader, cfg, dist: DistInfo,
         image = image.to(device, non_blocking=True)
         label = label.to(device, non_blocking=True)
         cls_label = cls_label.to(device, non_blocking=True).float()
-        x = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
-        out = model(x)
-        gt_size = label.shape[-2:]
-
-        cam, _ = multi_scale_cam(model, x, cfg.cam.scales)
-        cam = F.interpolate(cam, size=gt_size, mode="bilinear", align_corners=False)
-        lam_map = lam(out.class_tokens, out.patch_map)
-        lam_map = minmax_normalise(F.interpolate(lam_map, size=gt_size, mode="bilinear",
-                                                 align_corners=False))
-        fused = minmax_normalise(lam_map * cam)
-        seg = F.interpolate(out.seg_logits, size=gt_size, mode="bilinear", align_corners=False)
+        x = resize_cam(image, (cfg.val.size, cfg.val.size))
+        maps = validation_maps(model, x, cfg.cam.scales, label.shape[-2:])
         preds = {
-            "cam": cam_to_label(cam, cls_label, bkg=bkg, ignore_mid=False),
-            "lam": cam_to_label(lam_map, cls_label, bkg=bkg, ignore_mid=False),
-            "fused": cam_to_label(fused, cls_label, bkg=bkg, ignore_mid=False),
-            "seg": seg.argmax(1),
+            "cam": maps_to_label(maps.cam, cls_label, bkg=bkg),
+            "lam": maps_to_label(maps.lam, cls_label, bkg=bkg),
+            "fused": maps_to_label(maps.fused, cls_label, bkg=bkg),
+            "seg": maps.seg.argmax(1),
         }
         for k, p in preds.items():
             conf[k] += confusion_matrix(p, label, num_classes)
-        f1 = multilabel_f1(out.cls_logits > 0, cls_label)
+        f1 = multilabel_f1(maps.cls_logits > 0, cls_label)
         f1_sum[0] += f1.sum()
         f1_sum[1] += f1.numel()
     for c in conf.values():

@@ -1,0 +1,99 @@
+"""Configuration of the inference tools: the `key=value` schema (`InferConfig`, strict) and what
+differs between the tools (`ToolSpec`).
+
+    python -m tools.infer_seg_voc ckpt=logs/voc/checkpoints/best.pth infer_set=val crf=true
+    torchrun --nproc_per_node=2 -m tools.infer_cam ckpt=... multi_scale=true
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig
+
+from utils.config import ConfigError, make_config
+
+SEED_SCALES = (1.0, 0.5, 0.75, 1.25, 1.5, 1.75, 2.0)   # SPEC 8 "multi-scale" seeds
+SEG_SCALES = (1.0, 1.25, 1.5)                           # SPEC 8 segmentation
+SINGLE_SCALE = (1.0,)                                   # multi_scale=false, every tool
+
+
+@dataclass
+class InferData:
+    """Unset fields come from the checkpoint's training config (then from the defaults)."""
+    name: str | None = None             # voc | coco
+    root: str | None = None
+    list_dir: str | None = None         # default <root>/ImageSets/Segmentation (or the ckpt's)
+    num_classes: int | None = None      # K + 1; must agree with the checkpoint
+
+
+@dataclass
+class InferModel:
+    """Unset fields come from the checkpoint (meta / config / weight shapes)."""
+    backbone: str | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None        # reference checkpoints: embed_dim // 64 unless set
+    decoder_dilation: int | None = None  # reference checkpoints: 5 unless set
+    aux_layer: int | None = None
+    with_gcr: bool = True               # LAM from the GCR class tokens (reference default)
+
+
+@dataclass
+class InferConfig:
+    ckpt: str = ""                      # checkpoint path (required)
+    infer_set: str = ""                 # split list name; "" = the tool's default
+    multi_scale: bool = False           # seeds: SPEC 8 scales; segmentation tools default to true
+    scales: list[float] | None = None   # explicit scales (override multi_scale)
+    size: int = 448                     # images are resized to size x size (whatever the aspect)
+    bkg: float = 0.5                    # seed background threshold
+    cls_labels: str = "gt"              # seeds: gt image labels | pred (classifier, seg fallback)
+    crf: bool = False                   # DenseCRF post-processing (needs pydensecrf2)
+    crf_workers: int = -1               # CRF processes per rank; -1 auto, 0 in-process
+    save_labels: bool = True            # palette PNGs of the predictions
+    save_overlays: bool = False         # jet overlays (seeds) / colour blends (segmentation)
+    save_arrays: bool = False           # .npz maps (seeds: present-class maps; seg: logits)
+    out_dir: str = ""                   # "" = <run folder>/eval/<tool>_<set>
+    device: str = "auto"                # auto | cpu | cuda
+    num_workers: int = 2                # DataLoader workers per rank
+    max_images: int = 0                 # 0 = the whole split (before sharding)
+    data: InferData = field(default_factory=InferData)
+    model: InferModel = field(default_factory=InferModel)
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """What differs between the inference tools.
+
+    name: the tool (log file, default output folder); variant: its prediction ("cam", "lam",
+    "seg"; output sub-folder and scores key); multi_scales: the scales of multi_scale=true;
+    defaults: the tool's config values over `InferConfig`'s (the command line overrides them);
+    seed_split: default infer_set is the seed split (VOC `train`) rather than the validation
+    split; needs_image_labels: ground-truth image labels are read (cls_labels=gt).
+    """
+    name: str
+    variant: str
+    multi_scales: tuple[float, ...]
+    defaults: dict = field(default_factory=dict)
+    seed_split: bool = False
+    needs_image_labels: bool = False
+
+
+class InferError(RuntimeError):
+    """A problem the user can fix (message is one line)."""
+
+
+def parse_config(argv: Sequence[str], defaults: dict | None = None) -> DictConfig:
+    cfg = make_config(defaults, list(argv), schema=InferConfig)
+    if not cfg.ckpt:
+        raise ConfigError("ckpt=<path to checkpoint .pth> is required")
+    if cfg.cls_labels not in ("gt", "pred"):
+        raise ConfigError(f"config key 'cls_labels' must be one of gt, pred; got {cfg.cls_labels!r}")
+    return cfg
+
+
+def resolve_scales(cfg: DictConfig, spec: ToolSpec) -> tuple[float, ...]:
+    """Explicit `scales`, else the tool's multi-scale set or 1.0 alone."""
+    if cfg.scales:
+        return tuple(float(s) for s in cfg.scales)
+    return tuple(spec.multi_scales) if cfg.multi_scale else SINGLE_SCALE

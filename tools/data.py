@@ -1,0 +1,89 @@
+"""Which data an inference tool reads: the user's data.* over the checkpoint's training data
+config, the split's dataset (with one-line layout errors), class names, the output folder."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+from omegaconf import DictConfig
+
+from utils.config import ConfigError
+
+from .config import InferError
+
+DEFAULT_ROOTS = {"voc": "data/VOCdevkit/VOC2012", "coco": "data/COCO"}
+
+
+def resolve_data(cfg: DictConfig, info: dict) -> SimpleNamespace:
+    """Dataset config: the user's data.* over the checkpoint's training data config."""
+    trained = info["config"].get("data", {}) if isinstance(info["config"], dict) else {}
+    num_classes = info["num_classes"]
+    name = cfg.data.name or trained.get("name")
+    if name is None:
+        name = {21: "voc", 81: "coco"}.get(num_classes)
+        if name is None:
+            raise ConfigError(f"checkpoint has K={num_classes - 1} classes and no training config: "
+                              f"set data.name and data.root")
+    if cfg.data.root:   # a new root: its own lists unless list_dir is given too
+        root, list_dir = cfg.data.root, cfg.data.list_dir
+    else:
+        root = trained.get("root") or DEFAULT_ROOTS.get(name, "")
+        list_dir = cfg.data.list_dir or trained.get("list_dir")
+    return SimpleNamespace(name=name, root=root, list_dir=list_dir, num_classes=num_classes,
+                           train_split=trained.get("train_split", "train_aug"),
+                           val_split=trained.get("val_split", "val"))
+
+
+def list_dir_of(data: SimpleNamespace) -> str:
+    return data.list_dir or os.path.join(data.root, "ImageSets", "Segmentation")
+
+
+def seed_split(data: SimpleNamespace) -> str:
+    """VOC seeds are reported on `train` (1464 images) when that list exists, else on the
+    training split of the checkpoint."""
+    return "train" if os.path.isfile(os.path.join(list_dir_of(data), "train.txt")) else data.train_split
+
+
+def build_dataset_for(data: SimpleNamespace, split: str, check: bool):
+    """Stage "val" (image at original size, mask, image labels); splits named test* have no
+    masks and use stage "test" (label all 255, image labels all 0). `check`: verify the layout
+    of a labelled split first (folders, lists, image labels, masks), one-line errors."""
+    from datasets import build_dataset
+    from datasets.layout import LayoutError, check_layout
+
+    stage = "test" if split.startswith("test") else "val"
+    lists = list_dir_of(data)
+    have = sorted(p.stem for p in Path(lists).glob("*.txt")) if os.path.isdir(lists) else []
+    if have and split not in have:   # a mistyped infer_set, most likely
+        raise InferError(f"no split list {split}.txt in {lists}; infer_set can be: {', '.join(have)}")
+    if check and stage == "val":
+        try:
+            check_layout(data, [split])
+        except LayoutError as exc:
+            raise InferError(str(exc)) from None
+    try:
+        return build_dataset(data, split, stage)
+    except (FileNotFoundError, ValueError) as exc:
+        raise InferError(str(exc).splitlines()[0]) from None
+
+
+def class_names(data: SimpleNamespace) -> list[str]:
+    """Names of the K+1 classes: the dataset's own, the synthetic dataset's (synthetic.json), or
+    generic ones."""
+    from datasets import coco, synthetic, voc
+
+    names = {"voc": voc.CLASS_NAMES, "coco": coco.CLASS_NAMES}.get(data.name)
+    if names is None or len(names) != data.num_classes:
+        names = (synthetic.read_params(data.root) or {}).get("class_names")
+    if names is None or len(names) != data.num_classes:
+        names = ["background"] + [f"class_{c}" for c in range(1, data.num_classes)]
+    return list(names)
+
+
+def default_out_dir(ckpt: str, tool: str, split: str, suffix: str) -> Path:
+    """<run>/eval/<checkpoint stem>/<tool>_<split><suffix>, <run> being the folder above
+    checkpoints/ (so evaluating best.pth and last.pth keeps both)."""
+    path = Path(ckpt).resolve()
+    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return run / "eval" / path.stem / f"{tool}_{split}{suffix}"
