@@ -412,3 +412,11 @@ def test_cam2seg_route(run_dir, split, monkeypatch):
         server = out / "results" / "VOC2012" / "Segmentation" / "comp6_test_cls"
         assert sorted(p.name for p in server.glob("*.png")) == sorted(
             p.name for p in (out / "lam_crf").glob("*.png")) and len(list(server.glob("*.png"))) == 5
+
+
+def test_run_evaluate_voc_rejects_a_bad_cam2seg_value(run_dir):
+    proc = subprocess.run(["bash", "run_evaluate_voc.sh", "cpu", "1", str(run_dir.ckpt),
+                           "cam2seg=yes"], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: cam2seg must be true or false, got 'yes'"
