@@ -115,3 +115,22 @@ def test_run_demo_evaluates_at_the_training_crop_size(tmp_path):
     out = subprocess.run(["bash", "-c", "\n".join(steps)], cwd=tmp_path, env=env, check=True,
                          capture_output=True, text=True).stdout
     assert out.strip() == "80"
+
+
+def test_readme_override_reproduces_the_logged_coco_run():
+    """The README's one-line override gives the authors' published COCO log: 2 GPUs x 4 images,
+    CLE weight 0.05, UNE weight 0.0, validation every 4000 steps."""
+    import re
+    from pathlib import Path
+    from scripts.train_coco import COCO
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().replace("\\\n", " ")
+    line = next(ln for ln in readme.splitlines()
+                if "scripts/train_coco.py" in ln and "loss.weights.cle=" in ln)
+    gpus, nproc = re.search(r"train_coco\.py (\S+) (\d+) ", line).groups()
+    cfg = make_config(COCO, [t for t in line.split() if "=" in t and not t.startswith("data.")])
+    assert len(gpus.split(",")) == int(nproc) == 2 and cfg.batch_size == 4
+    assert (cfg.loss.weights.cle, cfg.loss.weights.une) == (0.05, 0.0)
+    from wetr.engine import should_eval
+    assert [s for s in range(1, 80001) if should_eval(s, cfg)] == list(range(4000, 80001, 4000))
+    default = make_config(COCO)
+    assert (default.batch_size, default.loss.weights.cle, default.loss.weights.une) == (2, 0.1, 0.01)
