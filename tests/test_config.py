@@ -47,16 +47,20 @@ def test_bad_jitter_is_a_config_error(bad):
         make_config({}, [f"data.jitter={bad}"])
 
 
-@pytest.mark.parametrize("script", ["train_voc", "train_coco"])
-def test_reference_scripts_use_spec_thresholds(script):
-    """SPEC 4: refined-label background planes 0.7 / 0.25; token labels CLE (0.5, 0.25), aux
-    (0.7, 0.25), final (0.6, 0.35); SPEC 7: background 0.5. The demo overrides only the planes."""
+@pytest.mark.parametrize("script, planes, aux, bkg", [
+    ("train_voc", (0.7, 0.25), [0.7, 0.25], 0.5),
+    ("train_coco", (0.65, 0.25), [0.65, 0.25], 0.45),
+])
+def test_reference_scripts_use_spec_thresholds(script, planes, aux, bkg):
+    """SPEC 4: refined-label background planes VOC 0.7 / 0.25, COCO 0.65 / 0.25; L_aux (and the
+    PTC labels) likewise; L_cle (0.5, 0.25) and L_fin (0.6, 0.35) in both; SPEC 7: validation
+    background VOC 0.5, COCO 0.45."""
     import importlib
     mod = importlib.import_module(f"scripts.{script}")
     cam = make_config(getattr(mod, "VOC" if script == "train_voc" else "COCO")).cam
-    assert (cam.high, cam.low, cam.bkg) == (0.7, 0.25, 0.5)
+    assert (cam.high, cam.low, cam.bkg) == (*planes, bkg)
     assert [list(cam.cle_thresholds), list(cam.aux_thresholds), list(cam.fin_thresholds)] == [
-        [0.5, 0.25], [0.7, 0.25], [0.6, 0.35]]
+        [0.5, 0.25], aux, [0.6, 0.35]]
 
 
 def test_demo_dict_keeps_the_voc_method():
@@ -111,3 +115,22 @@ def test_run_demo_evaluates_at_the_training_crop_size(tmp_path):
     out = subprocess.run(["bash", "-c", "\n".join(steps)], cwd=tmp_path, env=env, check=True,
                          capture_output=True, text=True).stdout
     assert out.strip() == "80"
+
+
+def test_readme_override_reproduces_the_logged_coco_run():
+    """The README's one-line override gives the authors' published COCO log: 2 GPUs x 4 images,
+    CLE weight 0.05, UNE weight 0.0, validation every 4000 steps."""
+    import re
+    from pathlib import Path
+    from scripts.train_coco import COCO
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().replace("\\\n", " ")
+    line = next(ln for ln in readme.splitlines()
+                if "scripts/train_coco.py" in ln and "loss.weights.cle=" in ln)
+    gpus, nproc = re.search(r"train_coco\.py (\S+) (\d+) ", line).groups()
+    cfg = make_config(COCO, [t for t in line.split() if "=" in t and not t.startswith("data.")])
+    assert len(gpus.split(",")) == int(nproc) == 2 and cfg.batch_size == 4
+    assert (cfg.loss.weights.cle, cfg.loss.weights.une) == (0.05, 0.0)
+    from wetr.engine import should_eval
+    assert [s for s in range(1, 80001) if should_eval(s, cfg)] == list(range(4000, 80001, 4000))
+    default = make_config(COCO)
+    assert (default.batch_size, default.loss.weights.cle, default.loss.weights.une) == (2, 0.1, 0.01)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tools import infer_cam, infer_seg_voc
+from tools import infer_cam, infer_lam, infer_seg_voc, pipelines
 from tools.config import SEED_SCALES, SEG_SCALES, parse_config, resolve_scales
 from tools.evaluation import to_uint8_rgb
 from tools.model_loader import build_model_from_checkpoint, describe_checkpoint
@@ -22,6 +22,7 @@ from utils.config import ConfigError, make_config, to_container
 from utils.palette import read_label_png
 from wetr import build_model
 from wetr.cam import maps_to_label
+from wetr import infer
 from wetr.infer import multi_scale_seg, seed_crf_stack, seed_maps
 
 K = 3
@@ -301,3 +302,132 @@ def test_test_split_writes_server_layout(run_dir):
     assert json.loads((out / "scores.json").read_text())["scores"] == {}
     with pytest.raises(Exception, match="cls_labels=pred"):
         infer_cam.main([f"ckpt={run_dir.ckpt}", "infer_set=test", f"out_dir={out}", *FAST])
+
+
+# --------------------------------------------------------------------------- cam2seg (SPEC 8)
+def classifier_first_loop(logits, argmax, k):
+    """Classifier's classes; if none, argmax foreground classes with >= 5 pixels."""
+    cls = [c for c in range(k) if logits[c] > 0]
+    if cls:
+        return set(cls)
+    return {c - 1 for c in range(1, k + 1) if sum(int(v == c) for v in argmax.ravel()) >= 5}
+
+
+def seg_first_loop(logits, argmax, k):
+    """Argmax classes (sorted); none in the foreground: the classifier's. Each foreground class
+    needs >= 4 pixels, except the first one when background is absent (reference quirk)."""
+    present = sorted(set(argmax.ravel().tolist()))
+    if present == [0]:
+        return {c for c in range(k) if logits[c] > 0}
+    keep = set()
+    for i, c in enumerate(present):
+        if c == 0:
+            continue
+        unchecked = i == 0   # no background: the reference skips the first class's check
+        if unchecked or sum(int(v == c) for v in argmax.ravel()) >= 4:
+            keep.add(c - 1)
+    return keep
+
+
+def _one_hot_logits(argmax, k):
+    """(h, w) class ids -> (1, K+1, h, w) logits whose argmax is `argmax`."""
+    return F.one_hot(torch.as_tensor(argmax), k + 1).permute(2, 0, 1)[None].float()
+
+
+CASES = [   # classifier logits, argmax grid drawing, val labels, test labels (0-based classes)
+    ([1.0, -1, -1], {2: 6, 3: 4}, {0}, {1, 2}),               # both orders differ
+    ([-1.0, -1, -1], {2: 5, 3: 4}, {1}, {1, 2}),               # 5 vs 4 pixels
+    ([-1.0, -1, -1], {2: 4}, set(), {1}),                      # nothing passes 5
+    ([-1.0, 2, -1], {}, {1}, {1}),                             # no foreground: classifier
+    ([-1.0, 2, -1], {1: 2}, {1}, set()),                       # foreground too small: no fallback
+    ([-1.0, -1, -1], {"all": 2, 1: 3}, {1}, {0, 1}),           # no background: 3 pixels kept
+    ([-1.0, -1, -1], {"all": 3, 2: 2}, {2}, {1, 2}),           # first = class 2 of {2, 3}
+]
+
+
+@pytest.mark.parametrize("logits, draw, want_val, want_test", CASES)
+def test_cam2seg_label_orders(logits, draw, want_val, want_test):
+    grid = np.zeros((6, 6), dtype=np.int64)
+    flat = grid.ravel()
+    pos = 0
+    if "all" in draw:
+        flat[:] = draw["all"]
+    for c, n in draw.items():
+        if c != "all":
+            flat[pos:pos + n] = c
+            pos += n
+    cls, seg = torch.tensor([logits]), _one_hot_logits(grid, K)
+    got_val = infer.classifier_first_labels(cls, seg)
+    got_test = infer.seg_first_labels(cls, seg)
+    as_set = lambda t: set(t[0].nonzero()[:, 0].tolist())
+    assert as_set(got_val) == want_val == classifier_first_loop(logits, grid, K)
+    assert as_set(got_test) == want_test == seg_first_loop(logits, grid, K)
+    assert got_val.shape == got_test.shape == (1, K) and got_val.dtype == torch.float32
+
+
+def test_cam2seg_label_orders_match_loops_batched():
+    """Random logits on a batch (one image per row) against the loops."""
+    g = torch.Generator().manual_seed(5)
+    k = 4
+    for _ in range(20):
+        cls = torch.randn(6, k, generator=g) - 1.5
+        seg = torch.randn(6, k + 1, 5, 5, generator=g)
+        seg[:2, 0] -= 3                      # some images without background
+        seg[2:4, 0] += 2                     # some nearly all background
+        val = infer.classifier_first_labels(cls, seg)
+        test = infer.seg_first_labels(cls, seg)
+        for b in range(6):
+            argmax = seg[b].argmax(0).numpy()
+            assert set(val[b].nonzero()[:, 0].tolist()) == classifier_first_loop(cls[b], argmax, k)
+            assert set(test[b].nonzero()[:, 0].tolist()) == seg_first_loop(cls[b], argmax, k)
+
+
+def _cam2seg_by_hand(model, image, label_size, order):
+    x = up(image[None], (64, 64))
+    with torch.no_grad():
+        out = model(x)
+        cls = order(out.cls_logits, out.seg_logits)
+        maps = up(infer.multi_scale_lam(model, x, SEED_SCALES, with_gcr=True), label_size)
+    return maps_to_label(maps, cls, 0.5)[0].numpy()
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_cam2seg_route(run_dir, split, monkeypatch):
+    """cam2seg=true alone: val (or the test split), 7 scales, CRF, predicted labels in the split's
+    order; the test route writes the server layout in its own folder."""
+    from datasets import build_dataset
+    lists = run_dir.data / "ImageSets" / "Segmentation"
+    (lists / "test.txt").write_text((lists / "val.txt").read_text())
+    orders = []
+    for fn in ("classifier_first_labels", "seg_first_labels"):
+        real = getattr(pipelines, fn)
+        monkeypatch.setattr(pipelines, fn, lambda *a, _r=real, _n=fn: orders.append(_n) or _r(*a))
+    out = run_dir.root / f"cam2seg_{split}"
+    extra = [] if split == "val" else ["infer_set=test"]
+    result = infer_lam.main([f"ckpt={run_dir.ckpt}", "cam2seg=true", f"out_dir={out}",
+                             "crf_workers=0", *extra, *FAST])
+    saved = json.loads((out / "scores.json").read_text())
+    assert saved["split"] == split and saved["scales"] == list(SEED_SCALES)
+    assert saved["config"]["crf"] and saved["config"]["cls_labels"] == "pred"
+    want_order = "classifier_first_labels" if split == "val" else "seg_first_labels"
+    assert set(orders) == {want_order} and len(orders) == 5
+    ds = build_dataset(SimpleNamespace(name="voc", root=str(run_dir.data), num_classes=K + 1),
+                       split, "val" if split == "val" else "test")
+    name, image, label, _ = ds[2]
+    want = _cam2seg_by_hand(run_dir.model, image, label.shape, getattr(infer, want_order))
+    assert np.array_equal(read_label_png(out / "lam" / f"{name}.png"), want)
+    if split == "val":
+        assert set(result) == {"lam", "lam_crf"} and result["lam_crf"]["pixels"] > 0
+    else:
+        assert result == {}
+        server = out / "results" / "VOC2012" / "Segmentation" / "comp6_test_cls"
+        assert sorted(p.name for p in server.glob("*.png")) == sorted(
+            p.name for p in (out / "lam_crf").glob("*.png")) and len(list(server.glob("*.png"))) == 5
+
+
+def test_run_evaluate_voc_rejects_a_bad_cam2seg_value(run_dir):
+    proc = subprocess.run(["bash", "run_evaluate_voc.sh", "cpu", "1", str(run_dir.ckpt),
+                           "cam2seg=yes"], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: cam2seg must be true or false, got 'yes'"

@@ -138,22 +138,30 @@ def _fake_coco(root: str) -> None:
     crowd = np.zeros((h, w), dtype=np.uint8)
     crowd[12:18, 20:28] = 1  # crowd region over a car instance and background
     crowd_counts = _rle_counts(crowd)
-    rle_dog = mask_utils.encode(np.asfortranarray(_disc(16, 16, 8, 8, 5)))
+    rle_dog = mask_utils.encode(np.asfortranarray(_disc(16, 16, 6, 6, 5)))
     rle_dog["counts"] = rle_dog["counts"].decode("ascii")  # compressed RLE as in the json files
     val_images = [
         {"id": 42, "file_name": "COCO_val2014_000000000042.jpg", "height": h, "width": w},
         {"id": 7, "file_name": "COCO_val2014_000000000007.jpg", "height": 16, "width": 16},
         {"id": 99, "file_name": "COCO_val2014_000000000099.jpg", "height": 8, "width": 8},
     ]
+    # json areas (as the official files carry them), listed neither by size nor by class; the
+    # dog/car triangle of image 7 has none (its pixel count stands in)
     val_anns = [
-        {"id": 1, "image_id": 42, "category_id": 1, "iscrowd": 0, "segmentation": _rect(2, 2, 12, 10)},
-        {"id": 2, "image_id": 42, "category_id": 1, "iscrowd": 0, "segmentation": _rect(9, 1, 15, 6)},
-        {"id": 3, "image_id": 42, "category_id": 3, "iscrowd": 0, "segmentation": _rect(8, 5, 24, 16)},
+        {"id": 3, "image_id": 42, "category_id": 3, "iscrowd": 0, "segmentation": _rect(8, 5, 24, 16),
+         "area": 176.0},
+        {"id": 1, "image_id": 42, "category_id": 1, "iscrowd": 0, "segmentation": _rect(2, 2, 12, 10),
+         "area": 80.0},
         {"id": 4, "image_id": 42, "category_id": 18, "iscrowd": 1,
-         "segmentation": {"size": [h, w], "counts": crowd_counts}},
-        {"id": 5, "image_id": 7, "category_id": 18, "iscrowd": 0, "segmentation": rle_dog},
+         "segmentation": {"size": [h, w], "counts": crowd_counts}, "area": 48.0},
+        {"id": 2, "image_id": 42, "category_id": 1, "iscrowd": 0, "segmentation": _rect(9, 1, 15, 6),
+         "area": 30.0},
+        {"id": 7, "image_id": 42, "category_id": 3, "iscrowd": 0, "segmentation": _rect(3, 3, 6, 6),
+         "area": 9.0},
+        {"id": 5, "image_id": 7, "category_id": 18, "iscrowd": 0, "segmentation": rle_dog,
+         "area": 81.0},
         {"id": 6, "image_id": 7, "category_id": 3, "iscrowd": 0,
-         "segmentation": [[0, 0, 6, 0, 0, 6]]},
+         "segmentation": [[0, 0, 9, 0, 0, 9]]},
     ]
     _coco_json(os.path.join(ann_dir, "instances_val2014.json"), val_images, val_anns)
     train_images = [{"id": 5, "file_name": "COCO_train2014_000000000005.jpg", "height": 10, "width": 12}]
@@ -181,16 +189,25 @@ def _rle_counts(m: np.ndarray) -> list[int]:
     return counts
 
 
-def _expected_mask(coco, image_id: int, cat_index: dict[int, int]) -> np.ndarray:
-    """The documented rule, pixel by pixel, on pycocotools' own annToMask rasterisation."""
+def _expected_mask(coco, image_id: int, cat_index: dict[int, int], rule: str) -> np.ndarray:
+    """The documented rules, pixel by pixel, on pycocotools' own annToMask rasterisation."""
     info = coco.imgs[image_id]
     anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=None))
-    masks = [(cat_index[a["category_id"]], a["iscrowd"], coco.annToMask(a)) for a in anns]
+    masks = [(cat_index[a["category_id"]], a["iscrowd"], coco.annToMask(a), a.get("area"))
+             for a in anns]
     out = np.zeros((info["height"], info["width"]), dtype=np.uint8)
     for y in range(info["height"]):
         for x in range(info["width"]):
-            classes = {c for c, crowd, m in masks if not crowd and m[y, x]}
-            in_crowd = any(crowd and m[y, x] for c, crowd, m in masks)
+            if rule == "area":   # the smallest covering annotation (first in the file on ties)
+                best = None
+                for i, (c, crowd, m, area) in enumerate(masks):
+                    size = area if area is not None else int(m.sum())
+                    if m[y, x] and (best is None or size < best[0]):
+                        best = (size, c)
+                out[y, x] = best[1] if best else 0
+                continue
+            classes = {c for c, crowd, m, _ in masks if not crowd and m[y, x]}
+            in_crowd = any(crowd and m[y, x] for c, crowd, m, _ in masks)
             if in_crowd or len(classes) > 1:
                 out[y, x] = 255
             elif classes:
@@ -198,12 +215,19 @@ def _expected_mask(coco, image_id: int, cat_index: dict[int, int]) -> np.ndarray
     return out
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_prepare_coco_masks_lists_labels(tmp_path, workers):
+# hand-checked pixels (y, x) of image 42: person only, person+person (same class), person+big
+# car, small car inside the person, car only, car+crowd dog, crowd only, background
+SPOTS = [(8, 4), (3, 10), (8, 10), (4, 4), (12, 15), (14, 22), (16, 26), (18, 2)]
+SPOT_VALUES = {"area": (1, 1, 1, 2, 2, 3, 3, 0), "strict": (1, 1, 255, 255, 2, 255, 255, 0)}
+
+
+@pytest.mark.parametrize("workers, rule", [(1, "area"), (2, "area"), (1, "strict")])
+def test_prepare_coco_masks_lists_labels(tmp_path, workers, rule):
     from pycocotools.coco import COCO
     root = str(tmp_path / "COCO")
     _fake_coco(root)
-    counts = prepare_coco(root, workers=workers, progress=False)
+    extra = {} if rule == "area" else {"rule": rule}   # area is the default
+    counts = prepare_coco(root, workers=workers, progress=False, **extra)
     assert counts == {"train": 1, "val": 2, "val_part": 2}
     seg = os.path.join(root, "ImageSets", "Segmentation")
     assert read_name_list(os.path.join(seg, "val.txt")) == ["COCO_val2014_000000000007",
@@ -219,15 +243,38 @@ def test_prepare_coco_masks_lists_labels(tmp_path, workers):
     rows = dict(zip(names, labels))
     for image_id in (42, 7):
         got = read_mask(os.path.join(root, "SegmentationClass", "val2014", f"{image_id:012d}.png"))
-        want = _expected_mask(coco, image_id, cat_index)
+        want = _expected_mask(coco, image_id, cat_index, rule)
         np.testing.assert_array_equal(got, want)
         np.testing.assert_array_equal(rows[f"COCO_val2014_{image_id:012d}"], _presence_loop(want, 3))
     m42 = read_mask(os.path.join(root, "SegmentationClass", "val2014", "000000000042.png"))
-    # hand-checked spots: person only, person+person (same class), person+car, car, crowd, bg
-    assert (m42[4, 4], m42[3, 10], m42[8, 10], m42[12, 15], m42[14, 22], m42[18, 2]) == (
-        1, 1, 255, 2, 255, 0)
-    assert set(np.unique(m42)) == {0, 1, 2, 255}
+    assert tuple(int(m42[y, x]) for y, x in SPOTS) == SPOT_VALUES[rule]
+    assert set(np.unique(m42)) == ({0, 1, 2, 3} if rule == "area" else {0, 1, 2, 255})
+    m7 = read_mask(os.path.join(root, "SegmentationClass", "val2014", "000000000007.png"))
+    # the triangle (about 36 pixels, no json area) is smaller than the dog disc: it wins the overlap
+    assert m7[3, 3] == (2 if rule == "area" else 255)
     np.testing.assert_array_equal(rows["COCO_train2014_000000000005"], [0, 0, 1])
+
+
+def test_prepare_coco_refuses_masks_of_another_rule(tmp_path, capsys):
+    from tools.prepare_coco import main as prepare_coco_main
+    root = str(tmp_path / "COCO")
+    _fake_coco(root)
+    prepare_coco(root, progress=False, subsets=["val2014"])
+    mask = os.path.join(root, "SegmentationClass", "val2014", "000000000042.png")
+    before = open(mask, "rb").read()
+    lists = os.path.join(root, "ImageSets", "Segmentation")
+    with pytest.raises(SystemExit) as exc:
+        prepare_coco_main(["--root", root, "--rule", "strict", "--workers", "1"])
+    msg = str(exc.value)
+    assert "rule 'area'" in msg and "--rule area" in msg and "\n" not in msg
+    assert open(mask, "rb").read() == before
+    assert not os.path.exists(os.path.join(lists, "train.txt"))   # nothing half-written
+    assert not os.path.exists(os.path.join(root, "SegmentationClass", "train2014"))
+    # masks of the tool before --rule (no .rule file) were strict
+    os.remove(os.path.join(root, "SegmentationClass", "val2014", ".rule"))
+    with pytest.raises(ValueError, match="--rule strict"):
+        prepare_coco(root, progress=False, subsets=["val2014"])
+    prepare_coco(root, progress=False, subsets=["val2014"], rule="strict")   # resumed as strict
 
 
 def test_prepare_coco_is_resumable(tmp_path):
@@ -235,7 +282,7 @@ def test_prepare_coco_is_resumable(tmp_path):
     _fake_coco(root)
     prepare_coco(root, progress=False)
     mask_dir = os.path.join(root, "SegmentationClass", "val2014")
-    paths = sorted(os.path.join(mask_dir, f) for f in os.listdir(mask_dir))
+    paths = sorted(os.path.join(mask_dir, f) for f in os.listdir(mask_dir) if f.endswith(".png"))
     before = {p: (os.stat(p).st_mtime_ns, open(p, "rb").read()) for p in paths}
     os.remove(paths[0])
     prepare_coco(root, progress=False)

@@ -2,6 +2,7 @@
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -65,7 +66,7 @@ def miou_loop(pairs, n):
     return float(np.mean(iou))
 
 
-def test_validate_matches_loop_reference():
+def _fake_val_data():
     torch.manual_seed(1)
     model = FakeModel().eval()
     sizes = [(40, 56), (48, 48)]
@@ -75,8 +76,22 @@ def test_validate_matches_loop_reference():
         label[:3] = 255
         data.append((f"im{i}", torch.randn(1, 3, h, w), label[None],
                      torch.tensor([[1.0, 0.0, 1.0]]) if i == 0 else torch.tensor([[0.0, 1.0, 1.0]])))
+    return model, data
+
+
+def _coco_bkg() -> float:
+    from scripts.train_coco import COCO
+    from utils.config import make_config
+    return make_config(COCO).cam.bkg
+
+
+@pytest.mark.parametrize("bkg", [0.5, "coco"])
+def test_validate_matches_loop_reference(bkg):
+    """CAM, LAM and Fused labels use cam.bkg (VOC 0.5; COCO's resolved config, 0.45)."""
+    bkg = _coco_bkg() if bkg == "coco" else bkg
+    model, data = _fake_val_data()
     cfg = SimpleNamespace(data=SimpleNamespace(num_classes=K + 1), val=SimpleNamespace(size=64),
-                          cam=SimpleNamespace(bkg=0.5, scales=[1.0, 0.5]))
+                          cam=SimpleNamespace(bkg=bkg, scales=[1.0, 0.5]))
     dist = DistInfo(0, 0, 1, torch.device("cpu"))
     result = validate(model, data, cfg, dist)
 
@@ -93,10 +108,26 @@ def test_validate_matches_loop_reference():
                                           align_corners=False)[0].numpy())
             seg = F.interpolate(out.seg_logits, size=size, mode="bilinear", align_corners=False)
             gt, present = label[0].numpy(), y[0].numpy()
-            pairs["cam"].append((label_loop(cam, present, 0.5), gt))
-            pairs["lam"].append((label_loop(lam, present, 0.5), gt))
-            pairs["fused"].append((label_loop(norm_loop(lam * cam), present, 0.5), gt))
+            pairs["cam"].append((label_loop(cam, present, bkg), gt))
+            pairs["lam"].append((label_loop(lam, present, bkg), gt))
+            pairs["fused"].append((label_loop(norm_loop(lam * cam), present, bkg), gt))
             pairs["seg"].append((seg[0].argmax(0).numpy(), gt))
     for k, p in pairs.items():
         assert abs(result[k]["miou"] - miou_loop(p, K + 1)) < 1e-9, k
     assert result["images"] == 2
+
+
+def test_validation_labels_follow_cam_bkg():
+    """COCO's 0.45 is not VOC's 0.5 in effect: every thresholded map's score moves with cam.bkg,
+    the seg head's does not."""
+    assert _coco_bkg() == 0.45
+    model, data = _fake_val_data()
+    dist = DistInfo(0, 0, 1, torch.device("cpu"))
+    res = {}
+    for bkg in (0.5, 0.45):
+        cfg = SimpleNamespace(data=SimpleNamespace(num_classes=K + 1), val=SimpleNamespace(size=64),
+                              cam=SimpleNamespace(bkg=bkg, scales=[1.0, 0.5]))
+        res[bkg] = validate(model, data, cfg, dist)
+    for k in ("cam", "lam", "fused"):
+        assert res[0.5][k]["miou"] != res[0.45][k]["miou"], k
+    assert res[0.5]["seg"] == res[0.45]["seg"]

@@ -48,6 +48,7 @@ class InferConfig:
     size: int = 448                     # images are resized to size x size (whatever the aspect)
     bkg: float = 0.5                    # seed background threshold
     cls_labels: str = "gt"              # seeds: gt image labels | pred (classifier, seg fallback)
+    cam2seg: bool = False               # infer_lam: LAM as segmentation on val / test (SPEC 8)
     crf: bool = False                   # DenseCRF post-processing (needs pydensecrf2)
     crf_workers: int = -1               # CRF processes per rank; -1 auto, 0 in-process
     save_labels: bool = True            # palette PNGs of the predictions

@@ -8,7 +8,8 @@ import torch
 
 from utils.palette import jet_overlay
 from wetr.cam import maps_to_label, resize_cam
-from wetr.infer import multi_scale_seg, predicted_cls_label, seed_crf_stack, seed_maps
+from wetr.infer import (classifier_first_labels, multi_scale_seg, seed_crf_stack, seed_maps,
+                        seg_first_labels)
 
 from .evaluation import to_uint8_rgb
 from .session import InferRun, Item
@@ -17,12 +18,17 @@ from .session import InferRun, Item
 def seed_image(run: InferRun, item: Item) -> None:
     """CAM / LAM seeds (run.spec.variant): the image resized to size x size, multi-scale + flip
     maps in [0, 1] upsampled to the label size, labelled with bkg using the ground-truth (or
-    predicted) image labels; optional CRF, arrays and overlays."""
+    predicted) image labels; optional CRF, arrays and overlays. Also LAM as segmentation
+    (`cam2seg`): the same route with predicted labels on the val or test split."""
     cfg, ev, kind = run.cfg, run.ev, run.spec.variant
     name, image, label, cls_label = item
     x = resize_cam(image, (cfg.size, cfg.size))
     if cfg.cls_labels == "pred":
-        cls_label = predicted_cls_label(run.model(x, with_gcr=cfg.model.with_gcr))
+        # the reference's label order: classifier first on a labelled split (infer_lam.py),
+        # segmentation head first on the test split (infer_lam_test_75.py)
+        order = classifier_first_labels if run.has_labels else seg_first_labels
+        out = run.model(x, with_gcr=cfg.model.with_gcr)
+        cls_label = order(out.cls_logits, out.seg_logits)
     maps = seed_maps(kind, run.model, x, run.scales, with_gcr=cfg.model.with_gcr)
     maps = resize_cam(maps, label.shape[-2:])
     ev.add(name, maps_to_label(maps, cls_label, bkg=cfg.bkg), label)

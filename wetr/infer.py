@@ -4,8 +4,9 @@
   seeds, min-max normalised;
 - `multi_scale_seg`: multi-scale + flip segmentation logits;
 - `validation_maps`: the single-pass CAM / LAM / fused / seg maps validated during training;
-- `predicted_cls_label`, `seed_crf_stack`: image labels from the network and the CRF input of
-  the seeds.
+- `classifier_first_labels` / `seg_first_labels`: image labels from the network in the
+  reference's val / test order (LAM as segmentation, `cam2seg`); `seed_crf_stack`: the CRF
+  input of the seeds.
 
 The multi-scale + flip passes run an image and its mirror image as one batch (`flip_pass`); the
 three kinds combine the pair and the scales as their reference does (CAM: max, ReLU, sum; LAM:
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .cam import fused_map, lam, minmax_normalise, multi_scale_cam, resize_cam
 
@@ -123,16 +125,40 @@ def validation_maps(model: nn.Module, x: torch.Tensor, cam_scales: Sequence[floa
                           seg=resize_cam(out.seg_logits, out_size), cls_logits=out.cls_logits)
 
 
-def predicted_cls_label(out, min_pixels: int = 5) -> torch.Tensor:
-    """Image labels from the network (reference `cam2seg`): classifier logits > 0; if no class
-    is predicted, the foreground classes of the segmentation argmax (at token resolution) with at
-    least `min_pixels` pixels. out: MoReOutput of one image. Returns (1, K) float."""
-    cls = (out.cls_logits[:1] > 0).float()
-    if cls.sum() > 0:
-        return cls
-    k = cls.shape[1]
-    counts = torch.bincount(out.seg_logits[:1].argmax(1).flatten(), minlength=k + 1)[1:]
-    return (counts >= min_pixels).float()[None]
+def argmax_pixel_counts(seg_logits: torch.Tensor) -> torch.Tensor:
+    """seg_logits: (B, K+1, h, w) -> (B, K+1) long: pixels of each class in the argmax."""
+    pred = seg_logits.argmax(1).flatten(1)
+    return F.one_hot(pred, seg_logits.shape[1]).sum(1)
+
+
+def classifier_first_labels(cls_logits: torch.Tensor, seg_logits: torch.Tensor,
+                            min_pixels: int = 5) -> torch.Tensor:
+    """Image labels from the network, val order (reference infer_lam.py, `cam2seg`): the
+    classifier's classes (logits > 0); for an image where it predicts none, the foreground
+    classes of the seg argmax covering at least `min_pixels` pixels.
+
+    cls_logits: (B, K); seg_logits: (B, K+1, h, w) at the logits' resolution. Returns (B, K)
+    float 0/1."""
+    cls = cls_logits > 0
+    seg = argmax_pixel_counts(seg_logits)[:, 1:] >= min_pixels
+    return torch.where(cls.any(1, keepdim=True), cls, seg).float()
+
+
+def seg_first_labels(cls_logits: torch.Tensor, seg_logits: torch.Tensor,
+                     min_pixels: int = 4) -> torch.Tensor:
+    """Image labels from the network, test order (reference infer_lam_test_75.py): the
+    foreground classes of the seg argmax covering at least `min_pixels` pixels; only for an image
+    whose argmax has no foreground class at all, the classifier's (logits > 0). Shapes as
+    `classifier_first_labels`."""
+    counts = argmax_pixel_counts(seg_logits)
+    fg = counts[:, 1:]
+    seg = fg >= min_pixels
+    # Reproduced quirk: the reference's per-class pixel check starts after the first class of the
+    # sorted argmax classes, assuming that one is the background; when the argmax has no
+    # background, the first (lowest) foreground class is therefore kept whatever its size.
+    first = F.one_hot((fg > 0).int().argmax(1), fg.shape[1]).bool()
+    seg = seg | (first & (counts[:, :1] == 0))
+    return torch.where((fg > 0).any(1, keepdim=True), seg, cls_logits > 0).float()
 
 
 def seed_crf_stack(maps: torch.Tensor, cls_label: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
