@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Subset
 
 from utils import dist as udist
 from utils.checkpoint import CheckpointError, load_file, model_state
-from utils.config import ConfigError, make_config, to_container
+from utils.config import ConfigError, parse_cli, to_container
 from utils.logger import git_revision, setup_logger
 from utils.metrics import confusion_matrix, format_table, scores
 from utils.palette import colorize, save_label_png, save_rgb
@@ -96,7 +96,7 @@ def _fail(msg: str) -> None:
 
 # ----------------------------------------------------------------------------- config / model
 def parse_config(argv: Sequence[str], defaults: dict | None = None) -> DictConfig:
-    cfg = make_config(defaults, list(argv), schema=InferConfig)
+    cfg = parse_cli(argv, InferConfig, defaults)
     if not cfg.ckpt:
         raise ConfigError("ckpt=<path to checkpoint .pth> is required")
     if cfg.cls_labels not in ("gt", "pred"):
