@@ -16,7 +16,7 @@ from datasets.synthetic import class_recipe, make_synthetic, read_params, render
 from datasets.transforms import (IMAGENET_MEAN, IMAGENET_STD, JITTER, COCOTrainTransform,
                                  VOCTrainTransform, color_jitter, normalise, random_pad_crop)
 from datasets.voc import read_cls_labels, read_mask, read_name_list
-from tools.prepare_voc import write_cls_labels, write_name_list
+from datasets.voc_lists import write_cls_labels, write_name_list
 
 K = 3
 SIZE = 64

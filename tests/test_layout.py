@@ -13,7 +13,7 @@ from PIL import Image
 from datasets.layout import LayoutError, check_layout
 from datasets.synthetic import PARAMS_FILE, make_synthetic
 from datasets.voc import read_cls_labels
-from tools.prepare_voc import write_cls_labels, write_name_list
+from datasets.voc_lists import write_cls_labels, write_name_list
 
 K = 3
 SPLITS = ["train_aug", "val"]
