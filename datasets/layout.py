@@ -143,8 +143,12 @@ def check_layout(cfg_data: Any, splits: Sequence[str], max_masks: int | None = 1
                 fail(path, f"mask values {bad[:5]} outside 0..{num_fg} and 255",
                      f"masks must hold class indices (e.g. SegmentationClassAug, not RGB colour "
                      f"masks) and data.num_classes must be K+1; then {fix}")
-            with Image.open(dataset.image_path(root, n)) as img:  # header only
-                size = (img.height, img.width)
+            image = dataset.image_path(root, n)
+            try:
+                with Image.open(image) as img:  # header only
+                    size = (img.height, img.width)
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+                fail(image, f"cannot read image ({exc})", f"replace the file; {download}")
             if mask.shape != size:
                 fail(path, f"mask is {mask.shape[0]}x{mask.shape[1]} but its image is "
                            f"{size[0]}x{size[1]}")

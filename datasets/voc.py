@@ -126,6 +126,22 @@ class VOCDataset(Dataset):
         return len(self.names)
 
     def __getitem__(self, index: int):
+        try:
+            return self._load(index)
+        except (OSError, ValueError) as exc:
+            # every data error names its file: the readers do; anything else raised while
+            # loading (a transform on a strange image) gets the image's path in front
+            msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            folders = (os.path.join(self.root, self.image_folder),
+                       os.path.join(self.root, self.mask_folder))
+            if not any(folder in msg for folder in folders):
+                try:
+                    msg = f"{self.image_path(self.root, self.names[index])}: {msg}"
+                except ValueError:  # a COCO name that does not parse
+                    msg = f"{self.names[index]}: {msg}"
+            raise (FileNotFoundError if isinstance(exc, FileNotFoundError) else ValueError)(msg) from None
+
+    def _load(self, index: int):
         name = self.names[index]
         image = read_image(self.image_path(self.root, name))
         if self.stage == "train":

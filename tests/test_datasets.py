@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from types import SimpleNamespace
 
 import cv2
@@ -16,7 +17,7 @@ from datasets.synthetic import class_recipe, make_synthetic, read_params, render
 from datasets.transforms import (IMAGENET_MEAN, IMAGENET_STD, JITTER, COCOTrainTransform,
                                  VOCTrainTransform, color_jitter, normalise, random_pad_crop)
 from datasets.voc import read_cls_labels, read_mask, read_name_list
-from tools.prepare_voc import write_cls_labels, write_name_list
+from datasets.voc_lists import write_cls_labels, write_name_list
 
 K = 3
 SIZE = 64
@@ -380,3 +381,34 @@ def test_train_stage_needs_crop_size(syn):
     """The crop size has its default in the config only: a train-stage dataset must be given it."""
     with pytest.raises(ValueError, match="crop_size"):
         VOCDataset(syn, "train_aug", "train", num_classes=K + 1)
+
+
+def test_data_errors_name_the_file_through_the_loader(tmp_path, syn, monkeypatch):
+    """A corrupt mask (val stage), a truncated JPEG (train stage, in a DataLoader worker through
+    CheckedDataset) and an error raised by a transform all name the file, on one line."""
+    from torch.utils.data import DataLoader
+
+    from datasets.sampler import CheckedDataset, SampleError
+    root = tmp_path / "syn"
+    shutil.copytree(syn, root)
+    mask = root / "SegmentationClassAug" / "val_00001.png"
+    mask.write_bytes(mask.read_bytes()[:40])
+    val = VOCDataset(str(root), "val", "val", num_classes=K + 1)
+    with pytest.raises(ValueError) as info:
+        val[1]
+    assert str(mask) in str(info.value) and "\n" not in str(info.value)
+    image = root / "JPEGImages" / "val_00000.jpg"
+    image.write_bytes(image.read_bytes()[:300])
+    train = VOCDataset(str(root), "val", "train", num_classes=K + 1, crop_size=32)
+    loader = DataLoader(CheckedDataset(train), batch_size=1, num_workers=1)
+    with pytest.raises(SampleError) as info:
+        next(iter(loader))
+    assert str(info.value).startswith(f"cannot decode image {image}")
+    assert "\n" not in str(info.value)
+
+    def broken(img):
+        raise ValueError("bad crop")
+    monkeypatch.setattr(train, "transform", broken)
+    with pytest.raises(ValueError) as info:
+        train[2]
+    assert str(info.value) == f"{root / 'JPEGImages' / 'val_00002.jpg'}: bad crop"

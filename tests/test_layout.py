@@ -13,7 +13,7 @@ from PIL import Image
 from datasets.layout import LayoutError, check_layout
 from datasets.synthetic import PARAMS_FILE, make_synthetic
 from datasets.voc import read_cls_labels
-from tools.prepare_voc import write_cls_labels, write_name_list
+from datasets.voc_lists import write_cls_labels, write_name_list
 
 K = 3
 SPLITS = ["train_aug", "val"]
@@ -180,3 +180,23 @@ def test_coco_layout_errors(tmp_path):
     write_name_list(str(root / "ImageSets" / "Segmentation" / "val.txt"), ["42"])
     with pytest.raises(LayoutError, match="val.txt.*12 digits"):
         check_layout(cfg, ["val"])
+
+
+def test_unreadable_image_and_mask_are_named(root):
+    """A JPEG cut inside its header (PIL: "Truncated File Read", no path of its own) and a
+    corrupt PNG mask: the one-line error names the file."""
+    image = os.path.join(root, "JPEGImages", "val_00001.jpg")
+    with open(image, "rb") as f:
+        head = f.read(100)
+    with open(image, "wb") as f:
+        f.write(head)
+    msg = _error(_cfg(root), image)
+    assert "cannot read image" in msg and "Truncated" in msg
+    shutil.copy(os.path.join(root, "JPEGImages", "val_00000.jpg"), image)   # repaired
+    check_layout(_cfg(root), SPLITS)
+    mask = os.path.join(root, "SegmentationClassAug", "val_00002.png")
+    with open(mask, "rb") as f:
+        data = f.read()
+    with open(mask, "wb") as f:
+        f.write(data[: len(data) // 2])
+    _error(_cfg(root), mask)

@@ -48,7 +48,7 @@ from omegaconf import DictConfig
 import wetr.engine as engine
 import wetr.losses as wetr_losses
 from datasets.synthetic import MAX_CLASSES, render
-from utils.config import ConfigError, TrainConfig, make_config, to_container
+from utils.config import ConfigError, TrainConfig, parse_cli, to_container
 from utils.dist import resolve_device
 from utils.logger import git_revision
 from wetr.cam import IMAGENET_MEAN_255, IMAGENET_STD_255, multi_scale_cam
@@ -63,16 +63,16 @@ class BenchOptions:
     warmup: int = 2                     # un-timed steps first (allocator, autotuning; >= 3 with compile)
     steps: int = 5                      # timed steps; medians are reported
     step: int = -1                      # iteration given to compute_losses; -1: every term on
-    seed: int = 0
+    seed: int = 0                       # seed of the random weights and batch
     flops: bool = True                  # count FLOPs of one step (torch.utils.flop_counter)
     infer: bool = True                  # inference throughput, single- and multi-scale
     infer_size: int = 0                 # 0: data.crop_size
-    infer_images: int = 4
+    infer_images: int = 4               # images per inference pass
     energy: bool = True                 # dense energy filters: lattice, exact, naive N x N
     energy_sizes: list[int] = field(default_factory=lambda: [112, 224])  # filter grid (crop / 2)
-    energy_repeats: int = 3
+    energy_repeats: int = 3             # timed runs of each filter (median)
     naive_max_gib: float = 4.0          # naive N x N only where B*N*N float32 x 2 fits in this
-    out_dir: str = "logs/benchmarks"
+    out_dir: str = "logs/benchmarks"    # where <name>.json and <name>.md go
     name: str = ""                      # file stem; default from device and config
     threads: int = 0                    # CPU threads (torch.set_num_threads); 0: torch's default.
     # On a loaded machine 1 thread is far steadier: OpenMP regions stall on descheduled threads.
@@ -563,7 +563,7 @@ def markdown(res: dict) -> str:
 
 
 def run(argv: list[str]) -> dict:
-    cfg = make_config(DEFAULTS, argv, schema=BenchConfig)
+    cfg = parse_cli(argv, BenchConfig, DEFAULTS)
     b = cfg.bench
     if b.steps < 1:
         raise ConfigError("bench.steps must be >= 1")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
-from utils.config import ConfigError, make_config
+from utils.config import ConfigError, parse_cli
 
 SEED_SCALES = (1.0, 0.5, 0.75, 1.25, 1.5, 1.75, 2.0)   # SPEC 8 "multi-scale" seeds
 SEG_SCALES = (1.0, 1.25, 1.5)                           # SPEC 8 segmentation
@@ -85,7 +85,7 @@ class InferError(RuntimeError):
 
 
 def parse_config(argv: Sequence[str], defaults: dict | None = None) -> DictConfig:
-    cfg = make_config(defaults, list(argv), schema=InferConfig)
+    cfg = parse_cli(argv, InferConfig, defaults)
     if not cfg.ckpt:
         raise ConfigError("ckpt=<path to checkpoint .pth> is required")
     if cfg.cls_labels not in ("gt", "pred"):

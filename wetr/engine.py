@@ -35,7 +35,7 @@ from datasets.sampler import CheckedDataset, ResumableSampler, SampleError, Seed
 from utils import dist as dist_utils
 from utils.checkpoint import (CheckpointError, check_state_shapes, load_file, model_state,
                               remove_stale_tmp, rng_state, save_atomic, set_rng_state)
-from utils.config import ConfigError, make_config, to_container
+from utils.config import ConfigError, TrainConfig, parse_cli, to_container
 from utils.dist import DeviceError, DistInfo
 from utils.logger import JsonlWriter, format_eta, get_logger, git_revision, setup_logger
 
@@ -593,7 +593,7 @@ def main(overrides: dict, argv: list[str] | None = None) -> None:
     """
     argv = sys.argv[1:] if argv is None else argv
     try:
-        cfg = make_config(overrides, argv)
+        cfg = parse_cli(argv, TrainConfig, overrides)
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0 and not cfg.resume:
             cfg.resume = "auto"  # a worker restarted by torchrun continues its run
         if os.environ.get("MORE_PREFLIGHT") == "1":

@@ -1,0 +1,85 @@
+"""utils.tensorboard_log: events read back with TensorBoard's own reader, a resume without
+duplicated steps, the overlay panels."""
+import numpy as np
+import pytest
+
+from utils.tensorboard_log import TBWriter, seg_blend, val_overlay
+
+
+def _read(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+def _panel(seed=0, h=20, w=30):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    cam = rng.random((2, h, w))
+    seg = rng.integers(0, 3, (h, w))
+    return val_overlay(image, cam, cam[0], seg, gt=seg)
+
+
+def _run(run_dir, steps, start_step=0):
+    tb = TBWriter(run_dir, enabled=True, start_step=start_step)
+    for step in steps:
+        tb.scalars(step, {"loss/total": 1.0 / step, "lr": 1e-3 * step, "speed/images_per_s": 8.0,
+                          "note": "text is skipped", "loss/bad": float("nan")})
+        if step % 4 == 0:
+            tb.scalars(step, {"val/cam_miou": 0.5, "val/lam_miou": 0.6, "val/fused_miou": 0.55,
+                              "val/seg_miou": 0.4, "val/f1": 0.8})
+            tb.images(step, "val", [_panel(0), _panel(1, 16, 24)])
+    tb.close()
+
+
+def test_scalars_and_images_are_read_back(tmp_path):
+    _run(tmp_path, range(1, 9))
+    acc = _read(tmp_path / "tb")
+    tags = acc.Tags()
+    assert {"loss/total", "lr", "speed/images_per_s", "val/cam_miou", "val/lam_miou",
+            "val/fused_miou", "val/seg_miou", "val/f1"} <= set(tags["scalars"])
+    assert "note" not in tags["scalars"] and "loss/bad" not in tags["scalars"]
+    assert [e.step for e in acc.Scalars("lr")] == list(range(1, 9))
+    assert acc.Scalars("lr")[2].value == pytest.approx(3e-3)
+    assert {"val/0", "val/1"} <= set(tags["images"])
+    img = acc.Images("val/1")
+    assert [e.step for e in img] == [4, 8]
+    assert (img[0].width, img[0].height) == (24 * 5, 16)
+
+
+def test_resume_appends_without_duplicated_steps(tmp_path):
+    _run(tmp_path, range(1, 11))          # the first run logged up to step 10, then died
+    _run(tmp_path, range(7, 13), start_step=7)   # resumed from the checkpoint of step 6
+    acc = _read(tmp_path / "tb")
+    for tag in ("lr", "loss/total", "val/seg_miou", "val/0"):
+        events = acc.Images(tag) if tag.startswith("val/0") else acc.Scalars(tag)
+        steps = [e.step for e in events]
+        assert steps == sorted(set(steps)), (tag, steps)
+    assert [e.step for e in acc.Scalars("lr")] == list(range(1, 13))
+    assert [e.step for e in acc.Scalars("val/seg_miou")] == [4, 8, 12]
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+    tb = TBWriter(tmp_path, enabled=False, start_step=5)
+    tb.scalars(1, {"lr": 1.0})
+    tb.images(1, "val", [_panel()])
+    tb.close()
+    assert not tb.enabled and not (tmp_path / "tb").exists()
+
+
+def test_overlay_panels():
+    image = np.full((4, 6, 3), 100, np.uint8)
+    seg = np.zeros((4, 6), np.int64)
+    seg[1, 2], seg[2, 3] = 1, 255
+    blend = seg_blend(image, seg)
+    assert (blend[0, 0] == 100).all() and (blend[2, 3] == 100).all()   # background, ignore
+    assert (blend[1, 2] == np.round(0.5 * np.array([128, 0, 0]) + 50)).all()   # class 1 colour
+    panel = val_overlay(image, np.zeros((2, 4, 6)), np.ones((4, 6)), seg)
+    assert panel.shape == (4, 24, 3) and panel.dtype == np.uint8
+    assert (panel[:, :6] == image).all()
+    with pytest.raises(ValueError, match="cam"):
+        val_overlay(image, np.zeros((5, 6)), np.zeros((4, 6)), seg)
+    with pytest.raises(ValueError, match="uint8"):
+        TBWriter("unused", enabled=False).images(0, "x", [np.zeros((2, 2, 3))])
