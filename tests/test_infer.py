@@ -431,3 +431,21 @@ def test_run_evaluate_voc_rejects_a_bad_cam2seg_value(run_dir):
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: cam2seg must be true or false, got 'yes'"
+
+
+def test_corrupt_image_in_evaluation_is_one_line_naming_it(run_dir, tmp_path, capsys):
+    """A truncated JPEG met by an inference tool's loader: exit 2, one line with its path."""
+    import shutil
+
+    from tools.session import run
+    data = tmp_path / "syn"
+    shutil.copytree(run_dir.data, data)
+    name = (data / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[1]
+    image = data / "JPEGImages" / f"{name}.jpg"
+    image.write_bytes(image.read_bytes()[:300])
+    with pytest.raises(SystemExit) as info:
+        run(infer_seg_voc.main, [f"ckpt={run_dir.ckpt}", f"data.root={data}", "multi_scale=false",
+                                 f"out_dir={tmp_path / 'out'}", *FAST])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1
+    assert err[0].startswith("error: ") and str(image) in err[0]

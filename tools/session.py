@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from datasets.sampler import CheckedDataset, SampleError
 from utils import dist as udist
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigError, to_container
@@ -91,7 +92,8 @@ class InferRun:
     def items(self) -> Iterator[Item]:
         """This rank's images: (name, image (1, 3, H, W), label (1, H, W) long,
         cls_label (1, K) float), on the device."""
-        shard = Subset(self.dataset, range(self.dist.rank, self.num_images(), self.dist.world_size))
+        ranks = range(self.dist.rank, self.num_images(), self.dist.world_size)
+        shard = Subset(CheckedDataset(self.dataset), ranks)
         loader = DataLoader(shard, batch_size=1, shuffle=False, num_workers=self.cfg.num_workers,
                             pin_memory=self.device.type == "cuda")
         it = loader
@@ -141,7 +143,7 @@ def run(main: Callable[[Sequence[str]], Any], argv: Sequence[str] | None = None)
 
     try:
         return main(sys.argv[1:] if argv is None else argv)
-    except (ConfigError, CheckpointError, InferError, DeviceError) as exc:
+    except (ConfigError, CheckpointError, InferError, DeviceError, SampleError) as exc:
         _fail(str(exc))
     except RuntimeError as exc:
         from utils.crf import CRF_MISSING
