@@ -166,7 +166,6 @@ class TrainConfig:
     resume: str = ""                    # "" | auto | path/to/checkpoint.pth
     overwrite: bool = False
     nan_policy: str = "stop"            # stop | skip
-    fault_step: int = -1                # tests only: die once at this step (elastic restart test)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
