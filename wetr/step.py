@@ -87,20 +87,8 @@ def compute_losses(model: torch.nn.Module, cam_model: MoRe, par: PAR, images: to
     reuse = cfg.cam.reuse_forward and cfg.model.drop_path_rate == 0
     with span("forward"), autocast():
         out = model(images, with_gcr=cfg.model.with_gcr, with_cams=reuse)
-    with span("multi-scale CAM"), torch.no_grad(), autocast():
-        # out.cams is None without reuse; DDP with find_unused_parameters or static_graph would
-        # also rebuild the output without it: then the scale-1.0 pass simply runs again.
-        cam, aux_cam = multi_scale_cam(cam_model, images, cfg.cam.scales, first=out.cams)
-    cam, aux_cam = cam.float(), aux_cam.float()
-    with torch.no_grad():
-        valid_cam = cam * cls_label[:, :, None, None]
-        refined = None
-        if on["seg"] or on["reg"]:
-            with span("refined labels (PAR)"):
-                refined = refine_label(par, denormalise(images), valid_cam, cls_label,
-                                       high=cfg.cam.high, low=cfg.cam.low,
-                                       num_present=num_present)
-
+    cam, aux_cam, refined = _pseudo_labels(cam_model, par, images, cls_label, out.cams,
+                                           on["seg"] or on["reg"], cfg, autocast, num_present, span)
     patch_map = out.patch_map.float()
     tokens = out.class_tokens.float()
     with span("token labels"), torch.no_grad():
@@ -147,6 +135,26 @@ def compute_losses(model: torch.nn.Module, cam_model: MoRe, par: PAR, images: to
     # weight decay) before segmentation starts; keep that, and keep DDP's graph complete.
     total = total + 0.0 * seg_logits.sum()
     return total, terms
+
+
+@torch.no_grad()
+def _pseudo_labels(cam_model: MoRe, par: PAR, images: torch.Tensor, cls_label: torch.Tensor,
+                   first, refine: bool, cfg: DictConfig, autocast, num_present: int | None,
+                   span: Span) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """-> cam, aux_cam (B,K,H,W) float, multi-scale + flip (SPEC 4), and, when `refine`, the
+    PAR-refined pseudo label (B,H,W) (else None). first: the forward's own (aux_cam, cam)."""
+    with span("multi-scale CAM"), autocast():
+        # first is None without reuse; DDP with find_unused_parameters or static_graph would
+        # also rebuild the forward's output without it: then the scale-1.0 pass simply runs again.
+        cam, aux_cam = multi_scale_cam(cam_model, images, cfg.cam.scales, first=first)
+    cam, aux_cam = cam.float(), aux_cam.float()
+    valid_cam = cam * cls_label[:, :, None, None]
+    refined = None
+    if refine:
+        with span("refined labels (PAR)"):
+            refined = refine_label(par, denormalise(images), valid_cam, cls_label,
+                                   high=cfg.cam.high, low=cfg.cam.low, num_present=num_present)
+    return cam, aux_cam, refined
 
 
 # ----------------------------------------------------------------------------- the whole step

@@ -86,6 +86,13 @@ def _derive(st: dict) -> None:
     st["outside network, without optimizer"] = st["outside network"] - st["optimizer"]
 
 
+def _count_flops(fn: Callable[[], object]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def bench_step(cfg: DictConfig, device: torch.device) -> tuple[dict, Training]:
     b = cfg.bench
     images, cls_label = synthetic_batch(cfg.batch_size, cfg.data.crop_size, cfg.data.num_classes - 1, b.seed)
@@ -131,13 +138,8 @@ def bench_step(cfg: DictConfig, device: torch.device) -> tuple[dict, Training]:
     steps = list(timer.steps)
     stages = timer.medians()
 
-    flops = None
-    if b.flops and not cfg.compile:
-        from torch.utils.flop_counter import FlopCounterMode
-        timer.enabled = False
-        with FlopCounterMode(display=False) as counter:
-            run()
-        flops = counter.get_total_flops()
+    timer.enabled = False
+    flops = _count_flops(run) if b.flops and not cfg.compile else None
 
     step_s = stages["step"]
     # Throughput figures use the un-instrumented step where there is one (CUDA).
