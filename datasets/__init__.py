@@ -6,14 +6,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from .coco import COCODataset
+from .sampler import ResumableSampler, SeededDataset
 from .transforms import JITTER
 from .voc import VOCDataset
 
 DATASETS = {"voc": VOCDataset, "coco": COCODataset}
 
-__all__ = ["VOCDataset", "COCODataset", "DATASETS", "build_dataset", "seed_worker"]
+__all__ = ["VOCDataset", "COCODataset", "DATASETS", "build_dataset", "build_train_loader",
+           "seed_worker"]
 
 
 def build_dataset(cfg_data: Any, split: str, stage: str) -> VOCDataset:
@@ -41,3 +44,23 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+
+
+def build_train_loader(cfg: Any, dist: Any, start_step: int) -> DataLoader:
+    """The training loader of a run config: `cfg.data`'s train split, `cfg.batch_size` images
+    per process, this rank's share of a seeded permutation resumable at `start_step`
+    (`ResumableSampler`); dist: `utils.dist.DistInfo`."""
+    dataset = build_dataset(cfg.data, cfg.data.train_split, "train")
+    sampler = ResumableSampler(len(dataset), cfg.batch_size, dist.rank, dist.world_size,
+                               seed=cfg.seed, start_step=start_step)
+    d = cfg.data
+    workers = d.num_workers
+    # The loader's own generator (worker base seeds) keeps it off the global torch stream, which
+    # a resumed run restores just before creating the loader's iterator.
+    return DataLoader(
+        SeededDataset(dataset, cfg.seed), batch_size=cfg.batch_size, sampler=sampler,
+        num_workers=workers, pin_memory=d.pin_memory and dist.device.type == "cuda",
+        drop_last=True, worker_init_fn=seed_worker,
+        generator=torch.Generator().manual_seed(cfg.seed + dist.rank),
+        persistent_workers=d.persistent_workers and workers > 0,
+        prefetch_factor=d.prefetch_factor if workers > 0 else None)

@@ -5,12 +5,13 @@ import torch
 from scripts.train_coco import COCO
 from scripts.train_voc import VOC
 from utils.config import make_config
-from wetr import engine
+from wetr import step as wstep
+from wetr.factory import model_from_config
 from wetr.cam import cam_to_label
 
 # the real functions, so that a second spied step does not wrap the first one's spies
-REAL = {"refine": engine.refine_label, "tokens": engine.token_labels,
-        "ptc": engine.L.ptc_loss, "une": engine.L.une_loss}
+REAL = {"refine": wstep.refine_label, "tokens": wstep.token_labels,
+        "ptc": wstep.L.ptc_loss, "une": wstep.L.une_loss}
 TINY = ["model.pretrained=false", "model.embed_dim=32", "model.depth=3", "model.num_heads=2",
         "data.num_classes=4"]
 
@@ -22,7 +23,7 @@ def test_token_labels_use_the_config_thresholds():
     aux[:, 1] *= 0.5
     cls = torch.tensor([[1.0, 1.0]])
     coco, voc = make_config(COCO).cam, make_config(VOC).cam
-    got = {name: engine.token_labels(aux, aux, cls, (2, 2), make_config(d))
+    got = {name: wstep.token_labels(aux, aux, cls, (2, 2), make_config(d))
            for name, d in (("coco", COCO), ("voc", VOC))}
     assert got["coco"]["aux"].flatten().tolist() == [1, 255, 255, 0]
     assert got["voc"]["aux"].flatten().tolist() == [255, 255, 255, 0]
@@ -48,15 +49,15 @@ def _spied_step(monkeypatch, argv, step):
 
     monkeypatch.setattr(engine, "refine_label", spy("refine"))
     monkeypatch.setattr(engine, "token_labels", spy("tokens"))
-    monkeypatch.setattr(engine.L, "ptc_loss", spy("ptc"))
-    monkeypatch.setattr(engine.L, "une_loss", spy("une"))
+    monkeypatch.setattr(wstep.L, "ptc_loss", spy("ptc"))
+    monkeypatch.setattr(wstep.L, "une_loss", spy("une"))
     torch.manual_seed(0)
-    model = engine.model_from_config(cfg).train()
-    par = engine.build_par(cfg)
+    model = model_from_config(cfg).train()
+    par = wstep.build_par(cfg)
     images = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(3))
     cls_label = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     torch.manual_seed(1)
-    engine.compute_losses(model, model, par, images, cls_label, step, cfg)
+    wstep.compute_losses(model, model, par, images, cls_label, step, cfg)
     return cfg, seen
 
 

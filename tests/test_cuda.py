@@ -10,9 +10,10 @@ import copy
 import pytest
 import torch
 
-from tools.benchmark import synthetic_batch
+from tools.bench.step import synthetic_batch
 from utils.config import make_config
-from wetr import engine
+from wetr import step as wetr_step
+from wetr.factory import model_from_config
 from wetr.permutohedral import permutohedral_filter
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -28,9 +29,9 @@ def no_tf32():
 
 def _losses_and_grads(cfg, model, images, cls_label, step, device):
     model = model.to(device)
-    par = engine.build_par(cfg).to(device)
-    total, terms = engine.compute_losses(model, model, par, images.to(device), cls_label.to(device),
-                                         step, cfg)
+    par = wetr_step.build_par(cfg).to(device)
+    total, terms = wetr_step.compute_losses(model, model, par, images.to(device), cls_label.to(device),
+                                            step, cfg)
     model.zero_grad(set_to_none=True)
     total.backward()
     grads = {n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
@@ -42,7 +43,7 @@ def test_compute_losses_cuda_matches_cpu():
                              "model.pretrained=false", "data.num_classes=5", "data.crop_size=64",
                              "batch_size=2", "device=cpu"])
     torch.manual_seed(0)
-    model = engine.model_from_config(cfg).train()
+    model = model_from_config(cfg).train()
     images, cls_label = synthetic_batch(2, 64, 4, seed=0)
     step = max(cfg.loss.after.values()) + 1  # every term on
     cpu = _losses_and_grads(cfg, copy.deepcopy(model), images, cls_label, step, torch.device("cpu"))

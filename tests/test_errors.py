@@ -25,7 +25,9 @@ from datasets.synthetic import make_synthetic
 from scripts.train_voc import VOC
 from utils.checkpoint import CheckpointError, load_file
 from utils.config import make_config
-from wetr.engine import main, model_from_config, save_checkpoint
+from wetr.engine import main
+from wetr.factory import model_from_config
+from wetr.run import save_checkpoint
 from wetr.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent

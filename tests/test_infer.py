@@ -16,13 +16,13 @@ from torch import nn
 from tools import infer_cam, infer_lam, infer_seg_voc, pipelines
 from tools.config import SEED_SCALES, SEG_SCALES, parse_config, resolve_scales
 from tools.evaluation import to_uint8_rgb
-from tools.model_loader import build_model_from_checkpoint, describe_checkpoint
 from utils.checkpoint import load_file, model_state, save_atomic
 from utils.config import ConfigError, make_config, to_container
 from utils.palette import read_label_png
 from wetr import build_model
 from wetr.cam import maps_to_label
 from wetr import infer
+from wetr.factory import describe_checkpoint, model_from_checkpoint
 from wetr.infer import multi_scale_seg, seed_crf_stack, seed_maps
 
 K = 3
@@ -173,6 +173,11 @@ def run_dir(tmp_path_factory):
     return SimpleNamespace(root=root, data=data, ckpt=ckpt, model=model.eval())
 
 
+def _from_ckpt(cfg):
+    """The tools' checkpoint -> model call."""
+    return model_from_checkpoint(cfg.ckpt, torch.device("cpu"), cfg.data.num_classes, cfg.model)
+
+
 FAST = ["size=64", "num_workers=0", "device=cpu"]
 
 
@@ -183,13 +188,12 @@ def test_reference_checkpoint_and_class_mismatch(run_dir):
     info = describe_checkpoint(obj, model_state(obj))
     assert (info["num_classes"], info["embed_dim"], info["depth"]) == (K + 1, 64, 4)
     cfg = parse_config([f"ckpt={ref}", "model.num_heads=4"])
-    model, _ = build_model_from_checkpoint(cfg, torch.device("cpu"))
+    model, _ = _from_ckpt(cfg)
     x = torch.randn(1, 3, 32, 48)
     with torch.no_grad():
         assert torch.equal(model(x).seg_logits, run_dir.model(x).seg_logits)
     with pytest.raises(ConfigError) as err:
-        build_model_from_checkpoint(parse_config([f"ckpt={run_dir.ckpt}", "data.num_classes=21"]),
-                                    torch.device("cpu"))
+        _from_ckpt(parse_config([f"ckpt={run_dir.ckpt}", "data.num_classes=21"]))
     assert "K=20" in str(err.value) and "K=3" in str(err.value) and "\n" not in str(err.value)
 
 
@@ -203,8 +207,7 @@ def test_patch_size_and_decoder_width_read_from_the_weights(tmp_path):
     obj = load_file(ref)
     info = describe_checkpoint(obj, model_state(obj))
     assert (info["patch_size"], info["decoder_dim"]) == (8, 32)
-    loaded, _ = build_model_from_checkpoint(parse_config([f"ckpt={ref}", "model.num_heads=4"]),
-                                            torch.device("cpu"))
+    loaded, _ = _from_ckpt(parse_config([f"ckpt={ref}", "model.num_heads=4"]))
     x = torch.randn(1, 3, 32, 48)
     with torch.no_grad():
         assert torch.equal(loaded(x).seg_logits, model(x).seg_logits)
@@ -217,7 +220,7 @@ def test_decoder_dilation_read_from_the_checkpoint_meta(tmp_path):
                         decoder_dilation=2).eval()
     ck = tmp_path / "d2.pth"
     torch.save({"model": model.state_dict(), "meta": {"decoder_dilation": 2, "num_heads": 4}}, ck)
-    loaded, info = build_model_from_checkpoint(parse_config([f"ckpt={ck}"]), torch.device("cpu"))
+    loaded, info = _from_ckpt(parse_config([f"ckpt={ck}"]))
     assert info["decoder_dilation"] == 2 and loaded.decoder.conv6.dilation == (2, 2)
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
@@ -225,7 +228,7 @@ def test_decoder_dilation_read_from_the_checkpoint_meta(tmp_path):
     torch.save(model.state_dict(), ck)
     assert describe_checkpoint(load_file(ck), model.state_dict())["decoder_dilation"] == 5
     cfg = parse_config([f"ckpt={ck}", "model.num_heads=4", "model.decoder_dilation=2"])
-    bare, _ = build_model_from_checkpoint(cfg, torch.device("cpu"))
+    bare, _ = _from_ckpt(cfg)
     with torch.no_grad():
         assert torch.equal(bare(x).seg_logits, model(x).seg_logits)
 
@@ -236,8 +239,7 @@ def test_decoder_dilation_read_from_the_checkpoint_meta(tmp_path):
 ])
 def test_bad_model_override_is_one_line(run_dir, override, expect):
     with pytest.raises(ConfigError) as err:
-        build_model_from_checkpoint(parse_config([f"ckpt={run_dir.ckpt}", override]),
-                                    torch.device("cpu"))
+        _from_ckpt(parse_config([f"ckpt={run_dir.ckpt}", override]))
     msg = str(err.value)
     assert expect in msg and str(run_dir.ckpt) in msg and "\n" not in msg
 

@@ -94,7 +94,7 @@ def test_patch_size_option():
     assert model.encoder.patch_embed.proj.weight.shape[-2:] == (8, 8)
     with torch.no_grad():
         out = model(torch.randn(2, 3, 40, 64))
-        aux_cam, cam = model(torch.randn(2, 3, 40, 64), cam_only=True)
+        aux_cam, cam = model.cams(torch.randn(2, 3, 40, 64))
     assert out.patch_map.shape[-2:] == out.seg_logits.shape[-2:] == cam.shape[-2:] == (5, 8)
     assert out.attn_map.shape[-2:] == aux_cam.shape[-2:] == (5, 8)
     with pytest.raises(ValueError) as e:
@@ -222,7 +222,7 @@ def test_forward_matches_plain_reimplementation(size):
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     with torch.no_grad():
         out = model(x)
-        cams = model(x, cam_only=True)
+        cams = model.cams(x)
         want, want_cams = plain_forward(sd, x, K, HEADS)
     assert isinstance(out, MoReOutput)
     for name, a, b in zip(MoReOutput._fields, out, want):
@@ -249,19 +249,31 @@ def test_without_gcr_and_gradients():
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen == {"encoder.head.weight", "encoder.head.bias", "graph_layer._fc1.0.weight",
                       "graph_layer._fc1.0.bias"}
-    aux_cam, cam = model(x, cam_only=True)
+    aux_cam, cam = model.cams(x)
     assert not aux_cam.requires_grad and not cam.requires_grad and cam.shape == (1, K, 3, 4)
 
 
-def test_return_cams_hands_over_the_cams_of_the_same_pass():
+def test_with_cams_hands_over_the_cams_of_the_same_pass():
     model = tiny().train()
     x = torch.randn(2, 3, 48, 64)
-    out, (aux_cam, cam) = model(x, return_cams=True)
+    out = model(x, with_cams=True)
     plain = model(x)
-    assert isinstance(out, MoReOutput) and out.cls_logits.requires_grad
+    assert type(out) is type(plain) is MoReOutput and len(out) == len(plain) == 6
+    assert plain.cams is None and out.cls_logits.requires_grad
     for name, a, b in zip(MoReOutput._fields, out, plain):
         torch.testing.assert_close(a, b, msg=name)
-    want_aux, want_cam = model(x, cam_only=True)
+    aux_cam, cam = out.cams
+    want_aux, want_cam = model.cams(x)
     assert not aux_cam.requires_grad and not cam.requires_grad
     torch.testing.assert_close(cam, want_cam, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(aux_cam, want_aux, atol=1e-5, rtol=1e-5)
+
+
+def test_cam_only_is_the_reference_alias_of_cams():
+    """`model(x, cam_only=True) -> (aux_cam, cam)`: the reference forward contract (SPEC 11)."""
+    model = tiny()
+    x = torch.randn(2, 3, 48, 64)
+    got, want = model(x, cam_only=True), model.cams(x)
+    assert isinstance(got, tuple) and len(got) == 2
+    for a, b in zip(got, want):
+        assert torch.equal(a, b) and not a.requires_grad

@@ -1,7 +1,7 @@
 import torch
 
 from utils.config import make_config
-from wetr.engine import active_terms
+from wetr.step import active_terms
 from wetr.optim import build_optimizer, poly_warmup_multiplier, set_lr
 
 

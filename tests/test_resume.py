@@ -22,7 +22,7 @@ import torch
 
 from datasets.synthetic import make_synthetic
 from utils.checkpoint import load_file, remove_stale_tmp, save_atomic
-from wetr.engine import truncate_metrics
+from wetr.run import truncate_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_ITERS = 6
@@ -47,20 +47,53 @@ def free_port() -> int:
 
 
 def env(**extra: str) -> dict:
-    e = {k: v for k, v in os.environ.items() if k != "MORE_INJECT_NAN"}
-    e.update(extra)
-    return e
+    return {**os.environ, **extra}
+
+
+ENTRY = """
+import os, signal, sys
+from scripts.train_voc import VOC
+from wetr.engine import Hooks, main
+
+def kill_once(step, dist):  # one worker dies hard (no cleanup, like a pre-empted node), once
+    if step == {kill_at} and dist.rank == dist.world_size - 1 and not os.path.exists({marker!r}):
+        open({marker!r}, "w").close()
+        print(f"rank {{dist.rank}} kills itself before step {{step}}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def poison(step, dist, total, terms):
+    if step == {nan_at} and dist.rank == {nan_rank}:
+        terms = dict(terms)
+        terms[{nan_term!r}] = terms[{nan_term!r}] * float("nan")
+        total = total + terms[{nan_term!r}]
+    return total, terms
+
+main(VOC, hooks=Hooks(batch=kill_once, losses=poison))
+"""
+
+
+def entry(folder: Path, kill_at: int = -1, nan: str = "") -> Path:
+    """A training script (scripts.train_voc's config) with fault hooks (wetr.engine.Hooks):
+    kill_at: before that step the last rank SIGKILLs itself, once; nan="TERM:STEP[:RANK]": loss
+    term TERM is NaN at STEP on RANK (0 if left out)."""
+    term, at, *rank = nan.split(":") if nan else ("cls", "-1")
+    path = folder / "train_with_faults.py"
+    path.write_text(ENTRY.format(kill_at=kill_at, marker=str(folder / ".fault_injected"),
+                                 nan_term=term, nan_at=int(at), nan_rank=int(rank[0]) if rank else 0))
+    return path
 
 
 def args(data: Path, work: Path, workers: int) -> list[str]:
     return [f"work_dir={work}", f"data.root={data}", f"data.num_workers={workers}", *TINY]
 
 
-def start_1(data: Path, work: Path, tag: str, *extra: str, **environ) -> subprocess.Popen:
-    """One process, no torchrun: `python -m scripts.train_voc` (one thread: runs may overlap)."""
-    cmd = [sys.executable, "-m", "scripts.train_voc", f"tag={tag}", "device=cpu",
-           *args(data, work, 0), *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env(OMP_NUM_THREADS="1", **environ),
+def start_1(data: Path, work: Path, tag: str, *extra: str, script: Path | None = None
+            ) -> subprocess.Popen:
+    """One process, no torchrun: `python -m scripts.train_voc`, or `script` (one thread: runs
+    may overlap)."""
+    run = [str(script)] if script else ["-m", "scripts.train_voc"]
+    cmd = [sys.executable, *run, f"tag={tag}", "device=cpu", *args(data, work, 0), *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -69,16 +102,25 @@ def finish(p: subprocess.Popen) -> tuple[str, str, int]:
     return out, err, p.returncode
 
 
-def train_1(data: Path, work: Path, tag: str, *extra: str, **environ) -> tuple[str, str, int]:
-    return finish(start_1(data, work, tag, *extra, **environ))
+def train_1(data: Path, work: Path, tag: str, *extra: str, script: Path | None = None
+            ) -> tuple[str, str, int]:
+    return finish(start_1(data, work, tag, *extra, script=script))
 
 
-def train_2(data: Path, work: Path, tag: str, *extra: str, torchrun_args: str = "", **environ):
-    """Two gloo processes through run_train.sh (preflight + torchrun), as a user starts them."""
-    cmd = ["bash", "run_train.sh", "scripts/train_voc.py", "cpu", "2", str(free_port()), tag,
-           *args(data, work, 1), *extra]
-    r = subprocess.run(cmd, cwd=ROOT, env=env(TORCHRUN_ARGS=torchrun_args, **environ),
-                       capture_output=True, text=True, timeout=300)
+def train_2(data: Path, work: Path, tag: str, *extra: str, torchrun_args: str = "",
+            script: Path | None = None):
+    """Two gloo processes through run_train.sh (preflight + torchrun), as a user starts them;
+    or `script` under torchrun (`python -m utils.dist`, as run_train.sh starts it)."""
+    if script is None:
+        cmd = ["bash", "run_train.sh", "scripts/train_voc.py", "cpu", "2", str(free_port()), tag,
+               *args(data, work, 1), *extra]
+        environ = env(TORCHRUN_ARGS=torchrun_args)
+    else:
+        cmd = [sys.executable, "-m", "utils.dist", "--nproc_per_node=2",
+               f"--master_port={free_port()}", *torchrun_args.split(), str(script), f"tag={tag}",
+               "device=cpu", *args(data, work, 1), *extra]
+        environ = env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
+    r = subprocess.run(cmd, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=300)
     return r.stdout, r.stderr, r.returncode
 
 
@@ -138,9 +180,9 @@ def ref2(data, tmp_path_factory) -> Path:
 
 
 def test_sigkill_then_resume_is_bit_identical_2proc(data, ref2, tmp_path):
-    # fault_step: the last rank SIGKILLs itself before step 3 (checkpoint at step 2): torchrun
-    # stops the other rank and reports one line.
-    out, err, rc = train_2(data, tmp_path, "run", "fault_step=3")
+    # The last rank SIGKILLs itself before step 3 (checkpoint at step 2): torchrun stops the
+    # other rank and reports one line.
+    out, err, rc = train_2(data, tmp_path, "run", script=entry(tmp_path, kill_at=3))
     assert rc != 0
     assert "rank 1 was killed by SIGKILL" in err
     assert load_file(tmp_path / "run" / "checkpoints" / "last.pth")["step"] == 2
@@ -152,8 +194,8 @@ def test_sigkill_then_resume_is_bit_identical_2proc(data, ref2, tmp_path):
 
 
 def test_elastic_restart_finishes_bit_identical_2proc(data, ref2, tmp_path):
-    out, err, rc = train_2(data, tmp_path, "run", "resume=auto", "fault_step=3",
-                           torchrun_args="--max-restarts=1")
+    out, err, rc = train_2(data, tmp_path, "run", "resume=auto", torchrun_args="--max-restarts=1",
+                           script=entry(tmp_path, kill_at=3))
     ok(out, err, rc)
     assert "rank 1 kills itself" in err            # the fault happened once ...
     assert out.count("resumed from") == 1          # ... and the restarted group resumed
@@ -164,7 +206,7 @@ def test_nan_skip_is_consistent_on_every_rank_2proc(data, tmp_path):
     # Only rank 1 sees a NaN (in CLE) at step 2: both ranks must skip that update (otherwise
     # DDP would hang or the replicas would drift), and training goes on.
     out, err, rc = train_2(data, tmp_path, "run", "nan_policy=skip", "save_every=1",
-                           "max_iters=4", MORE_INJECT_NAN="cle:2:1")
+                           "max_iters=4", script=entry(tmp_path, nan="cle:2:1"))
     ok(out, err, rc)
     assert "step 2: non-finite loss (cle); step skipped on all 2 process(es)" in out
     ck = {n: load_file(tmp_path / "run" / "checkpoints" / f"iter_{n}.pth")["model"] for n in (2, 3, 4)}
@@ -175,7 +217,7 @@ def test_nan_skip_is_consistent_on_every_rank_2proc(data, tmp_path):
 
 # ----------------------------------------------------------------------------- non-finite stop
 def test_nan_stop_names_term_step_and_last_checkpoint(data, tmp_path):
-    out, err, rc = train_1(data, tmp_path, "run", "max_iters=4", MORE_INJECT_NAN="une:3")
+    out, err, rc = train_1(data, tmp_path, "run", "max_iters=4", script=entry(tmp_path, nan="une:3"))
     last = tmp_path / "run" / "checkpoints" / "last.pth"
     assert rc == 2
     lines = err.strip().splitlines()

@@ -5,11 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import wetr.engine as engine
-import wetr.losses as wetr_losses
 from tools import benchmark
+from tools.bench.energy import naive_gaussian_filter
+from wetr import step as wetr_step
 from wetr.cam import refine_label
 from wetr.energy import exact_gaussian_filter
+from wetr.factory import model_from_config
 from wetr.par import PAR
 
 
@@ -70,24 +71,19 @@ def test_naive_filter_of_the_benchmark_is_the_gaussian_sum():
         for i in range(30):
             for j in range(30):
                 loop[b, i] += torch.exp(-0.5 * ((f[b, i] - f[b, j]) ** 2).sum()) * v[b, j]
-    torch.testing.assert_close(benchmark.naive_gaussian_filter(f, v), loop, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(naive_gaussian_filter(f, v), loop, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(exact_gaussian_filter(f, v), loop, rtol=1e-4, atol=1e-6)
 
 
 def test_benchmark_tiny_run_writes_every_stage(tmp_path):
-    originals = [engine.multi_scale_cam, engine.refine_label, wetr_losses.cle_loss, F.multilabel_soft_margin_loss]
     res = benchmark.run(["model.embed_dim=32", "model.depth=3", "model.num_heads=2", "data.crop_size=32",
                          "batch_size=2", "data.num_classes=4", "bench.warmup=1", "bench.steps=2",
                          "bench.infer_images=1", "bench.energy_sizes=[8,16]", "bench.naive_max_gib=0.0001",
                          f"bench.out_dir={tmp_path}", "bench.name=tiny", "device=cpu"])
-    # the engine's functions are restored after timing
-    assert originals == [engine.multi_scale_cam, engine.refine_label, wetr_losses.cle_loss,
-                         F.multilabel_soft_margin_loss]
     saved = json.loads((tmp_path / "tiny.json").read_text())
     assert (tmp_path / "tiny.md").read_text().startswith("# Benchmark tiny")
     stages = saved["step"]["stages_s"]
-    wanted = {*benchmark.ENGINE_STAGES.values(), *benchmark.LOSS_STAGES.values(), "loss cls + cls_aux",
-              "forward", "network passes (CAM)", "backward", "optimizer", "step"}
+    wanted = {*wetr_step.STAGES, "network passes (CAM)", "step"}
     assert wanted <= set(stages) and all(stages[k] > 0 for k in wanted)
     s = res["step"]
     assert 0 < s["outside_network_share"] < 1 and s["flops_per_step"] > 0
@@ -116,8 +112,8 @@ def test_training_forward_cams_replace_the_scale_one_pass(step):
                             "model.num_heads=2", "data.num_classes=4", "cam.cam2mask=2000",
                             "loss.after.seg=100", "loss.after.reg=100"])
     torch.manual_seed(0)
-    model = engine.model_from_config(cfg).train()
-    par = engine.build_par(cfg)
+    model = model_from_config(cfg).train()
+    par = wetr_step.build_par(cfg)
     g = torch.Generator().manual_seed(3)
     images = torch.randn(2, 3, 64, 80, generator=g)
     cls_label = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
@@ -128,7 +124,7 @@ def test_training_forward_cams_replace_the_scale_one_pass(step):
         cfg.cam.reuse_forward = reuse
         batch_sizes.clear()
         torch.manual_seed(1)  # UNE draws tokens at random
-        total, terms = engine.compute_losses(model, model, par, images, cls_label, step, cfg)
+        total, terms = wetr_step.compute_losses(model, model, par, images, cls_label, step, cfg)
         return total, terms, list(batch_sizes)
 
     total, terms, passes = run(True)
@@ -142,3 +138,36 @@ def test_training_forward_cams_replace_the_scale_one_pass(step):
     assert terms["seg"] > 0 and terms["cle"] > 0
     total.backward()  # the graph of the training forward is intact
     assert model.decoder.conv8.weight.grad is not None
+
+
+def test_spans_name_every_stage_and_change_nothing():
+    """The benchmark times the step through its spans: they are entered in step order and the
+    losses are bit-identical to a step without them."""
+    from contextlib import contextmanager
+
+    from utils.config import make_config
+    cfg = make_config(argv=["model.pretrained=false", "model.embed_dim=32", "model.depth=3",
+                            "model.num_heads=2", "data.num_classes=4", "cam.scales=[1.0,0.5]"])
+    step = max(cfg.loss.after.values()) + 1  # every term on
+    torch.manual_seed(0)
+    model = model_from_config(cfg).train()
+    par = wetr_step.build_par(cfg)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    cls_label = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    names = []
+
+    @contextmanager
+    def record(name):
+        names.append(name)
+        yield
+
+    torch.manual_seed(1)
+    total, terms = wetr_step.compute_losses(model, model, par, images, cls_label, step, cfg, span=record)
+    torch.manual_seed(1)
+    want_total, want_terms = wetr_step.compute_losses(model, model, par, images, cls_label, step, cfg)
+    assert torch.equal(total, want_total)
+    assert all(torch.equal(terms[k], want_terms[k]) for k in wetr_step.LOSS_TERMS)
+    assert names == ["forward", "multi-scale CAM", "refined labels (PAR)", "token labels",
+                     "loss cls + cls_aux", "loss tokens", "loss CLE", "loss UNE", "loss PTC",
+                     "loss seg", "loss reg (dense energy)"]
+    assert set(names) <= set(wetr_step.STAGES)

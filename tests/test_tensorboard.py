@@ -83,3 +83,45 @@ def test_overlay_panels():
         val_overlay(image, np.zeros((5, 6)), np.zeros((4, 6)), seg)
     with pytest.raises(ValueError, match="uint8"):
         TBWriter("unused", enabled=False).images(0, "x", [np.zeros((2, 2, 3))])
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_training_run_writes_events_and_a_resume_keeps_each_step_once(tmp_path):
+    """A short CPU run of the engine stops after step 5 (last checkpoint: step 4), then resumes to
+    step 6: every loss term, lr, throughput and the validation scores are scalars, the val
+    overlays are images, and each step appears once."""
+    from datasets.synthetic import make_synthetic
+    from scripts.train_voc import VOC
+    from wetr.engine import Hooks, main
+
+    data = tmp_path / "data"
+    make_synthetic(str(data), num_fg_classes=2, num_train=8, num_val=2, size=48, progress=False)
+    argv = [f"data.root={data}", "data.num_classes=3", "data.crop_size=48", "data.num_workers=0",
+            "model.pretrained=false", "model.embed_dim=32", "model.depth=3", "model.num_heads=2",
+            "batch_size=2", "val.size=48", "cam.scales=[1.0]", "par.num_iter=1", "device=cpu",
+            "loss.after.seg=0", "loss.after.reg=0", "log_every=1", "save_every=2", "eval_every=2",
+            "log.images=2", "max_iters=6", f"work_dir={tmp_path}", "tag=run"]
+
+    def stop_at_5(step, dist):
+        if step == 5:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        main(VOC, argv, hooks=Hooks(batch=stop_at_5))
+    main(VOC, argv + ["resume=auto"])
+    acc = _read(tmp_path / "run" / "tb")
+    scalars = set(acc.Tags()["scalars"])
+    terms = {f"loss/{k}" for k in ("total", "cls", "cls_aux", "tokens", "cle", "une", "ptc", "seg",
+                                   "reg")}
+    assert terms | {"lr", "speed/images_per_s", "val/cam_miou", "val/lam_miou", "val/fused_miou",
+                    "val/seg_miou", "val/f1"} <= scalars
+    for tag in sorted(terms) + ["lr"]:
+        assert [e.step for e in acc.Scalars(tag)] == [1, 2, 3, 4, 5, 6], tag
+    assert [e.step for e in acc.Scalars("val/seg_miou")] == [2, 4, 6]
+    assert {"val/0", "val/1"} <= set(acc.Tags()["images"])
+    image = acc.Images("val/0")
+    assert [e.step for e in image] == [2, 4, 6]
+    assert (image[0].width, image[0].height) == (5 * 48, 48)

@@ -20,10 +20,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from datasets import build_dataset  # noqa: E402
-from tools.config import parse_config  # noqa: E402
-from tools.model_loader import build_model_from_checkpoint  # noqa: E402
 from utils.palette import colorize, jet_overlay  # noqa: E402
 from wetr.cam import denormalise, resize_cam  # noqa: E402
+from wetr.factory import model_from_checkpoint  # noqa: E402
 from wetr.infer import validation_maps  # noqa: E402
 
 
@@ -56,8 +55,7 @@ def plot_curves(metrics_file: Path, out: Path) -> None:
 
 @torch.no_grad()
 def plot_overlays(ckpt_path: Path, out: Path, num_images: int) -> None:
-    model, info = build_model_from_checkpoint(parse_config([f"ckpt={ckpt_path}"]),
-                                              torch.device("cpu"))
+    model, info = model_from_checkpoint(ckpt_path, torch.device("cpu"))
     cfg = OmegaConf.create(info["config"])
     dataset = build_dataset(cfg.data, cfg.data.val_split, "val")
     n = min(num_images, len(dataset))

@@ -29,12 +29,12 @@ from PIL import Image
 from datasets.transforms import normalise
 from tools.config import SEED_SCALES, SEG_SCALES, InferData, InferModel
 from tools.data import class_names, default_out_dir, resolve_data
-from tools.model_loader import build_model_from_checkpoint
 from tools.session import run
 from utils import dist as udist
 from utils.config import ConfigError, parse_cli
 from utils.palette import colorize, jet_overlay, save_label_png, save_rgb
 from wetr.cam import multi_scale_cam
+from wetr.factory import model_from_checkpoint
 from wetr.infer import multi_scale_lam, multi_scale_seg
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -146,7 +146,7 @@ def main(argv: Sequence[str]) -> int:
         cfg.ckpt, "predict", Path(cfg.input).stem or "input")
     dist = udist.init_distributed(cfg.device)
     try:
-        model, info = build_model_from_checkpoint(cfg, dist.device)
+        model, info = model_from_checkpoint(cfg.ckpt, dist.device, cfg.data.num_classes, cfg.model)
         names = _names_of(cfg, info)
         skipped = 0
         shard = list(zip(files, output_names(files)))[dist.rank::dist.world_size]

@@ -20,11 +20,11 @@ from utils import dist as udist
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigError, to_container
 from utils.logger import git_revision, setup_logger
+from wetr.factory import model_from_checkpoint
 
 from .config import InferError, ToolSpec, parse_config, resolve_scales
 from .data import build_dataset_for, class_names, default_out_dir, resolve_data, seed_split
 from .evaluation import Evaluation
-from .model_loader import build_model_from_checkpoint
 
 Item = tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -40,7 +40,8 @@ class InferRun:
         self.cfg = cfg = parse_config(argv, spec.defaults)
         self.dist = udist.init_distributed(cfg.device)
         self.device = self.dist.device
-        self.model, self.info = build_model_from_checkpoint(cfg, self.device)
+        self.model, self.info = model_from_checkpoint(cfg.ckpt, self.device, cfg.data.num_classes,
+                                                       cfg.model)
         self.data = resolve_data(cfg, self.info)
         self.split = cfg.infer_set or (seed_split(self.data) if spec.seed_split else self.data.val_split)
         self.has_labels = not self.split.startswith("test")

@@ -15,14 +15,16 @@ A reference checkpoint (the authors' code) is a bare state_dict, possibly `modul
 from __future__ import annotations
 
 import os
-import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from utils.io import remove_stale_tmp, write_atomic
 
-TMP_SUFFIX = ".tmp"
+__all__ = ["CheckpointError", "save_atomic", "remove_stale_tmp", "load_file", "model_state",
+           "rng_state", "set_rng_state"]
 
 
 class CheckpointError(RuntimeError):
@@ -30,42 +32,8 @@ class CheckpointError(RuntimeError):
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temp file in the same folder, fsync, then os.replace: a crash mid-save
-    leaves the previous file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual mode
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def remove_stale_tmp(folder: str | os.PathLike) -> list[Path]:
-    """Delete temp files a killed `save_atomic` left behind (SIGKILL skips its cleanup)."""
-    folder = Path(folder)
-    stale = sorted(folder.glob(f".*{TMP_SUFFIX}")) if folder.is_dir() else []
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
+    """torch.save through utils.io.write_atomic: a crash mid-save leaves the previous file intact."""
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def _load_error(path: Path, exc: Exception) -> str:
@@ -99,9 +67,9 @@ def load_file(path: str | os.PathLike) -> dict:
     return obj
 
 
-def model_state(obj: dict) -> dict[str, torch.Tensor]:
+def model_state(obj: Mapping) -> dict[str, torch.Tensor]:
     """The model weights of our checkpoint dict or of a bare (reference) state_dict, unprefixed."""
-    state = obj["model"] if isinstance(obj.get("model"), dict) else obj
+    state = obj["model"] if isinstance(obj.get("model"), Mapping) else obj
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
@@ -136,20 +104,3 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def check_state_shapes(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
-                       path: str | os.PathLike) -> None:
-    """One-line CheckpointError naming the first missing, unexpected or mis-shaped weight."""
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if wrong:
-        k = wrong[0]
-        raise CheckpointError(f"checkpoint {path} does not fit the configured model: {k} is "
-                              f"{tuple(state[k].shape)} there but {tuple(expected[k].shape)} here "
-                              f"({len(wrong)} weights differ in shape)")
-    if missing or unexpected:
-        what = f"lacks {missing[0]}" if missing else f"has an unknown weight {unexpected[0]}"
-        raise CheckpointError(f"checkpoint {path} does not fit the configured model: it {what} "
-                              f"({len(missing)} missing, {len(unexpected)} unexpected)")

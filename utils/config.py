@@ -156,6 +156,7 @@ class ValConfig:
 @dataclass
 class LogConfig:
     tensorboard: bool = True            # rank 0 writes TensorBoard events to <run>/tb/
+    images: int = 4                     # first val images drawn (CAM | LAM | seg) at validation
 
 
 @dataclass
@@ -178,7 +179,6 @@ class TrainConfig:
     resume: str = ""                    # "" | auto | path/to/checkpoint.pth
     overwrite: bool = False             # reuse a tag that already holds a run
     nan_policy: str = "stop"            # stop | skip
-    fault_step: int = -1                # tests only: die once at this step (elastic restart test)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

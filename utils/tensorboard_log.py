@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.logger import JsonlWriter
 from utils.palette import colorize, jet_overlay
 
 
@@ -74,6 +75,18 @@ class TBWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+class ScalarLog:
+    """Scalars of a run to metrics.jsonl (`JsonlWriter`) and to TensorBoard alike:
+    `write(step=..., **values)`, the record keys being the TensorBoard tags."""
+
+    def __init__(self, jsonl: JsonlWriter, tb: TBWriter):
+        self.jsonl, self.tb = jsonl, tb
+
+    def write(self, step: int, **values: float) -> None:
+        self.jsonl.write(step=step, **values)
+        self.tb.scalars(step, values)
 
 
 def _heat(maps: np.ndarray) -> np.ndarray:

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wetr.encoder import NUM_EXTRA_TOKENS, ClassTokenViT
+from wetr.encoder import ClassTokenViT
 from wetr.gcr import GraphCategoryRepresentation
 
 # width, depth, heads of the supported backbones (all patch 16, MLP ratio 4, qkv bias)
@@ -20,13 +20,23 @@ BACKBONES = {
 }
 
 
-class MoReOutput(NamedTuple):
+class _Outputs(NamedTuple):
     cls_logits: torch.Tensor  # (B, K) from the global max-pool of the final patch map
     seg_logits: torch.Tensor  # (B, K+1, h, w)
     patch_map: torch.Tensor  # (B, D, h, w) final patch tokens (after the final norm)
     aux_logits: torch.Tensor  # (B, K) from the aux patch map
     class_tokens: torch.Tensor  # (B, K, D), after GCR when with_gcr
     attn_map: torch.Tensor  # (B, K, h, w) last block's raw class->patch attention, detached
+
+
+class MoReOutput(_Outputs):
+    """What `MoRe.forward` returns: a NamedTuple of the six maps above (it unpacks to six, as
+    the reference's forward contract), plus one attribute that is not a field: `cams`, the
+    (aux_cam, cam) of this very pass (each (B, K, h, w), detached) when forward was asked for
+    them (`with_cams=True`), else None. An attribute, not a seventh field, so that code unpacking
+    the six keeps working."""
+
+    cams: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class LargeFOV(nn.Module):
@@ -82,12 +92,14 @@ class MoRe(nn.Module):
         return F.conv2d(enc.aux_map, self.aux_classifier.weight), F.conv2d(enc.patch_map, self.classifier.weight)
 
     def forward(self, x: torch.Tensor, cam_only: bool = False, with_gcr: bool = True,
-                return_cams: bool = False):
+                with_cams: bool = False) -> MoReOutput:
         """x: (B, 3, H, W) normalised images -> MoReOutput.
 
-        cam_only: return `cams(x)` instead (no grad). return_cams: return (MoReOutput, (aux_cam,
-        cam)), the CAMs of this very pass, detached, so that the training step does not run the
-        same images through the network again for the scale-1.0 CAM (SPEC 4).
+        with_cams: also set the output's `cams` to this pass's (aux_cam, cam), detached, so that
+        the training step need not run the same images through the network again for the
+        scale-1.0 CAM (SPEC 4); asked through forward (not another method) so that DDP's hooks
+        see the pass. cam_only: the reference's `model(x, cam_only=True) -> (aux_cam, cam)`,
+        kept for outside code written against it (SPEC 11); this project calls `cams(x)`.
         """
         if cam_only:
             return self.cams(x)
@@ -99,7 +111,9 @@ class MoRe(nn.Module):
         if with_gcr:
             class_tokens = self.graph_layer(class_tokens, enc.patch_map.flatten(2).transpose(1, 2))
         out = MoReOutput(cls_logits, seg_logits, enc.patch_map, aux_logits, class_tokens, enc.attn_map)
-        return (out, self._cams_of(enc)) if return_cams else out
+        if with_cams:
+            out.cams = self._cams_of(enc)
+        return out
 
 
 def build_model(
@@ -136,46 +150,3 @@ def build_model(
                             aux_layer=aux_layer, drop_path_rate=drop_path_rate)
     return MoRe(encoder, num_classes, gcr_topk_ratio=gcr_topk_ratio, gcr_gate_score=gcr_gate_score,
                 decoder_dim=decoder_dim, decoder_dilation=decoder_dilation)
-
-
-def _check_compatible(model: MoRe, sd: Mapping[str, torch.Tensor]) -> None:
-    """Raise ValueError with one line naming what differs: width, classes, depth, keys, shapes."""
-    k_model, own = model.num_classes - 1, model.state_dict()
-    tokens, classifier = sd.get("encoder.cls_token"), sd.get("classifier.weight")
-    if tokens is not None and tokens.ndim == 3 and tokens.shape[2] != model.embed_dim:
-        raise ValueError(f"checkpoint has width D={tokens.shape[2]} but the model has D={model.embed_dim}")
-    k_ckpt = classifier.shape[0] if classifier is not None else None
-    if k_ckpt is None and tokens is not None and tokens.ndim == 3:
-        k_ckpt = tokens.shape[1] - NUM_EXTRA_TOKENS
-    if k_ckpt is not None and k_ckpt != k_model:
-        raise ValueError(f"checkpoint has K={k_ckpt} classes but the model has K={k_model}")
-    proj = sd.get("encoder.patch_embed.proj.weight")
-    if proj is not None and proj.ndim == 4 and proj.shape[-1] != model.patch_size:
-        raise ValueError(f"checkpoint has patch size {proj.shape[-1]} but the model has "
-                         f"patch size {model.patch_size}")
-    depth = len({k.split(".")[2] for k in sd if k.startswith("encoder.blocks.")})
-    if depth != model.encoder.depth:
-        raise ValueError(f"checkpoint has depth {depth} but the model has depth {model.encoder.depth}")
-    missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the model: {len(missing)} missing keys {missing[:3]}, "
-                         f"{len(unexpected)} unexpected keys {unexpected[:3]}")
-    for key, value in sd.items():
-        if value.shape != own[key].shape:
-            raise ValueError(f"checkpoint {key} has shape {tuple(value.shape)} but the model expects "
-                             f"{tuple(own[key].shape)}")
-
-
-def load_weights(model: MoRe, source: Mapping[str, Any] | str | Path) -> MoRe:
-    """Load our checkpoint (weights under "model") or a raw reference state_dict, strictly.
-
-    A leading ``module.`` (DDP) is stripped. Any key or shape mismatch raises ValueError with one line.
-    """
-    if isinstance(source, (str, Path)):
-        source = torch.load(source, map_location="cpu", weights_only=True)
-    if isinstance(source.get("model"), Mapping):
-        source = source["model"]
-    sd = {k.removeprefix("module."): v for k, v in source.items()}
-    _check_compatible(model, sd)
-    model.load_state_dict(sd, strict=True)
-    return model

@@ -10,8 +10,9 @@ from torch.utils.data import DataLoader, Subset
 
 from utils.dist import DistInfo, all_reduce_sum
 from utils.metrics import confusion_matrix, multilabel_f1, scores
+from utils.tensorboard_log import val_overlay
 
-from .cam import maps_to_label, resize_cam
+from .cam import denormalise, maps_to_label, resize_cam
 from .infer import validation_maps
 
 MAP_NAMES = ("cam", "lam", "fused", "seg")
@@ -65,3 +66,25 @@ def validate(model: torch.nn.Module, loader: DataLoader, cfg, dist: DistInfo,
     result["f1"] = float(f1_sum[0] / f1_sum[1].clamp(min=1))
     result["images"] = int(f1_sum[1])
     return result
+
+
+@torch.no_grad()
+def val_overlays(model: torch.nn.Module, dataset, cfg, device: torch.device,
+                 num_images: int) -> list:
+    """The first `num_images` images of the val set as panel rows image | CAM | LAM | seg |
+    ground truth (`utils.tensorboard_log.val_overlay`; maps of the image's own classes, as
+    validated). Returns a list of (H, 5W, 3) uint8 arrays."""
+    was_training = model.training
+    model.eval()
+    rows = []
+    for i in range(min(num_images, len(dataset))):
+        _, image, label, cls_label = dataset[i]
+        x = resize_cam(image[None].to(device), (cfg.val.size, cfg.val.size))
+        maps = validation_maps(model, x, cfg.cam.scales, label.shape[-2:])
+        present = cls_label.nonzero()[:, 0].tolist()
+        rgb = (denormalise(image[None])[0].permute(1, 2, 0) * 255).round().byte().numpy()
+        rows.append(val_overlay(rgb, maps.cam[0, present].cpu().numpy(),
+                                maps.lam[0, present].cpu().numpy(),
+                                maps.seg[0].argmax(0).cpu().numpy(), label.numpy()))
+    model.train(was_training)
+    return rows

@@ -1,0 +1,1 @@
+"""Parts of tools/benchmark.py: the training step, inference, dense energy, the report."""

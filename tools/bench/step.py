@@ -1,0 +1,170 @@
+"""The training step, timed stage by stage: `wetr.step.train_step` itself, given a StageTimer's
+`stage` as its span, so the breakdown cannot drift from the engine.
+
+Network time = the model calls (CAM passes and the training forward) + backward; the share outside
+it covers CAM resizing/normalisation, PAR, labels, losses, the finite check and AdamW.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from datasets.synthetic import MAX_CLASSES, render
+from utils.profiling import PeakMemory, StageTimer, sync
+from wetr.cam import IMAGENET_MEAN_255, IMAGENET_STD_255
+from wetr.step import LOSS_SPANS, LOSS_TERMS, Training, build_training, train_step
+
+NETWORK_STAGES = ("network passes (CAM)", "forward", "backward")
+# The spans inside compute_losses; what they leave out of it is its glue.
+COMPUTE_LOSSES_PARTS = ("multi-scale CAM", "refined labels (PAR)", "forward", "token labels",
+                        *dict.fromkeys(LOSS_SPANS.values()))
+
+
+def synthetic_batch(batch: int, size: int, num_fg: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> images (B, 3, S, S) ImageNet-normalised, cls_label (B, K) 0/1, from datasets.synthetic.
+
+    The renderer knows 16 classes; with K > 16 the rendered class c is used as class c
+    (the remaining classes are simply absent), which keeps the labels' statistics VOC-like.
+    """
+    rng = np.random.default_rng(seed)
+    images, labels = [], torch.zeros(batch, num_fg)
+    for i in range(batch):
+        img, mask = render(rng, min(num_fg, MAX_CLASSES), size)
+        images.append(torch.from_numpy(img).permute(2, 0, 1).float())
+        present = [int(c) - 1 for c in np.unique(mask) if 0 < c < 255]
+        labels[i, present] = 1.0
+    x = torch.stack(images)
+    mean = torch.tensor(IMAGENET_MEAN_255).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD_255).view(1, 3, 1, 1)
+    return (x - mean) / std, labels
+
+
+class TimedCalls:
+    """A module whose calls (`m(...)`, `m.cams(...)`) run inside `span(name)`: handed to the step
+    as its CAM model, it times the network passes of the multi-scale CAM."""
+
+    def __init__(self, module: torch.nn.Module, span: Callable, name: str):
+        self.module, self.span, self.name = module, span, name
+
+    def __call__(self, *args, **kwargs):
+        with self.span(self.name):
+            return self.module(*args, **kwargs)
+
+    def cams(self, x: torch.Tensor):
+        with self.span(self.name):
+            return self.module.cams(x)
+
+
+def build_timed_training(cfg: DictConfig, device: torch.device, timer: StageTimer) -> Training:
+    """What `wetr.engine.train` builds before its loop (one process: no DDP), the CAM passes timed."""
+    t = build_training(cfg, device)
+    if cfg.compile:
+        t.train_model = torch.compile(t.model)
+    t.cam_model = TimedCalls(t.model, timer.stage, "network passes (CAM)")
+    t.model.train()
+    return t
+
+
+def _step(t: Training, images, cls_label, step: int, cfg: DictConfig, num_present: int,
+          timer: StageTimer) -> torch.Tensor:
+    _, values, nonfinite = train_step(t, images, cls_label, step, cfg, num_present, span=timer.stage)
+    if any(nonfinite):
+        raise FloatingPointError(f"non-finite loss in the benchmark step: {values.tolist()}")
+    return values
+
+
+def _derive(st: dict) -> None:
+    """Rows computed from the timed stages of one step (then the median like every stage)."""
+    st["other (compute_losses glue)"] = st["compute_losses"] - sum(st.get(k, 0.0) for k in COMPUTE_LOSSES_PARTS)
+    st["network"] = sum(st.get(k, 0.0) for k in NETWORK_STAGES)
+    st["outside network"] = st["step"] - st["network"]
+    st["outside network, without optimizer"] = st["outside network"] - st["optimizer"]
+
+
+def _count_flops(fn: Callable[[], object]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def bench_step(cfg: DictConfig, device: torch.device) -> tuple[dict, Training]:
+    b = cfg.bench
+    images, cls_label = synthetic_batch(cfg.batch_size, cfg.data.crop_size, cfg.data.num_classes - 1, b.seed)
+    # As a training loop would: the bound on present classes comes from the loader's CPU labels.
+    num_present = int(cls_label.sum(dim=1).max())
+    images, cls_label = images.to(device), cls_label.to(device)
+    if cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    step = b.step if b.step >= 0 else max(cfg.loss.after.values()) + 1
+    mem = PeakMemory(device)
+    mem_before = mem.current()
+    timer = StageTimer(device)
+    timer.enabled = False
+    t = build_timed_training(cfg, device, timer)
+    params = sum(p.numel() for p in t.model.parameters())
+    run = lambda: _step(t, images, cls_label, step, cfg, num_present, timer)  # noqa: E731
+
+    timer.new_step()
+    for _ in range(b.warmup):
+        run()
+    plain = []
+    if device.type == "cuda":  # one sync per step, as in training
+        for _ in range(b.steps):
+            sync(device)
+            t0 = time.perf_counter()
+            run()
+            sync(device)
+            plain.append(time.perf_counter() - t0)
+
+    timer.enabled = True
+    timer.steps.clear()
+    mem.reset()
+    for _ in range(b.steps):
+        timer.new_step()
+        sync(device)
+        t0 = time.perf_counter()
+        values = run()
+        sync(device)
+        timer.steps[-1]["step"] = time.perf_counter() - t0
+    peak = mem.peak()
+    for st in timer.steps:
+        _derive(st)
+    steps = list(timer.steps)
+    stages = timer.medians()
+
+    timer.enabled = False
+    flops = _count_flops(run) if b.flops and not cfg.compile else None
+
+    step_s = stages["step"]
+    # Throughput figures use the un-instrumented step where there is one (CUDA).
+    wall_s = statistics.median(plain) if plain else step_s
+    outside = stages["outside network"]
+    # Medians are taken per stage, so the rows need not add up exactly to the median step.
+    return {
+        "iteration": step,
+        "compute_losses_extra": {"num_present": num_present},
+        "params_M": params / 1e6,
+        "step_s": step_s,
+        "step_s_all": [st["step"] for st in steps],
+        "step_s_unsynced": statistics.median(plain) if plain else None,
+        "images_per_s": cfg.batch_size / wall_s,
+        "stages_s": stages,
+        "network_s": stages["network"],
+        "outside_network_s": outside,
+        "outside_network_share": outside / step_s,
+        "outside_network_share_without_optimizer": stages["outside network, without optimizer"] / step_s,
+        "cam_passes_share": stages.get("network passes (CAM)", 0.0) / step_s,
+        "peak_memory_bytes": peak,
+        "memory_before_model_bytes": mem_before,
+        "peak_memory_kind": ("cuda max_memory_allocated" if device.type == "cuda" else
+                             "process peak RSS (VmHWM)" + ("" if mem.resettable else ", lifetime")),
+        "flops_per_step": flops,
+        "achieved_tflops": flops / wall_s / 1e12 if flops else None,
+        "loss_values": dict(zip(("total",) + LOSS_TERMS, values.tolist())),
+    }, t

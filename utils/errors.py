@@ -1,0 +1,43 @@
+"""User errors at an entry point: one `error: ...` line on stderr and exit status 2, no traceback."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import NoReturn
+
+EXIT_USER_ERROR = 2  # the process printed one line saying what is wrong (see utils.dist.launch)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type name when it has none."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_USER_ERROR)
+
+
+@contextmanager
+def user_errors(kinds: tuple[type[BaseException], ...],
+                if_one_line: tuple[type[BaseException], ...] = (),
+                silent: Callable[[BaseException], bool] | None = None,
+                cleanup: Callable[[], None] | None = None) -> Iterator[None]:
+    """Turn the exceptions of `kinds` raised in the block into one line and exit status 2.
+
+    if_one_line: more exception types treated so only when their message is one line (a
+    multi-line one is a bug: its traceback is kept). silent(exc): print nothing (another process
+    prints the line). cleanup(): run before exiting (e.g. leave the process group).
+    """
+    try:
+        yield
+    except (*kinds, *if_one_line) as exc:
+        if not isinstance(exc, kinds) and len(str(exc).strip().splitlines()) != 1:
+            raise
+        if silent is None or not silent(exc):
+            print(f"error: {first_line(exc)}", file=sys.stderr)
+        if cleanup is not None:
+            cleanup()
+        sys.exit(EXIT_USER_ERROR)
