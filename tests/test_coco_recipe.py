@@ -47,8 +47,8 @@ def _spied_step(monkeypatch, argv, step):
             return out
         return wrapper
 
-    monkeypatch.setattr(engine, "refine_label", spy("refine"))
-    monkeypatch.setattr(engine, "token_labels", spy("tokens"))
+    monkeypatch.setattr(wstep, "refine_label", spy("refine"))
+    monkeypatch.setattr(wstep, "token_labels", spy("tokens"))
     monkeypatch.setattr(wstep.L, "ptc_loss", spy("ptc"))
     monkeypatch.setattr(wstep.L, "une_loss", spy("une"))
     torch.manual_seed(0)
