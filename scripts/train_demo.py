@@ -2,34 +2,25 @@
 
     bash run_demo.sh          # generates data/synthetic, trains, evaluates, draws logs/demo/report/
     bash run_train.sh scripts/train_demo.py cpu 2 29500 demo overwrite=true
+    python scripts/train_demo.py --print-config            # the resolved recipe
 
-Two processes (DDP over gloo) of 4 images each make the recipe's 8 images a step; on two cores
-they train 1.3x faster than one process with two threads (same figures within the seed noise).
-With one process, pass batch_size=8.
-
-Same method, thresholds and CAM scales as VOC; sizes and the schedule are scaled down and the
-segmentation loss weighs more (below). No ImageNet weights here, so: a tiny ViT (width 128,
-depth 4) with 8-pixel patches (a 16x16 token grid on the 128-pixel images, where 16-pixel patches
-leave 8x8), a 128-wide decoder, a higher learning rate, and 96-pixel training crops (cheaper
-steps; validation during training at 128 sees the objects a little larger than training did,
-which widens the CAMs; `run_demo.sh`'s evaluation resizes to the 96-pixel crop, as the reference
-resizes VOC to its 448 crop, so that its upscaled passes stay near the trained sizes).
-Seven knobs differ from VOC's (the search behind each: logs/demo_recipe_search.md):
-- crops cover 0.5-1.0 of the image area (VOC 0.32-1.0) and the poly schedule decays with power 2
-  (VOC 0.9): over four seeds, CAM +2.9 and Seg +1.7 mIoU;
-- the heads (classifiers, GCR, decoder) learn at 3x the backbone's rate, not 10x (the base rate
-  is already 17x VOC's, so 10x ran the decoder at 1e-2): Seg +0.6 to +3.4 on each of four
-  seeds (+1.9 on average), CAM unchanged;
-- with that calmer decoder, segmentation weighs 0.3 in the loss (VOC 0.12): Seg +1.4, CAM +1.1
-  over four seeds (+1.7 / +2.6 / +1.7 / -0.5 Seg; 0.5: no further gain);
-- the patch-token contrast (PTC) weighs 1.0 (VOC 0.3): LAM +9.4 / +7.7 / +4.5 / +6.5 over four
-  seeds (67.9 against 60.9 on average), CAM and Seg unchanged (+0.0 and +0.1 on average);
-- the refined pseudo labels' background planes are 0.55 / 0.2 (VOC 0.7 / 0.25), since this small
-  model's CAMs are under-activated (at 0.7 the labels call 60 % of class 1's pixels background),
-  and colour jitter applies to a quarter of the crops (VOC half): over four seeds Seg +3.1
-  (+2.5 / +3.8 / +0.8 / +5.3), CAM -0.6 (60.2 / 61.3 / 61.2 / 61.4).
-Everything else in the method (the other loss weights, the token-label thresholds, CAM scales,
-PAR) is VOC's.
+DEMO below holds only what differs from the shared defaults (utils/config.py, which are VOC's);
+`main` is the same engine as scripts/train_voc.py. The data is `datasets.synthetic`'s (K=4,
+128-pixel images, VOC layout; data.num_classes=5 counts background). Two processes (DDP over
+gloo, as run_demo.sh starts them) of batch_size=4 make 8 images a step; one process needs
+batch_size=8 for the same recipe. No ImageNet weights (model.pretrained=false), so sizes and
+the schedule are scaled down. Knobs that differ from VOC (why each: logs/demo_recipe_search.md):
+- model: ViT width 128, depth 4, 4 heads, 8-pixel patches (a 16x16 token grid), LargeFOV 128 wide;
+- data.crop_size 96 (VOC 448); crops cover 0.5-1.0 of the image area (VOC 0.32-1.0);
+- data.jitter_p 0.25: colour jitter on a quarter of the crops (VOC half);
+- max_iters 1100, optim.lr 1e-3 with 50 warm-up steps, poly power 2 (VOC 20000, 6e-5, 1500, 0.9);
+- optim.head_lr_mult 3: classifiers, GCR and decoder at 3x the backbone's rate (VOC 10x);
+- cam.high / cam.low 0.55 / 0.2: the refined pseudo labels' background planes (VOC 0.7 / 0.25);
+- cam.cam2mask 700, loss.after seg / reg 100: the loss schedule scaled to 1100 steps;
+- loss.weights.seg 0.3 (VOC 0.12) and loss.weights.ptc 1.0 (VOC 0.3);
+- val.size 128: validation during training at the images' own size (run_demo.sh's evaluation
+  resizes to the 96-pixel crop, as the reference resizes VOC to its 448 crop).
+Everything else (the other loss weights, the token-label thresholds, CAM scales, PAR) is VOC's.
 """
 from wetr.engine import main
 
