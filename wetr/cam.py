@@ -44,17 +44,13 @@ def minmax_normalise(maps: torch.Tensor) -> torch.Tensor:
     return maps / (maps.amax(dim=(-2, -1), keepdim=True) + 1e-5)
 
 
-def _flip_max_upsample(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """maps: (G, 2B, C, h, w), each group [images; flipped images] -> ReLU(max(map, flipped
-    back)) (G, B, C, *size), each group contiguous.
+def _flip_max_upsample(maps: torch.Tensor, b: int, size: Sequence[int]) -> torch.Tensor:
+    """maps: (2B, C, h, w) for [images; flipped images] -> ReLU(max(map, flipped back)) (B, C, *size).
 
-    One resize for all groups (channels are independent), then max and ReLU in place on the
-    upsampled maps: one (G, 2B, C, *size) allocation for the whole chain.
+    Max and ReLU in place on the upsampled maps: one (2B, C, *size) allocation for the chain.
     """
-    g, b2 = maps.shape[:2]
-    b = b2 // 2
-    up = resize_cam(maps.flatten(0, 1), size).unflatten(0, (g, b2))
-    both = torch.maximum(up[:, :b], up[:, b:].flip(-1), out=up[:, :b])
+    maps = resize_cam(maps, size)
+    both = torch.maximum(maps[:b], maps[b:].flip(-1), out=maps[:b])
     return both.clamp_(min=0)
 
 
@@ -81,14 +77,16 @@ def multi_scale_cam(model: nn.Module, images: torch.Tensor, scales: Sequence[flo
             aux_cam, cam = (torch.cat([a, f], dim=0) for a, f in zip(first, (aux_flip, cam_flip)))
         else:
             aux_cam, cam = model(torch.cat([x, x.flip(-1)], dim=0), cam_only=True)
-        # In float32 even under autocast: half-precision sums would quantise the maps the
-        # thresholds act on.
-        both = _flip_max_upsample(torch.stack([cam, aux_cam]).float(), (h, w))
+        # One resize for both maps (channels are independent), in float32 even under autocast:
+        # half-precision sums would quantise the maps the thresholds act on.
+        both = _flip_max_upsample(torch.cat([cam, aux_cam], dim=1).float(), b, (h, w))
         total = both if total is None else total.add_(both)
-    # minmax_normalise in place, both stacks at once (it is per image and channel).
+    # minmax_normalise in place, both stacks at once (it is per image and channel); the two
+    # results are views of that one buffer.
     total = total.sub_(total.amin(dim=(-2, -1), keepdim=True))
     total = total.div_(total.amax(dim=(-2, -1), keepdim=True) + 1e-5)
-    return total[0], total[1]
+    k = total.shape[1] // 2
+    return total[:, :k], total[:, k:]
 
 
 def cam_to_label(cam: torch.Tensor, cls_label: torch.Tensor, bkg: float = 0.5, high: float = 0.7,

@@ -21,7 +21,7 @@ __all__ = ["compile_regions"]
 
 
 def compile_regions(model: nn.Module, decoder: bool = True, dynamic: bool | None = None,
-                    mode: str | None = None) -> nn.Module:
+                    mode: str | None = None, backend: str = "inductor") -> nn.Module:
     """Compile `model.encoder.blocks[i]` (and `model.decoder`) in place; returns `model`.
 
     Args:
@@ -31,13 +31,15 @@ def compile_regions(model: nn.Module, decoder: bool = True, dynamic: bool | None
             shape change), True (dynamic from the start: fewer compiles), False (one graph per
             shape).
         mode: torch.compile's `mode` (e.g. "max-autotune-no-cudagraphs"); None: default.
+        backend: torch.compile's `backend`; "aot_eager" traces and runs the same graphs without
+            code generation (seconds instead of a minute on a small CPU: the tests use it).
     """
     # Each CAM scale is a new token count and grad mode differs between the training forward
     # and the CAM passes: leave room for those graphs before dynamo falls back to eager.
     limit = max(torch._dynamo.config.recompile_limit, 16)
     torch._dynamo.config.recompile_limit = limit
     for block in model.encoder.blocks:
-        block.compile(dynamic=dynamic, mode=mode)
+        block.compile(dynamic=dynamic, mode=mode, backend=backend)
     if decoder:
-        model.decoder.compile(dynamic=dynamic, mode=mode)
+        model.decoder.compile(dynamic=dynamic, mode=mode, backend=backend)
     return model
