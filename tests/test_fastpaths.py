@@ -91,7 +91,7 @@ def losses_and_grads(cfg, model, images, cls_label, step, amp_dtype=None):
     model.zero_grad(set_to_none=True)
     total.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return {"total": float(total), **{k: float(v) for k, v in terms.items()}}, grads
+    return {"total": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}}, grads
 
 
 def test_bf16_autocast_step_within_tolerance_of_fp32(tiny):

@@ -19,8 +19,9 @@ IMAGENET_STD_255 = (58.395, 57.12, 57.375)
 
 def denormalise_255(images: torch.Tensor) -> torch.Tensor:
     """ImageNet-normalised images (B, 3, H, W) -> float RGB in 0..255 (not rounded)."""
-    std = images.new_tensor(IMAGENET_STD_255).view(1, 3, 1, 1)
-    mean = images.new_tensor(IMAGENET_MEAN_255).view(1, 3, 1, 1)
+    # Filled on the device (no host->device copy, which would wait for the device on CUDA).
+    std = torch.stack([images.new_full((), v) for v in IMAGENET_STD_255]).view(1, 3, 1, 1)
+    mean = torch.stack([images.new_full((), v) for v in IMAGENET_MEAN_255]).view(1, 3, 1, 1)
     return images * std + mean
 
 
@@ -140,7 +141,8 @@ def refine_label(par: PAR, images: torch.Tensor, cam: torch.Tensor, cls_label: t
     half = (h // 2, w // 2)
     small_images = F.interpolate(images, size=half, mode="bilinear", align_corners=False)
     # Background planes are added at full size and downsampled with the CAMs, as the reference does.
-    planes = cam.new_tensor([high, low]).view(1, 2, 1, 1).expand(b, 2, h, w)
+    planes = torch.stack([cam.new_full((), high), cam.new_full((), low)]).view(1, 2, 1, 1)
+    planes = planes.expand(b, 2, h, w)  # filled on the device: no host->device copy
     stack = F.interpolate(torch.cat([planes, cam], dim=1), size=half, mode="bilinear",
                           align_corners=False)
     logits = torch.cat([stack[:, 0:1], stack[:, 2:], stack[:, 1:2], stack[:, 2:]], dim=1)

@@ -39,7 +39,8 @@ def bilateral_features(images: Tensor, sigma_rgb: float, sigma_xy: float) -> Ten
 
     Order (x, y, r, g, b) with x the column index and pixels in row-major order, as rloss's
     `bilateralfilter`. The sigmas are device tensors because CUDA turns division by a Python
-    scalar into a product with its reciprocal, which is not the reference's float32 bits.
+    scalar into a product with its reciprocal, which is not the reference's float32 bits; they
+    are filled on the device (a host->device copy would wait for the device).
     """
     B, _, H, W = images.shape
     ys, xs = torch.meshgrid(
@@ -47,8 +48,8 @@ def bilateral_features(images: Tensor, sigma_rgb: float, sigma_xy: float) -> Ten
         torch.arange(W, device=images.device, dtype=images.dtype),
         indexing="ij",
     )
-    xy = torch.stack([xs, ys]).expand(B, 2, H, W) / images.new_tensor([sigma_xy])
-    rgb = images / images.new_tensor([sigma_rgb])
+    xy = torch.stack([xs, ys]).expand(B, 2, H, W) / images.new_full((1,), sigma_xy)
+    rgb = images / images.new_full((1,), sigma_rgb)
     return torch.cat([xy, rgb], dim=1).flatten(2).transpose(1, 2)
 
 

@@ -41,6 +41,8 @@ class PAR(nn.Module):
         dist = torch.cat([ring * d for d in self.dilations])
         pos_aff = -(dist / (dist.std() + 1e-8) / w1) ** 2
         self.register_buffer("pos_weight", (w2 * pos_aff.softmax(0)).view(-1, 1, 1), persistent=False)
+        # On the module's device, so building the neighbour index copies nothing from the host.
+        self.register_buffer("offset_table", torch.tensor(self.offsets), persistent=False)
 
     def _neighbours(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x: (B, C, H, W) -> one (B, C, H, W) view per neighbour, replicate-padded borders."""
@@ -64,7 +66,7 @@ class PAR(nn.Module):
     def neighbour_index(self, h: int, w: int, device: torch.device) -> torch.Tensor:
         """(n, h*w) long: flat index of neighbour i of every pixel, coordinates clamped to the
         image (replicate padding), in the order of `offsets`."""
-        offsets = torch.tensor(self.offsets, device=device)
+        offsets = self.offset_table.to(device)
         ys = (torch.arange(h, device=device) + offsets[:, :1]).clamp_(0, h - 1)
         xs = (torch.arange(w, device=device) + offsets[:, 1:]).clamp_(0, w - 1)
         return (ys[:, :, None] * w + xs[:, None, :]).flatten(1)
