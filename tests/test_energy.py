@@ -17,7 +17,7 @@ from wetr.energy import (
     dense_energy_loss,
     exact_gaussian_filter,
 )
-from wetr.permutohedral import permutohedral_filter
+from wetr.permutohedral import _EMPTY, _hash, permutohedral_filter
 
 f32 = np.float32
 
@@ -110,12 +110,13 @@ def smooth_images(B: int, H: int, W: int, seed: int) -> torch.Tensor:
     return F.interpolate(coarse, size=(H, W), mode="bicubic", align_corners=False).clamp(0, 255)
 
 
+@pytest.mark.parametrize("fixed", [False, True])
 @pytest.mark.parametrize("B,N,d,C", [(2, 72, 5, 3), (2, 30, 5, 2), (1, 45, 2, 1), (3, 17, 3, 4)])
-def test_lattice_matches_loop(B, N, d, C):
+def test_lattice_matches_loop(B, N, d, C, fixed):
     g = torch.Generator().manual_seed(N)
     feats = torch.rand(B, N, d, generator=g) * 3
     vals = torch.rand(B, N, C, generator=g, dtype=torch.float64)
-    out = permutohedral_filter(feats, vals)
+    out = permutohedral_filter(feats, vals, fixed_capacity=fixed)
     ref = np.stack([loop_lattice(feats[b].numpy(), vals[b].numpy()) for b in range(B)])
     assert out.shape == (B, N, C) and out.dtype == torch.float64
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
@@ -128,6 +129,45 @@ def test_lattice_on_image_features_matches_loop():
     out = permutohedral_filter(feats, vals)
     ref = loop_lattice(feats[0].numpy(), vals[0].numpy())
     np.testing.assert_allclose(out[0].numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_fixed_capacity_hash_equals_unique():
+    g = torch.Generator().manual_seed(4)
+    code = torch.randint(0, 50, (300,), generator=g) * 7919 + 2**40  # many repeats, large keys
+    table, vertex, valid = _hash(code, fixed_capacity=True)
+    want_table, want_vertex = torch.unique(code, sorted=True, return_inverse=True)
+    m = want_table.numel()
+    assert table.shape == vertex.shape == valid.shape == (300,) and int(valid.sum()) == m
+    assert valid[:m].all() and torch.equal(table[:m], want_table) and (table[m:] == _EMPTY).all()
+    assert torch.equal(vertex, want_vertex) and torch.equal(table[vertex], code)
+
+
+@pytest.mark.parametrize("B,N,C", [(2, 200, 3), (1, 37, 21)])
+def test_fixed_capacity_lattice_equals_unique_lattice(B, N, C):
+    """Same table rows, same scatter order: equal bit for bit on the CPU."""
+    images = smooth_images(B, 10, N // 10, seed=N) + torch.rand(B, 3, 10, N // 10) * 30
+    feats = bilateral_features(images, 15.0, 50.0)
+    vals = torch.rand(B, feats.shape[1], C, generator=torch.Generator().manual_seed(N))
+    assert torch.equal(permutohedral_filter(feats, vals, fixed_capacity=True),
+                       permutohedral_filter(feats, vals, fixed_capacity=False))
+
+
+def test_fixed_capacity_lattice_has_no_data_dependent_shapes():
+    """Traced whole (fullgraph) only if no size depends on tensor values: no unique, nonzero or
+    .item(), so no device->host sync. The torch.unique form is the control that must fail."""
+    g = torch.Generator().manual_seed(5)
+    feats, vals = torch.rand(2, 37, 5, generator=g) * 3, torch.rand(2, 37, 3, generator=g)
+
+    def traced(fixed):
+        fn = torch.compile(lambda f, v: permutohedral_filter(f, v, fixed_capacity=fixed),
+                           fullgraph=True, backend="eager", dynamic=False)
+        return fn(feats, vals)
+
+    torch._dynamo.reset()
+    torch.testing.assert_close(traced(True), permutohedral_filter(feats, vals), rtol=0, atol=0)
+    with pytest.raises(Exception, match="data-dependent"):
+        traced(False)
+    torch._dynamo.reset()
 
 
 def test_lattice_batch_images_do_not_mix():

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from wetr.par import PAR
 
@@ -112,3 +113,48 @@ def test_par_is_channelwise_linear():
     out = par(images, zeroed)
     assert (out[:, 1] == 0).all()
     torch.testing.assert_close(out[:, [0, 2, 3]], full[:, [0, 2, 3]])
+
+
+def par_views_loop(par: PAR, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """The previous form: per iteration, n multiply-adds of replicate-padded shifted views."""
+    masks = F.interpolate(masks, size=images.shape[-2:], mode="bilinear", align_corners=True)
+    aff = par.affinity(images).unsqueeze(1)
+    for _ in range(par.num_iter):
+        views = par._neighbours(masks)
+        out = views[0] * aff[:, :, 0]
+        for i in range(1, len(views)):
+            out = out.addcmul_(views[i], aff[:, :, i])
+        masks = out
+    return masks
+
+
+@pytest.mark.parametrize("shape,dilations", [
+    ((1, 2, 5, 7), (1, 2, 4, 8, 12, 24)),  # every dilation past 2 is larger than the image
+    ((2, 3, 16, 20), (1, 2, 4, 8, 12, 24)),
+    ((3, 1, 9, 4), (1, 3, 30)),
+    ((2, 5, 12, 12), (2,)),
+])
+def test_sparse_propagation_equals_views_loop(shape, dilations):
+    b, c, h, w = shape
+    g = torch.Generator().manual_seed(h * w + c)
+    images = torch.rand(b, 3, h, w, generator=g)
+    masks = torch.rand(b, c, (h + 1) // 2, (w + 1) // 2, generator=g)
+    par = PAR(num_iter=10, dilations=dilations)
+    got, want = par(images, masks), par_views_loop(par, images, masks)
+    assert got.shape == want.shape == (b, c, h, w) and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    got64 = par.double()(images.double(), masks.double())
+    torch.testing.assert_close(got64, par_views_loop(par, images.double(), masks.double()),
+                               rtol=1e-12, atol=1e-14)
+
+
+def test_neighbour_index_is_clamped_offset():
+    par = PAR(dilations=(1, 5))
+    h, w = 4, 6
+    index = par.neighbour_index(h, w, torch.device("cpu"))
+    assert index.shape == (16, h * w)
+    for i, (dy, dx) in enumerate(par.offsets):
+        for y in range(h):
+            for x in range(w):
+                yy, xx = min(max(y + dy, 0), h - 1), min(max(x + dx, 0), w - 1)
+                assert index[i, y * w + x] == yy * w + xx

@@ -19,8 +19,9 @@ IMAGENET_STD_255 = (58.395, 57.12, 57.375)
 
 def denormalise_255(images: torch.Tensor) -> torch.Tensor:
     """ImageNet-normalised images (B, 3, H, W) -> float RGB in 0..255 (not rounded)."""
-    std = images.new_tensor(IMAGENET_STD_255).view(1, 3, 1, 1)
-    mean = images.new_tensor(IMAGENET_MEAN_255).view(1, 3, 1, 1)
+    # Filled on the device (no host->device copy, which would wait for the device on CUDA).
+    std = torch.stack([images.new_full((), v) for v in IMAGENET_STD_255]).view(1, 3, 1, 1)
+    mean = torch.stack([images.new_full((), v) for v in IMAGENET_MEAN_255]).view(1, 3, 1, 1)
     return images * std + mean
 
 
@@ -45,9 +46,13 @@ def minmax_normalise(maps: torch.Tensor) -> torch.Tensor:
 
 
 def _flip_max_upsample(maps: torch.Tensor, b: int, size: Sequence[int]) -> torch.Tensor:
-    """maps: (2B, C, h, w) for [images; flipped images] -> ReLU(max(map, flipped back)) (B, C, *size)."""
+    """maps: (2B, C, h, w) for [images; flipped images] -> ReLU(max(map, flipped back)) (B, C, *size).
+
+    Max and ReLU in place on the upsampled maps: one (2B, C, *size) allocation for the chain.
+    """
     maps = resize_cam(maps, size)
-    return F.relu(torch.maximum(maps[:b], maps[b:].flip(-1)))
+    both = torch.maximum(maps[:b], maps[b:].flip(-1), out=maps[:b])
+    return both.clamp_(min=0)
 
 
 @torch.no_grad()
@@ -57,7 +62,8 @@ def multi_scale_cam(model: nn.Module, images: torch.Tensor, scales: Sequence[flo
     """Multi-scale, flip-augmented CAM and aux CAM, min-max normalised (SPEC 4).
 
     images: (B, 3, H, W) normalised; `model(x, cam_only=True)` returns (aux_cam, cam) at token
-    resolution. Returns (cam, aux_cam), both (B, K, H, W) float32 in [0, 1).
+    resolution (the reference's forward contract, kept here so that the reference network and
+    ours are interchangeable; on MoRe it is `model.cams`). Returns (cam, aux_cam), both (B, K, H, W) float32 in [0, 1).
     As in the reference, scale 1.0 is always evaluated, first, and other entries equal to 1.0 are
     skipped; the per-scale maps are summed in that order.
     first: (aux_cam, cam) of `images` themselves at scale 1.0 when the caller already has them
@@ -76,9 +82,13 @@ def multi_scale_cam(model: nn.Module, images: torch.Tensor, scales: Sequence[flo
         # One resize for both maps (channels are independent), in float32 even under autocast:
         # half-precision sums would quantise the maps the thresholds act on.
         both = _flip_max_upsample(torch.cat([cam, aux_cam], dim=1).float(), b, (h, w))
-        total = both if total is None else total + both
+        total = both if total is None else total.add_(both)
+    # minmax_normalise in place, both stacks at once (it is per image and channel); the two
+    # results are views of that one buffer.
+    total = total.sub_(total.amin(dim=(-2, -1), keepdim=True))
+    total = total.div_(total.amax(dim=(-2, -1), keepdim=True) + 1e-5)
     k = total.shape[1] // 2
-    return minmax_normalise(total[:, :k]), minmax_normalise(total[:, k:])
+    return total[:, :k], total[:, k:]
 
 
 def cam_to_label(cam: torch.Tensor, cls_label: torch.Tensor, bkg: float = 0.5, high: float = 0.7,
@@ -132,7 +142,8 @@ def refine_label(par: PAR, images: torch.Tensor, cam: torch.Tensor, cls_label: t
     half = (h // 2, w // 2)
     small_images = F.interpolate(images, size=half, mode="bilinear", align_corners=False)
     # Background planes are added at full size and downsampled with the CAMs, as the reference does.
-    planes = cam.new_tensor([high, low]).view(1, 2, 1, 1).expand(b, 2, h, w)
+    planes = torch.stack([cam.new_full((), high), cam.new_full((), low)]).view(1, 2, 1, 1)
+    planes = planes.expand(b, 2, h, w)  # filled on the device: no host->device copy
     stack = F.interpolate(torch.cat([planes, cam], dim=1), size=half, mode="bilinear",
                           align_corners=False)
     logits = torch.cat([stack[:, 0:1], stack[:, 2:], stack[:, 1:2], stack[:, 2:]], dim=1)

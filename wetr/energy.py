@@ -14,7 +14,8 @@ lattice operator is not symmetric (its directional blurs do not commute on a spa
   approximation of the Gaussian sum; equal to pydensecrf's lattice to float32 rounding. Its
   features are (x/sigma_xy, y/sigma_xy, r/sigma_rgb, g/sigma_rgb, b/sigma_rgb), x the column,
   in pixels of the downscaled image. Time and memory O(B N (d+1) C) plus a sort of the
-  B N (d+1) lattice keys.
+  B N (d+1) lattice keys; off the CPU its tables have a fixed capacity, so the loss never
+  waits for the device (no host sync).
 - "exact": the true Gaussian sum times `exact_scale`, as an unnormalised attention over the
   features (fused scaled_dot_product_attention: O(N) memory, O(N^2 C) time).
 Measured lattice / exact ratio of sum(AS) (sigma_rgb 15, sigma_xy 50, softmax maps): 0.47 on
@@ -38,7 +39,8 @@ def bilateral_features(images: Tensor, sigma_rgb: float, sigma_xy: float) -> Ten
 
     Order (x, y, r, g, b) with x the column index and pixels in row-major order, as rloss's
     `bilateralfilter`. The sigmas are device tensors because CUDA turns division by a Python
-    scalar into a product with its reciprocal, which is not the reference's float32 bits.
+    scalar into a product with its reciprocal, which is not the reference's float32 bits; they
+    are filled on the device (a host->device copy would wait for the device).
     """
     B, _, H, W = images.shape
     ys, xs = torch.meshgrid(
@@ -46,8 +48,8 @@ def bilateral_features(images: Tensor, sigma_rgb: float, sigma_xy: float) -> Ten
         torch.arange(W, device=images.device, dtype=images.dtype),
         indexing="ij",
     )
-    xy = torch.stack([xs, ys]).expand(B, 2, H, W) / images.new_tensor([sigma_xy])
-    rgb = images / images.new_tensor([sigma_rgb])
+    xy = torch.stack([xs, ys]).expand(B, 2, H, W) / images.new_full((1,), sigma_xy)
+    rgb = images / images.new_full((1,), sigma_rgb)
     return torch.cat([xy, rgb], dim=1).flatten(2).transpose(1, 2)
 
 

@@ -38,6 +38,7 @@ from utils.logger import JsonlWriter, format_eta, git_revision, setup_logger
 from utils.tensorboard_log import ScalarLog, TBWriter
 
 from . import run
+from .compile import compile_regions
 from .run import NonFiniteLossError, RunError
 from .step import LOSS_TERMS, Training, build_training, train_step
 from .validate import build_val_loader, val_overlays, validate
@@ -170,8 +171,11 @@ def _train(cfg: DictConfig, dist: DistInfo, logger, resume_path, hooks: Hooks) -
 
 
 def _wrap_for_training(model: torch.nn.Module, cfg: DictConfig, dist: DistInfo) -> torch.nn.Module:
-    """The module the training forward runs through: DDP over several processes, then compiled
-    when cfg.compile."""
+    """The module the training forward runs through: DDP over several processes. cfg.compile
+    compiles the encoder blocks and the decoder in place (`wetr.compile.compile_regions`), so the
+    no-grad CAM passes, which call the bare model, run compiled too."""
+    if cfg.compile:
+        compile_regions(model)
     train_model = model
     if dist.distributed:
         # oneDNN returns 1x1-conv weight grads in a channels-last layout; DDP copies them into
@@ -179,8 +183,6 @@ def _wrap_for_training(model: torch.nn.Module, cfg: DictConfig, dist: DistInfo) 
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         train_model = DistributedDataParallel(
             model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
     return train_model
 
 

@@ -42,7 +42,7 @@ def cle_loss(class_tokens: Tensor, patch_map: Tensor, token_label: Tensor, cls_l
     z = F.normalize(class_tokens, dim=2, eps=1e-8)
     logits = z @ patch_map.detach().flatten(2) / temp  # (B, K, N)
     log_denom = torch.logaddexp(logits.logsumexp(dim=2, keepdim=True),
-                                logits.new_tensor(math.log(1e-4)))
+                                logits.new_full((), math.log(1e-4)))
     token_loss = log_denom - logits
     classes = torch.arange(1, k + 1, device=token_label.device)
     mask = (token_label.flatten(1)[:, None, :] == classes[None, :, None]).to(logits.dtype)

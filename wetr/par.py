@@ -4,6 +4,7 @@ Propagates a stack of per-class maps along dilated 8-neighbourhoods whose weight
 colour similarity (image affinity) plus a small fixed position prior.
 """
 import math
+import warnings
 from typing import Sequence
 
 import torch
@@ -40,6 +41,8 @@ class PAR(nn.Module):
         dist = torch.cat([ring * d for d in self.dilations])
         pos_aff = -(dist / (dist.std() + 1e-8) / w1) ** 2
         self.register_buffer("pos_weight", (w2 * pos_aff.softmax(0)).view(-1, 1, 1), persistent=False)
+        # On the module's device, so building the neighbour index copies nothing from the host.
+        self.register_buffer("offset_table", torch.tensor(self.offsets), persistent=False)
 
     def _neighbours(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x: (B, C, H, W) -> one (B, C, H, W) view per neighbour, replicate-padded borders."""
@@ -60,16 +63,39 @@ class PAR(nn.Module):
         aff = aff.mean(dim=1)  # average over RGB
         return aff.softmax(dim=1) + self.pos_weight
 
+    def neighbour_index(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        """(n, h*w) long: flat index of neighbour i of every pixel, coordinates clamped to the
+        image (replicate padding), in the order of `offsets`."""
+        offsets = self.offset_table.to(device)
+        ys = (torch.arange(h, device=device) + offsets[:, :1]).clamp_(0, h - 1)
+        xs = (torch.arange(w, device=device) + offsets[:, 1:]).clamp_(0, w - 1)
+        return (ys[:, :, None] * w + xs[:, None, :]).flatten(1)
+
+    def operator(self, aff: torch.Tensor) -> torch.Tensor:
+        """aff: (B, n, H, W) -> sparse CSR (B*H*W, B*H*W) with n entries per row: row p holds
+        aff[:, i, p] at the column of its neighbour i, so one iteration is one product."""
+        b, n, h, w = aff.shape
+        # int32 indices where they fit: the CPU (MKL) product is ~1.5x faster with them.
+        itype = torch.int32 if b * h * w * n < 2**31 else torch.int64
+        index = self.neighbour_index(h, w, aff.device).t().to(itype)  # (H*W, n)
+        base = torch.arange(b, device=aff.device, dtype=itype)[:, None, None] * (h * w)
+        cols = (index[None] + base).flatten()
+        rows = torch.arange(0, b * h * w * n + 1, n, device=aff.device, dtype=itype)
+        values = aff.flatten(2).transpose(1, 2).flatten()  # (B, H*W, n), neighbours in order
+        with warnings.catch_warnings():  # "sparse CSR support is in beta", once per process
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(rows, cols, values, size=(b * h * w, b * h * w),
+                                           check_invariants=False)
+
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """images: (B, 3, H, W); masks: (B, C, h, w) -> refined masks (B, C, H, W)."""
         masks = F.interpolate(masks, size=images.shape[-2:], mode="bilinear", align_corners=True)
-        aff = self.affinity(images).unsqueeze(1)  # (B, 1, n, H, W), shared by all channels
+        b, c, h, w = masks.shape
+        # Each iteration, mask <- sum_i mask_i * aff_i, is a sparse (n nonzeros a row) matrix
+        # product, the same for every channel: one kernel an iteration and O(B*C*H*W) memory,
+        # instead of n multiply-adds of (B, C, H, W) maps or an n-times larger gathered stack.
+        op = self.operator(self.affinity(images))
+        x = masks.permute(0, 2, 3, 1).reshape(b * h * w, c)
         for _ in range(self.num_iter):
-            # Accumulate neighbour by neighbour rather than stacking (B, C, n, H, W): memory stays
-            # O(B*C*H*W), which matters when refine_label runs all K+1 channels of a batch at once.
-            views = self._neighbours(masks)
-            out = views[0] * aff[:, :, 0]
-            for i in range(1, len(views)):
-                out = out.addcmul_(views[i], aff[:, :, i])
-            masks = out
-        return masks
+            x = op @ x
+        return x.view(b, h, w, c).permute(0, 3, 1, 2).contiguous()

@@ -16,8 +16,10 @@ The C++ conventions are mirrored so that results agree to float32 rounding:
   whose lattice vertices are created (with zero value) and then take part in the blur. One
   zero-feature, zero-value point is appended when N % 4 != 0 to reproduce that.
 
-The hash table is a sorted array of integer-encoded keys (`torch.unique`), blur neighbours
-are found with `torch.searchsorted`. Everything stays on the input's device; memory is
+The hash table is a sorted array of integer-encoded keys with a fixed capacity (one slot per
+simplex vertex of every point, B N (d+1)), built by a sort: no size depends on the data, so
+nothing waits for the device (no torch.unique, no .item()). Blur neighbours are found with
+`torch.searchsorted`. Everything stays on the input's device; memory is
 O(B N (d+1) C), no N x N tensor. A batch is one lattice: the image index is the most
 significant digit of the key, so images never mix. Key coordinates are int64 where the C++
 uses int16; they differ only past |key| > 32767, far beyond image features.
@@ -25,9 +27,14 @@ uses int16; they differ only past |key| > 32767, far beyond image features.
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["permutohedral_filter"]
+
+# Marks unused hash slots: above every key (keys < 2^62, checked), so the table stays sorted,
+# and far enough from them that no key +- blur offset reaches it.
+_EMPTY = 2**62
 
 
 def _elevate(f: Tensor) -> Tensor:
@@ -83,13 +90,41 @@ def _simplex(elevated: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return rem0, rank, barycentric
 
 
-def permutohedral_filter(features: Tensor, values: Tensor) -> Tensor:
+def _hash(code: Tensor, fixed_capacity: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Hash table of integer keys as a sorted array.
+
+    code: (E,) int64 keys in [0, 2^62). Returns (table (M,), vertex (E,), valid (M,)): the
+    distinct keys ascending, the slot of each key, which slots hold a key.
+    fixed_capacity: M = E whatever the data (unused slots hold _EMPTY, after every key), built
+    by a sort without a device->host sync; the first slots equal torch.unique's table and
+    vertex its inverse. Otherwise M is the number of distinct keys (torch.unique: it waits for
+    the device to know M, but the blur then touches only M rows, 2-4x faster on a CPU).
+    """
+    if not fixed_capacity:
+        table, vertex = torch.unique(code, sorted=True, return_inverse=True)
+        return table, vertex, torch.ones_like(table, dtype=torch.bool)
+    ordered, order = torch.sort(code)
+    new = torch.ones_like(ordered, dtype=torch.bool)
+    new[1:] = ordered[1:] != ordered[:-1]
+    slot = new.cumsum(0) - 1  # slot of each sorted key
+    vertex = torch.empty_like(slot).scatter_(0, order, slot)
+    # Repeated keys write the same value to their slot, so the scatter is deterministic.
+    table = torch.full_like(code, _EMPTY).scatter_(0, slot, ordered)
+    valid = torch.arange(code.numel(), device=code.device) <= slot[-1:]
+    return table, vertex, valid
+
+
+def permutohedral_filter(features: Tensor, values: Tensor,
+                         fixed_capacity: bool | None = None) -> Tensor:
     """Unnormalised Gaussian filtering on the permutohedral lattice.
 
     Args:
         features: (B, N, d) positions already divided by their standard deviations.
             The lattice is built in float32 whatever the dtype (as the reference).
         values: (B, N, C) values to filter; the result has their dtype.
+        fixed_capacity: hash table sizes independent of the data, so no device->host sync
+            (capturable in a CUDA graph, no stall of the step); default: off the CPU only.
+            Both give the same result up to float summation order.
 
     Returns:
         (B, N, C): approx. sum_j exp(-|f_i - f_j|^2 / 2) values_j, with the reference's
@@ -119,32 +154,33 @@ def permutohedral_filter(features: Tensor, values: Tensor) -> Tensor:
     bits = torch.log2(span.double()).sum() + math.log2(max(B, 1))
     torch._assert_async(bits < 62.0, "permutohedral lattice keys do not fit in int64")
     code = ((keys - lo) * stride[:d]).sum(-1)
-    code = code + torch.arange(B, device=device)[:, None] * stride[d]
-    lattice, vertex = torch.unique(code.reshape(-1), sorted=True, return_inverse=True)
-    M = lattice.numel()
+    code = (code + torch.arange(B, device=device)[:, None] * stride[d]).reshape(-1)
+    if fixed_capacity is None:
+        fixed_capacity = device.type != "cpu"
+    lattice, vertex, valid = _hash(code, fixed_capacity)
+    E = lattice.numel()
     vertex = vertex.reshape(B * P, d1)
 
     # Blur neighbours along direction j: all coordinates -1 except j, which is +d (and the
-    # mirror image); for j = d every stored coordinate moves by -1 / +1. Row M is the zero row.
+    # mirror image); for j = d every stored coordinate moves by -1 / +1. Row E is the zero row
+    # that missing neighbours (and the zero row itself) point to.
     step = torch.full((d1, d), -1, dtype=torch.long, device=device)
     step[torch.arange(d), torch.arange(d)] = d
     deltas = (step * stride[:d]).sum(-1)  # (d+1,)
-    pad = torch.full((1,), M, dtype=torch.long, device=device)
-
-    def neighbour(delta: Tensor) -> Tensor:
-        target = lattice + delta
-        idx = torch.searchsorted(lattice, target).clamp_(max=M - 1)
-        found = lattice[idx] == target
-        return torch.cat([torch.where(found, idx, M), pad])
+    targets = lattice[None, :] + torch.cat([deltas, -deltas])[:, None]  # (2(d+1), E)
+    idx = torch.searchsorted(lattice, targets).clamp_(max=E - 1)
+    found = (lattice[idx] == targets) & valid
+    neighbours = F.pad(torch.where(found, idx, E), (0, 1), value=E)  # (2(d+1), E+1)
 
     flat_values = values.reshape(B * P, C)
     weights = bary.to(dtype)
-    lattice_values = values.new_zeros(M + 1, C)
+    # Splat and slice rank by rank: on a CPU, d+1 passes over (B*P, C) are faster than one pass
+    # over a (d+1, B*P, C) stack, and they keep the reference's summation order.
+    lattice_values = values.new_zeros(E + 1, C)
     for rr in range(d1):  # splat
-        splat = weights[:, rr, None] * flat_values
-        lattice_values = lattice_values.index_add(0, vertex[:, rr], splat)
+        lattice_values = lattice_values.index_add(0, vertex[:, rr], weights[:, rr, None] * flat_values)
     for j in range(d1):  # blur, direction order 0..d as the reference
-        n1, n2 = neighbour(deltas[j]), neighbour(-deltas[j])
+        n1, n2 = neighbours[j], neighbours[d1 + j]
         lattice_values = lattice_values + 0.5 * (lattice_values[n1] + lattice_values[n2])
     alpha = float(torch.tensor(1.0 / (1.0 + 2.0 ** -d), dtype=torch.float32))
     out = torch.zeros_like(flat_values)

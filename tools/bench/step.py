@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from datasets.synthetic import MAX_CLASSES, render
 from utils.profiling import PeakMemory, StageTimer, sync
 from wetr.cam import IMAGENET_MEAN_255, IMAGENET_STD_255
+from wetr.compile import compile_regions
 from wetr.step import LOSS_SPANS, LOSS_TERMS, Training, build_training, train_step
 
 NETWORK_STAGES = ("network passes (CAM)", "forward", "backward")
@@ -64,7 +65,7 @@ def build_timed_training(cfg: DictConfig, device: torch.device, timer: StageTime
     """What `wetr.engine.train` builds before its loop (one process: no DDP), the CAM passes timed."""
     t = build_training(cfg, device)
     if cfg.compile:
-        t.train_model = torch.compile(t.model)
+        compile_regions(t.model)   # in place, as the engine: the CAM passes run compiled too
     t.cam_model = TimedCalls(t.model, timer.stage, "network passes (CAM)")
     t.model.train()
     return t
