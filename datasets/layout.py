@@ -55,6 +55,10 @@ def _download_hint(name: str, root: str) -> str:
             f"python -m datasets.synthetic --out {root})")
 
 
+def _fail(path: str, problem: str, how: str) -> NoReturn:
+    raise LayoutError(f"{path}: {problem}; fix: {how}")
+
+
 def check_layout(cfg_data: Any, splits: Sequence[str], max_masks: int | None = 1500) -> None:
     """cfg_data: attribute access to name, root, list_dir, num_classes (K + 1)."""
     name, root = cfg_data.name, str(cfg_data.root)
@@ -67,52 +71,68 @@ def check_layout(cfg_data: Any, splits: Sequence[str], max_masks: int | None = 1
     fix = "run: " + _prepare_command(name, root, given_list_dir, num_fg)
     download = fix if read_params(root) else _download_hint(name, root)  # synthetic: regenerate
 
-    def fail(path: str, problem: str, how: str = fix) -> NoReturn:
-        raise LayoutError(f"{path}: {problem}; fix: {how}")
-
     if not os.path.isdir(root):
-        fail(root, "data root not found", _download_hint(name, root))
+        _fail(root, "data root not found", _download_hint(name, root))
     for folder in (dataset.image_folder, dataset.mask_folder):
         path = os.path.join(root, folder)
         if not os.path.isdir(path):
-            fail(path, "folder not found",
-                 fix if name == "coco" and folder == dataset.mask_folder else download)
+            _fail(path, "folder not found",
+                  fix if name == "coco" and folder == dataset.mask_folder else download)
+    lists = _read_lists(dataset, root, list_dir, splits, fix)
+    rows = _read_labels(list_dir, lists, num_fg, fix, read_params(root))
+    _check_files(dataset, root, list_dir, lists, rows, num_fg, max_masks, fix, download)
 
+
+def _read_lists(dataset, root: str, list_dir: str, splits: Sequence[str],
+                fix: str) -> dict[str, list[str]]:
+    """{split: names}; every list present, non-empty, with names the dataset can place."""
     lists: dict[str, list[str]] = {}
     for split in splits:
         path = os.path.join(list_dir, f"{split}.txt")
         if not os.path.isfile(path):
-            fail(path, f"split list {split!r} not found")
+            _fail(path, f"split list {split!r} not found", fix)
         lists[split] = read_name_list(path)
         if not lists[split]:
-            fail(path, "split list is empty")
+            _fail(path, "split list is empty", fix)
         for n in lists[split]:
             try:
                 dataset.image_path(root, n)
             except ValueError as exc:  # a COCO name that is not COCO_<subset>_<id>
-                fail(path, str(exc))
+                _fail(path, str(exc), fix)
+    return lists
 
-    rows: dict[str, Any] = {}
-    labelled = [s for s in splits if s != "test"]
-    if labelled:
-        path = os.path.join(list_dir, LABEL_FILE)
-        if not os.path.isfile(path):
-            fail(path, "image-label file not found")
-        try:
-            names, labels = read_cls_labels(path)
-        except ValueError as exc:
-            fail(path, str(exc).replace(f" {path}", ""))
-        if labels.shape[1] != num_fg:
-            how = f"set data.num_classes={labels.shape[1] + 1} (K + 1)"
-            fail(path, f"labels have {labels.shape[1]} classes but data.num_classes={num_fg + 1} "
-                       f"means {num_fg}", how if read_params(root) else f"{how}, or {fix}")
-        rows = dict(zip(names, labels))
-        for split in labelled:
-            missing = [n for n in lists[split] if n not in rows]
-            if missing:
-                fail(path, f"no labels for {len(missing)} of the {len(lists[split])} names in "
-                           f"{split}.txt (first: {missing[0]}); the file is stale")
 
+def _read_labels(list_dir: str, lists: dict[str, list[str]], num_fg: int, fix: str,
+                 synthetic: bool) -> dict[str, Any]:
+    """{name: (K,) labels} of the image-label file, which must cover every labelled split."""
+    labelled = [s for s in lists if s != "test"]
+    if not labelled:
+        return {}
+    path = os.path.join(list_dir, LABEL_FILE)
+    if not os.path.isfile(path):
+        _fail(path, "image-label file not found", fix)
+    try:
+        names, labels = read_cls_labels(path)
+    except ValueError as exc:
+        _fail(path, str(exc).replace(f" {path}", ""), fix)
+    if labels.shape[1] != num_fg:
+        how = f"set data.num_classes={labels.shape[1] + 1} (K + 1)"
+        _fail(path, f"labels have {labels.shape[1]} classes but data.num_classes={num_fg + 1} "
+                    f"means {num_fg}", how if synthetic else f"{how}, or {fix}")
+    rows = dict(zip(names, labels))
+    for split in labelled:
+        missing = [n for n in lists[split] if n not in rows]
+        if missing:
+            _fail(path, f"no labels for {len(missing)} of the {len(lists[split])} names in "
+                        f"{split}.txt (first: {missing[0]}); the file is stale", fix)
+    return rows
+
+
+def _check_files(dataset, root: str, list_dir: str, lists: dict[str, list[str]],
+                 rows: dict[str, Any], num_fg: int, max_masks: int | None, fix: str,
+                 download: str) -> None:
+    """Every listed image (and mask) exists; the first `max_masks` masks of each labelled split
+    hold class indices, match their image's size and agree with the image labels."""
     listing: dict[str, set[str]] = {}
 
     def exists(path: str) -> bool:
@@ -126,34 +146,39 @@ def check_layout(cfg_data: Any, splits: Sequence[str], max_masks: int | None = 1
         for n in names:
             image = dataset.image_path(root, n)
             if not exists(image):
-                fail(image, f"image listed in {list_path} not found", download)
+                _fail(image, f"image listed in {list_path} not found", download)
             if split != "test" and not exists(dataset.mask_path(root, n)):
-                fail(dataset.mask_path(root, n), f"mask listed in {list_path} not found")
+                _fail(dataset.mask_path(root, n), f"mask listed in {list_path} not found", fix)
         if split == "test":
             continue
         for n in names[:max_masks]:
-            path = dataset.mask_path(root, n)
-            try:
-                mask = read_mask(path)
-            except ValueError as exc:
-                fail(path, str(exc).replace(f" {path}", ""))
-            values = set(np.flatnonzero(np.bincount(mask.ravel(), minlength=256)).tolist())
-            bad = sorted(v for v in values if v > num_fg and v != 255)
-            if bad:
-                fail(path, f"mask values {bad[:5]} outside 0..{num_fg} and 255",
-                     f"masks must hold class indices (e.g. SegmentationClassAug, not RGB colour "
-                     f"masks) and data.num_classes must be K+1; then {fix}")
-            image = dataset.image_path(root, n)
-            try:
-                with Image.open(image) as img:  # header only
-                    size = (img.height, img.width)
-            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-                fail(image, f"cannot read image ({exc})", f"replace the file; {download}")
-            if mask.shape != size:
-                fail(path, f"mask is {mask.shape[0]}x{mask.shape[1]} but its image is "
-                           f"{size[0]}x{size[1]}")
-            present = [v for v in range(1, num_fg + 1) if v in values]
-            labelled_as = [i + 1 for i in range(num_fg) if rows[n][i]]
-            if present != labelled_as:
-                fail(os.path.join(list_dir, LABEL_FILE), f"labels of {n} {labelled_as} differ from "
-                     f"the classes in its mask {present}; the file is stale")
+            _check_mask(dataset, root, list_dir, n, rows[n], num_fg, fix, download)
+
+
+def _check_mask(dataset, root: str, list_dir: str, n: str, row, num_fg: int, fix: str,
+                download: str) -> None:
+    path = dataset.mask_path(root, n)
+    try:
+        mask = read_mask(path)
+    except ValueError as exc:
+        _fail(path, str(exc).replace(f" {path}", ""), fix)
+    values = set(np.flatnonzero(np.bincount(mask.ravel(), minlength=256)).tolist())
+    bad = sorted(v for v in values if v > num_fg and v != 255)
+    if bad:
+        _fail(path, f"mask values {bad[:5]} outside 0..{num_fg} and 255",
+              f"masks must hold class indices (e.g. SegmentationClassAug, not RGB colour "
+              f"masks) and data.num_classes must be K+1; then {fix}")
+    image = dataset.image_path(root, n)
+    try:
+        with Image.open(image) as img:  # header only
+            size = (img.height, img.width)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        _fail(image, f"cannot read image ({exc})", f"replace the file; {download}")
+    if mask.shape != size:
+        _fail(path, f"mask is {mask.shape[0]}x{mask.shape[1]} but its image is "
+                    f"{size[0]}x{size[1]}", fix)
+    present = [v for v in range(1, num_fg + 1) if v in values]
+    labelled_as = [i + 1 for i in range(num_fg) if row[i]]
+    if present != labelled_as:
+        _fail(os.path.join(list_dir, LABEL_FILE), f"labels of {n} {labelled_as} differ from "
+              f"the classes in its mask {present}; the file is stale", fix)
