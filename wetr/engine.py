@@ -260,7 +260,7 @@ def _log_losses(state: _Progress, lr: float, cfg: DictConfig, dist: DistInfo, lo
     if dist.is_main:
         msg = " ".join(f"{k} {v:.4f}" for k, v in avg.items())
         logger.info(f"step {state.step}/{cfg.max_iters} lr {lr:.3e} | {msg} | "
-                    f"| {speed:.1f} img/s | elapsed {format_eta(elapsed)} eta {format_eta(eta)}")
+                    f"{speed:.1f} img/s | elapsed {format_eta(elapsed)} eta {format_eta(eta)}")
         metrics.write(step=state.step, lr=lr, **{f"loss/{k}": v for k, v in avg.items()},
                       **{"speed/images_per_s": speed})
         if progress is not None:
