@@ -29,6 +29,10 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from utils.io import atomic_open
+
+from .voc_lists import prepare_voc, write_name_list
+
 SHAPES = ("ellipse", "box", "triangle", "cross")
 TEXTURES = ("checker", "stripes", "dots", "rings")
 MAX_CLASSES = len(SHAPES) * len(TEXTURES)
@@ -192,7 +196,6 @@ def make_synthetic(out_dir: str, num_fg_classes: int = 4, num_train: int = 600, 
                    progress: bool = True) -> bool:
     """Write the dataset (num_fg_classes = K foreground classes). -> False when an identical one
     already exists (nothing written; `force` rewrites it), True otherwise."""
-    from .voc_lists import atomic_open, prepare_voc, write_name_list
     if not 1 <= num_fg_classes <= MAX_CLASSES:
         raise ValueError(f"num_fg_classes must be in 1..{MAX_CLASSES}; got {num_fg_classes}")
     params = _params(num_fg_classes, num_train, num_val, size, seed)

@@ -8,32 +8,15 @@ present, and cls_labels.npz (`names`, `labels` (N, K) uint8: classes present in 
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-from typing import IO, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
 
+from utils.io import atomic_open
+
 from .voc import LABEL_FILE, default_list_dir, read_mask, read_name_list
-
-
-@contextlib.contextmanager
-def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
-    """Write to a temp file beside `path`, then os.replace: readers never see a partial file."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; datasets are often shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def write_name_list(path: str, names: Sequence[str]) -> None:

@@ -10,7 +10,8 @@ from PIL import Image
 
 from datasets.voc import read_cls_labels, read_mask, read_name_list
 from tools.prepare_coco import prepare_coco
-from tools.prepare_voc import atomic_open, main as prepare_voc_main, prepare_voc
+from tools.prepare_voc import main as prepare_voc_main, prepare_voc
+from utils.io import atomic_open
 
 
 def _presence_loop(mask: np.ndarray, k: int) -> np.ndarray:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from logging import Logger
@@ -20,6 +19,7 @@ import torch
 
 from utils import dist as udist
 from utils.metrics import confusion_matrix, format_table, scores
+from utils.io import write_atomic, write_text_atomic
 from utils.palette import colorize, save_label_png, save_rgb
 
 
@@ -44,9 +44,7 @@ def _json_clean(v: Any) -> Any:
 
 
 def write_json_atomic(path: Path, record: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_json_clean(record), indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(_json_clean(record), indent=1, allow_nan=False) + "\n")
 
 
 @dataclass
@@ -136,11 +134,8 @@ class Evaluation:
         self.pending = keep
 
     def save_npz(self, name: str, **arrays: np.ndarray) -> None:
-        path = self.path("arrays", f"{name}.npz")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        write_atomic(self.path("arrays", f"{name}.npz"), lambda f: np.savez(f, **arrays),
+                     durable=False)
 
     def save_image(self, rel: str, rgb: np.ndarray) -> None:
         save_rgb(self.path(rel), rgb)

@@ -38,7 +38,8 @@ from tqdm import tqdm
 
 from datasets.coco import parse_name
 from datasets.voc import LABEL_FILE, default_list_dir, read_cls_labels, read_mask
-from tools.prepare_voc import atomic_open, mask_classes, write_cls_labels, write_name_list
+from datasets.voc_lists import mask_classes, write_cls_labels, write_name_list
+from utils.io import atomic_open
 
 SUBSETS = {"train2014": "train", "val2014": "val"}  # image folder -> list name
 VAL_PART = 5000

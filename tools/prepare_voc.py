@@ -18,9 +18,8 @@ import os
 from typing import Sequence
 
 from datasets.voc import LABEL_FILE, default_list_dir
-# the writers live in datasets/ (the synthetic dataset uses them too); re-exported for callers
-from datasets.voc_lists import (atomic_open, labels_from_masks, mask_classes,  # noqa: F401
-                                prepare_voc, write_cls_labels, write_name_list)
+# the writers live in datasets/voc_lists.py (the synthetic dataset uses them too)
+from datasets.voc_lists import prepare_voc
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -19,6 +19,9 @@ from datasets.sampler import CheckedDataset, SampleError
 from utils import dist as udist
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigError, to_container
+from utils.crf import CRFMissingError
+from utils.dist import DeviceError
+from utils.errors import user_errors
 from utils.logger import git_revision, setup_logger
 from wetr.factory import model_from_checkpoint
 
@@ -133,22 +136,8 @@ def evaluate(spec: ToolSpec, argv: Sequence[str], per_image: PerImage) -> dict |
                          run.dist.is_main)
 
 
-def _fail(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def run(main: Callable[[Sequence[str]], Any], argv: Sequence[str] | None = None) -> Any:
     """Entry point wrapper: user errors become one line on stderr and exit status 2."""
-    from utils.dist import DeviceError
-
-    try:
+    with user_errors((ConfigError, CheckpointError, InferError, DeviceError, SampleError,
+                      CRFMissingError)):
         return main(sys.argv[1:] if argv is None else argv)
-    except (ConfigError, CheckpointError, InferError, DeviceError, SampleError) as exc:
-        _fail(str(exc))
-    except RuntimeError as exc:
-        from utils.crf import CRF_MISSING
-        if str(exc) == CRF_MISSING:
-            _fail(CRF_MISSING)
-        raise
-

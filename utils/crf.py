@@ -15,6 +15,10 @@ import numpy as np
 CRF_MISSING = "CRF needs pydensecrf2: pip install pydensecrf2"
 
 
+class CRFMissingError(RuntimeError):
+    """pydensecrf2 is not installed (message: CRF_MISSING)."""
+
+
 @dataclass(frozen=True)
 class CRFParams:
     """SPEC 8: 10 mean-field iterations, Gaussian (sxy 1, compat 3), bilateral (sxy 67, srgb 3,
@@ -32,7 +36,7 @@ def _densecrf():
         import pydensecrf.densecrf as dcrf
         import pydensecrf.utils as dutils
     except ImportError:
-        raise RuntimeError(CRF_MISSING) from None
+        raise CRFMissingError(CRF_MISSING) from None
     return dcrf, dutils
 
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 TMP_SUFFIX = ".tmp"
 
@@ -19,29 +20,40 @@ def _umask() -> int:
     return mask
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Call `write(f)` on a temp file in `path`'s folder (created if needed), fsync it, then
-    os.replace it onto `path` and fsync the folder. The file gets the usual mode (0666 & ~umask);
-    on any error the temp file is removed and `path` is left as it was."""
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb", durable: bool = False) -> Iterator[IO]:
+    """Open a temp file in `path`'s folder (created if needed) for writing ("w" or "wb"); when the
+    block ends, os.replace it onto `path`. The file gets the usual mode (0666 & ~umask); on any
+    error the temp file is removed and `path` is left as it was. durable: also fsync the file and
+    the folder (checkpoints; not for the thousands of prediction PNGs of an evaluation)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        with os.fdopen(fd, mode) as f:
+            yield f
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        if durable:
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None],
+                 durable: bool = True) -> None:
+    """`write(f)` into `atomic_open(path, "wb", durable)`."""
+    with atomic_open(path, "wb", durable) as f:
+        write(f)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

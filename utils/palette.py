@@ -7,11 +7,12 @@ as the index map. This is also the PASCAL VOC test-server format.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from utils.io import write_atomic
 
 
 def _voc_palette(n: int = 256) -> np.ndarray:
@@ -27,21 +28,6 @@ def _voc_palette(n: int = 256) -> np.ndarray:
 VOC_PALETTE: np.ndarray = _voc_palette()   # (256, 3) uint8; 0 black, 255 = (224, 224, 192)
 
 
-def _atomic_write(path: str | os.PathLike, save) -> None:
-    """Write through `save(file_object)` to a temp file, then rename: no half-written outputs."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            save(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_label_png(path: str | os.PathLike, label: np.ndarray) -> None:
     """label: (H, W) integer map with values in 0..255 -> palette PNG at `path` (atomic)."""
     label = np.asarray(label)
@@ -53,7 +39,7 @@ def save_label_png(path: str | os.PathLike, label: np.ndarray) -> None:
         label = label.astype(np.uint8)
     im = Image.fromarray(label)
     im.putpalette(VOC_PALETTE.reshape(-1).tolist())   # turns the "L" image into "P"
-    _atomic_write(path, lambda f: im.save(f, format="PNG"))
+    write_atomic(path, lambda f: im.save(f, format="PNG"), durable=False)
 
 
 def read_label_png(path: str | os.PathLike) -> np.ndarray:
@@ -86,4 +72,4 @@ def save_rgb(path: str | os.PathLike, rgb: np.ndarray, quality: int = 95) -> Non
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}[Path(path).suffix.lower()]
     im = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8))
     kwargs = {"quality": quality} if fmt == "JPEG" else {}
-    _atomic_write(path, lambda f: im.save(f, format=fmt, **kwargs))
+    write_atomic(path, lambda f: im.save(f, format=fmt, **kwargs), durable=False)
