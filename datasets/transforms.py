@@ -14,9 +14,12 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from utils.config import DataConfig
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-JITTER = (0.4, 0.4, 0.2, 0.1)  # ColorJitter's brightness, contrast, saturation, hue (SPEC 6)
+# ColorJitter's brightness, contrast, saturation, hue (SPEC 6): the config's default, one home
+JITTER = tuple(DataConfig().jitter)
 
 
 def color_jitter(strengths: Sequence[float] = JITTER) -> T.ColorJitter:

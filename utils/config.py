@@ -39,8 +39,8 @@ class DataConfig:
     # random-resized-crop area range (voc aug) or rescale range (coco aug)
     rescale: list[float] = field(default_factory=lambda: [0.32, 1.0])
     jitter_p: float = 0.5               # probability of ColorJitter
-    # ColorJitter's brightness, contrast, saturation, hue (SPEC 6; datasets.transforms.JITTER
-    # written out so that the config imports no torch)
+    # ColorJitter's brightness, contrast, saturation, hue (SPEC 6); datasets.transforms.JITTER
+    # is read from here
     jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
     aug: str = "voc"                    # voc: RandomResizedCrop; coco: rescale + pad-crop
     num_workers: int = 4                # DataLoader worker processes per rank
