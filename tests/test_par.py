@@ -116,7 +116,8 @@ def test_par_is_channelwise_linear():
 
 
 def par_views_loop(par: PAR, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """The previous form: per iteration, n multiply-adds of replicate-padded shifted views."""
+    """The default form written out: per iteration, n multiply-adds of replicate-padded shifted
+    views."""
     masks = F.interpolate(masks, size=images.shape[-2:], mode="bilinear", align_corners=True)
     aff = par.affinity(images).unsqueeze(1)
     for _ in range(par.num_iter):
@@ -139,8 +140,9 @@ def test_sparse_propagation_equals_views_loop(shape, dilations):
     g = torch.Generator().manual_seed(h * w + c)
     images = torch.rand(b, 3, h, w, generator=g)
     masks = torch.rand(b, c, (h + 1) // 2, (w + 1) // 2, generator=g)
-    par = PAR(num_iter=10, dilations=dilations)
+    par = PAR(num_iter=10, dilations=dilations, sparse=True)
     got, want = par(images, masks), par_views_loop(par, images, masks)
+    assert torch.equal(PAR(num_iter=10, dilations=dilations)(images, masks), want)  # default
     assert got.shape == want.shape == (b, c, h, w) and got.is_contiguous()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     got64 = par.double()(images.double(), masks.double())

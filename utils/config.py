@@ -97,6 +97,7 @@ class CamConfig:
 class ParConfig:
     num_iter: int = 10                  # PAR propagation iterations
     dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 12, 24])  # PAR neighbourhood dilations
+    sparse: bool = False                # one sparse product an iteration (not bit-exact on resume)
 
 
 @dataclass

@@ -180,8 +180,9 @@ class Training:
 
 
 def build_par(cfg: DictConfig) -> PAR:
-    """The pseudo-label refinement of the config (`par.num_iter`, `par.dilations`; SPEC 4)."""
-    return PAR(num_iter=cfg.par.num_iter, dilations=tuple(cfg.par.dilations))
+    """The pseudo-label refinement of the config (`par.num_iter`, `par.dilations`, `par.sparse`;
+    SPEC 4)."""
+    return PAR(num_iter=cfg.par.num_iter, dilations=tuple(cfg.par.dilations), sparse=cfg.par.sparse)
 
 
 def build_training(cfg: DictConfig, device: torch.device) -> Training:
