@@ -114,7 +114,8 @@ def train_2(data: Path, work: Path, tag: str, *extra: str, torchrun_args: str = 
     if script is None:
         cmd = ["bash", "run_train.sh", "scripts/train_voc.py", "cpu", "2", str(free_port()), tag,
                *args(data, work, 1), *extra]
-        environ = env(TORCHRUN_ARGS=torchrun_args)
+        # one thread a process, as every other run here (run_tests.sh exports 2 for pytest)
+        environ = env(TORCHRUN_ARGS=torchrun_args, OMP_NUM_THREADS="1")
     else:
         cmd = [sys.executable, "-m", "utils.dist", "--nproc_per_node=2",
                f"--master_port={free_port()}", *torchrun_args.split(), str(script), f"tag={tag}",
