@@ -17,14 +17,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tools.config import SEG_SCALES, ToolSpec
-from tools.pipelines import seg_image
-from tools.session import evaluate, run
+from tools.evaluation import evaluate
+from tools.session import run
 
 SPEC = ToolSpec("infer_seg_voc", "seg", SEG_SCALES, defaults={"multi_scale": True})
 
 
 def main(argv: Sequence[str]) -> dict | None:
-    return evaluate(SPEC, argv, seg_image)
+    return evaluate(SPEC, argv)
 
 
 if __name__ == "__main__":
