@@ -76,9 +76,12 @@ class CRFStep:
         done = []
         while self.queue:
             done += self._ready(block=True)
+        self.close()
+        return done
+
+    def close(self) -> None:
         if self.pool is not None:
             self.pool.close()
-        return done
 
 
 def run_images(items: Iterable, route: Route, params: RouteParams, crf: CRFStep,
@@ -181,9 +184,12 @@ def _evaluate(ctx: Context) -> dict | None:
     todo = _resume(ctx, writer, metrics)
     tick, close = _progress(ctx, len(ctx.shard()), len(ctx.shard()) - len(todo))
     crf = CRFStep(crf_workers(cfg.crf_workers, ctx.dist.world_size) if cfg.crf else None)
-    run_images(ctx.items(todo), ROUTES[ctx.spec.route or variant], ctx.params, crf,
-               (metrics.add, writer.write, tick))
-    close()
+    try:
+        run_images(ctx.items(todo), ROUTES[ctx.spec.route or variant], ctx.params, crf,
+                   (metrics.add, writer.write, tick))
+    finally:
+        close()   # ends the bar's line, also before an error line
+        crf.close()
     return _report(ctx, metrics, writer)
 
 
