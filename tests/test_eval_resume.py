@@ -153,3 +153,16 @@ def test_archive_checks_count_and_palette(tmp_path):
     assert "c.png is mode L" in line and not (tmp_path / "results.tar.gz").exists()
     save_label_png(folder / "c.png", np.zeros((3, 3), dtype=np.uint8))
     assert pack_voc_test(tmp_path, 3).startswith("upload ")
+
+
+def test_preflight_checks_and_writes_nothing(setup, tmp_path, capsys):
+    """The launchers' preflight=true: config, checkpoint and data checked, nothing written."""
+    root, ckpt = setup
+    out = tmp_path / "out"
+    assert infer_seg_voc.main([f"ckpt={ckpt}", f"out_dir={out}", "preflight=true", *FAST]) is None
+    assert not out.exists()
+    from tools.session import run
+    with pytest.raises(SystemExit) as info:
+        run(infer_seg_voc.main, [f"ckpt={ckpt}", f"out_dir={out}", "preflight=true",
+                                 f"data.root={tmp_path / 'nowhere'}", *FAST])
+    assert info.value.code == 2 and "nowhere" in capsys.readouterr().err and not out.exists()

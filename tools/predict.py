@@ -31,7 +31,7 @@ from tools.data import class_names, default_out_dir, resolve_data
 from tools.evaluation import CRFStep, run_images
 from tools.outputs import PredictWriter
 from tools.routes import Item, Output, RouteParams, predict_route
-from tools.session import run
+from tools.session import rank_shard, run
 from utils import dist as udist
 from utils.config import ConfigError, parse_cli
 from wetr.factory import model_from_checkpoint
@@ -129,7 +129,8 @@ def main(argv: Sequence[str]) -> int:
             print(f"{paths[o.name]}: {', '.join(found) or 'background only'}", flush=True)
 
         skipped: list[Path] = []
-        shard = list(zip(files, output_names(files)))[dist.rank::dist.world_size]
+        pairs = list(zip(files, output_names(files)))
+        shard = [pairs[i] for i in rank_shard(len(pairs), dist)]
         run_images(_items(shard, dist.device, skipped), predict_route, params,
                    CRFStep(0 if cfg.crf else None), (writer.write, say))
         total = int(udist.all_reduce_sum(torch.tensor([len(skipped)], device=dist.device)).item())
