@@ -15,7 +15,9 @@
 # predicted labels, CRF) and the segmentation head on val, then both mIoUs side by side.
 # infer_set=test...: a test split has no ground truth; the LAM route (test label order) and the
 # segmentation head each write results/VOC2012/Segmentation/comp6_test_cls/ in their own folder
-# (cam2seg_<set>, infer_seg_voc_<set>; under out_dir when it is given), ready to zip.
+# (cam2seg_<set>, infer_seg_voc_<set>; under out_dir when it is given) and, checked (one PNG per
+# listed image, palette mode), its archive results.tar.gz for the evaluation server.
+# resume=true: each tool skips the images a killed run completed.
 # GPU_DEVICE is a CUDA_VISIBLE_DEVICES list, or `cpu` (gloo). key=value arguments go to every
 # tool (see tools/config.py InferConfig).
 set -euo pipefail
@@ -66,9 +68,9 @@ launch_tool tools.infer_lam ckpt="$ckpt" "${args[@]}" cam2seg=true out_dir="$lam
 echo ">>> segmentation head"
 launch_tool tools.infer_seg_voc ckpt="$ckpt" "${args[@]}" out_dir="$seg_dir"
 if [ "$test" = 1 ]; then
-  echo "test-server submissions (zip the results/ folder of either):"
-  echo "  LAM as segmentation: $lam_dir/results"
-  echo "  segmentation head:   $seg_dir/results"
+  echo "test-server submissions (upload one; the paper's 75.0 is the LAM route):"
+  echo "  LAM as segmentation: $lam_dir/results.tar.gz"
+  echo "  segmentation head:   $seg_dir/results.tar.gz"
 else
   python - "$lam_dir/scores.json" "$seg_dir/scores.json" <<'PY'
 import json

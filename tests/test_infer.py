@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tools import infer_cam, infer_lam, infer_seg_voc, pipelines
+from tools import infer_cam, infer_lam, infer_seg_voc, routes
 from tools.config import SEED_SCALES, SEG_SCALES, parse_config, resolve_scales
-from tools.evaluation import to_uint8_rgb
+from tools.routes import to_uint8_rgb
 from utils.checkpoint import load_file, model_state, save_atomic
 from utils.config import ConfigError, make_config, to_container
 from utils.palette import read_label_png
@@ -402,8 +402,8 @@ def test_cam2seg_route(run_dir, split, monkeypatch):
     (lists / "test.txt").write_text((lists / "val.txt").read_text())
     orders = []
     for fn in ("classifier_first_labels", "seg_first_labels"):
-        real = getattr(pipelines, fn)
-        monkeypatch.setattr(pipelines, fn, lambda *a, _r=real, _n=fn: orders.append(_n) or _r(*a))
+        real = getattr(routes, fn)
+        monkeypatch.setattr(routes, fn, lambda *a, _r=real, _n=fn: orders.append(_n) or _r(*a))
     out = run_dir.root / f"cam2seg_{split}"
     extra = [] if split == "val" else ["infer_set=test"]
     result = infer_lam.main([f"ckpt={run_dir.ckpt}", "cam2seg=true", f"out_dir={out}",

@@ -100,3 +100,12 @@ def test_single_file_and_exit_status(setup, tmp_path):
 def test_output_names_keep_suffix_on_clash():
     files = [Path("a.jpg"), Path("a.png"), Path("b.jpeg")]
     assert output_names(files) == ["a_jpg", "a_png", "b"]
+
+
+def test_default_output_folder_is_under_the_run(setup):
+    """No out_dir: <run>/eval/<checkpoint stem>/predict_<input name> (the run is the folder
+    above checkpoints/)."""
+    root, ckpt, images, _ = setup
+    assert main([f"ckpt={ckpt}", f"input={images / 'tiny.png'}", "size=64", "device=cpu"]) == 0
+    out = root / "run" / "eval" / "last" / "predict_tiny"
+    assert read_label_png(out / "seg" / "tiny.png").shape == SIZES["tiny.png"]

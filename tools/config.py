@@ -58,6 +58,8 @@ class InferConfig:
     device: str = "auto"                # auto | cpu | cuda
     num_workers: int = 2                # DataLoader workers per rank
     max_images: int = 0                 # 0 = the whole split (before sharding)
+    resume: bool = False                # skip the images whose outputs a killed run completed
+    preflight: bool = False             # check config, checkpoint and data, then exit (launchers)
     data: InferData = field(default_factory=InferData)
     model: InferModel = field(default_factory=InferModel)
 
@@ -70,7 +72,9 @@ class ToolSpec:
     "seg"; output sub-folder and scores key); multi_scales: the scales of multi_scale=true;
     defaults: the tool's config values over `InferConfig`'s (the command line overrides them);
     seed_split: default infer_set is the seed split (VOC `train`) rather than the validation
-    split; needs_image_labels: ground-truth image labels are read (cls_labels=gt).
+    split; needs_image_labels: ground-truth image labels are read (cls_labels=gt); route: the
+    per-image route (`tools.routes.ROUTES`; default: the variant's); modes: {config key: spec}
+    taken instead when that boolean key is true (infer_lam's cam2seg).
     """
     name: str
     variant: str
@@ -78,6 +82,8 @@ class ToolSpec:
     defaults: dict = field(default_factory=dict)
     seed_split: bool = False
     needs_image_labels: bool = False
+    route: str = ""
+    modes: dict = field(default_factory=dict)
 
 
 class InferError(RuntimeError):
@@ -85,12 +91,27 @@ class InferError(RuntimeError):
 
 
 def parse_config(argv: Sequence[str], defaults: dict | None = None) -> DictConfig:
+    """defaults <- `defaults` <- `key=value` arguments, checked."""
     cfg = parse_cli(argv, InferConfig, defaults)
     if not cfg.ckpt:
         raise ConfigError("ckpt=<path to checkpoint .pth> is required")
     if cfg.cls_labels not in ("gt", "pred"):
         raise ConfigError(f"config key 'cls_labels' must be one of gt, pred; got {cfg.cls_labels!r}")
     return cfg
+
+
+def parse_tool_config(argv: Sequence[str], spec: ToolSpec) -> tuple[ToolSpec, DictConfig]:
+    """The tool's config, parsed once, and its spec: a mode of `spec.modes` whose key is true
+    brings its defaults for the keys the command line does not set."""
+    cfg = parse_config(argv, spec.defaults)
+    for key, mode in spec.modes.items():
+        if cfg[key]:
+            given = {a.split("=", 1)[0].lstrip("+") for a in argv if "=" in a}
+            for k, v in mode.defaults.items():
+                if k not in given:
+                    cfg[k] = v
+            return mode, cfg
+    return spec, cfg
 
 
 def resolve_scales(cfg: DictConfig, spec: ToolSpec) -> tuple[float, ...]:

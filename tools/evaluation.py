@@ -1,183 +1,215 @@
-"""Evaluation bookkeeping of one tool run: confusion matrices, the CRF pool, the written
-predictions (palette PNGs, .npz arrays, overlays) and scores.json.
+"""The evaluation loop shared by every tool (infer_cam / infer_lam / cam2seg / infer_seg_voc /
+infer_seg_coco) and, without metrics, by tools/predict.py:
 
-Confusion matrices are all-reduced over the ranks in `finish`, so N processes report exactly the
-numbers of one. CRF runs on the rank that owns the image, in a process pool.
+    items -> route (maps) -> CRF step -> metrics + writers
+
+Data flows one way: the route returns an `Output`, the CRF step adds its label map, the sinks
+(confusion matrices, files, progress bar) read it; nothing calls back. Confusion matrices are
+all-reduced at the end, so N processes report exactly the numbers of one. With resume=true the
+images a killed run completed (`EvalWriter.done`) are not run again: their confusion comes back
+from their label PNGs.
 """
 from __future__ import annotations
 
-import json
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from logging import Logger
-from pathlib import Path
-from typing import Any
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 
 import numpy as np
 import torch
 
 from utils import dist as udist
+from utils.config import to_container
+from utils.io import remove_stale_tmp
 from utils.metrics import confusion_matrix, format_table, scores
-from utils.io import write_atomic, write_text_atomic
-from utils.palette import colorize, save_label_png, save_rgb
+from utils.palette import read_label_png
+
+from .config import ToolSpec, parse_tool_config
+from .outputs import SERVER_DIR, EvalWriter, write_json_atomic
+from .routes import ROUTES, Output, Route, RouteParams
+from .session import Context, open_context, with_log
+from .submission import pack_voc_test
+
+Sink = Callable[[Output], None]
 
 
-def to_uint8_rgb(image: torch.Tensor) -> np.ndarray:
-    """ImageNet-normalised (3, H, W) -> (H, W, 3) uint8, rounded: recovers the decoded pixels
-    (the reference CRF reads the JPEG itself)."""
-    from wetr.cam import denormalise_255
+class CRFStep:
+    """The CRF of every route: rgb (H, W, 3) uint8 + probs (C, H, W) -> label map (H, W) uint8
+    (channel c -> class keys[c]). `label_map` is the one place a CRF backend is chosen: today
+    pydensecrf (`utils.crf.crf_label`) in a process pool of `workers` (0: in this process).
+    Outputs come back in their input order once their CRF is done; at most 4 x workers wait."""
 
-    rgb = denormalise_255(image[None].double())[0].round().clamp(0, 255)
-    return rgb.to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-
-
-def _json_clean(v: Any) -> Any:
-    """NaN (a class absent from the split) -> null, recursively."""
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _json_clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_clean(x) for x in v]
-    return v
-
-
-def write_json_atomic(path: Path, record: dict) -> None:
-    write_text_atomic(path, json.dumps(_json_clean(record), indent=1, allow_nan=False) + "\n")
-
-
-@dataclass
-class _Pending:
-    variant: str
-    name: str
-    future: Any
-    label: np.ndarray | None
-
-
-class Evaluation:
-    """Outputs and metric accumulators of one tool run on this rank.
-
-    out_dir: output folder; variant: the prediction's name ("cam", ...; CRF output goes to
-    "<variant>_crf"); has_labels: the split has masks (else nothing is counted); crf_workers:
-    CRF processes (None: no CRF); server_layout: also write the PASCAL VOC test-server layout.
-    Usage: per image `add(...)` (and `add_crf(...)`), then `poll()`; at the end `finish(...)`.
-    """
-
-    def __init__(self, out_dir: Path, variant: str, num_classes: int, has_labels: bool,
-                 device: torch.device, save_labels: bool, crf_workers: int | None,
-                 server_layout: bool):
-        self.out_dir = out_dir
-        self.variant = variant
-        self.num_classes = num_classes
-        self.has_labels = has_labels
-        self.device = device
-        self.save_labels = save_labels
-        self.server_layout = server_layout
-        self.variants = (variant, f"{variant}_crf") if crf_workers is not None else (variant,)
-        self.conf: dict[str, torch.Tensor] = {}
-        self.crf_conf: dict[str, torch.Tensor] = {}
-        self.pending: list[_Pending] = []
-        self.crf_workers = crf_workers
-        self.crf_pool = None
-        if crf_workers is not None:
+    def __init__(self, workers: int | None):
+        self.pool = None
+        if workers is not None:
             from utils.crf import CRFPool
-            self.crf_pool = CRFPool(crf_workers)
+            self.pool = CRFPool(workers)
+        self.limit = 4 * max(1, workers or 0)
+        self.queue: deque[tuple[Output, Future | None]] = deque()
 
-    def path(self, *parts: str) -> Path:
-        return self.out_dir.joinpath(*parts)
+    def label_map(self, rgb: np.ndarray, probs: np.ndarray, keys: np.ndarray) -> Future:
+        return self.pool.submit(rgb, probs, keys)
 
-    def _count(self, table: dict, variant: str, pred: torch.Tensor, label: torch.Tensor) -> None:
-        if not self.has_labels:
-            return
-        c = confusion_matrix(pred, label, self.num_classes)
-        table[variant] = table[variant] + c if variant in table else c
+    def put(self, out: Output) -> list[Output]:
+        """Queue `out` (its CRF started when it carries a CRF input); return the outputs done."""
+        fut = self.label_map(out.rgb, *out.crf) if out.crf is not None else None
+        self.queue.append((out, fut))
+        return self._ready(block=len(self.queue) > self.limit)
 
-    def _save_label(self, variant: str, name: str, pred: np.ndarray) -> None:
-        if self.save_labels:
-            save_label_png(self.path(variant, f"{name}.png"), pred)
-        if self.server_layout and variant == self.variants[-1]:
-            # PASCAL VOC evaluation server layout (CRF output when crf=true), ready to zip
-            save_label_png(self.path("results", "VOC2012", "Segmentation", "comp6_test_cls",
-                                     f"{name}.png"), pred)
-
-    def add(self, name: str, pred: torch.Tensor, label: torch.Tensor) -> np.ndarray:
-        """pred, label: (1, H, W) long on the device. Counts and saves; returns pred (H, W) uint8."""
-        self._count(self.conf, self.variant, pred, label)
-        out = pred[0].to(torch.uint8).cpu().numpy()
-        self._save_label(self.variant, name, out)
-        return out
-
-    def add_crf(self, name: str, rgb: np.ndarray, probs: torch.Tensor, keys: np.ndarray,
-                label: torch.Tensor) -> None:
-        """Queue a CRF job: rgb (H, W, 3) uint8, probs (C, H, W), keys (C,) class id per channel."""
-        gt = label[0].cpu().numpy() if self.has_labels else None
-        probs = np.ascontiguousarray(probs.float().cpu().numpy())
-        fut = self.crf_pool.submit(rgb, probs, np.asarray(keys, dtype=np.int64))
-        self.pending.append(_Pending(f"{self.variant}_crf", name, fut, gt))
-        # bound the memory held by queued probability stacks
-        self.poll(block=len(self.pending) > 4 * max(1, self.crf_workers))
-
-    def poll(self, block: bool = False) -> None:
-        """Count and save the finished CRF jobs; block: wait for the oldest one at least."""
-        keep = []
-        for p in self.pending:
-            if not (block or p.future.done()):
-                keep.append(p)
-                continue
-            pred = p.future.result()
+    def _ready(self, block: bool) -> list[Output]:
+        done = []
+        while self.queue:
+            out, fut = self.queue[0]
+            if fut is not None and not (block or fut.done()):
+                break
             block = False   # wait for the oldest one only
-            if p.label is not None:
-                self._count(self.crf_conf, p.variant, torch.from_numpy(pred),
-                            torch.from_numpy(p.label))
-            self._save_label(p.variant, p.name, pred)
-        self.pending = keep
+            self.queue.popleft()
+            if fut is not None:
+                out.labels[f"{next(iter(out.labels))}_crf"] = fut.result()
+                out.crf = None   # free the probability stack now
+            done.append(out)
+        return done
 
-    def save_npz(self, name: str, **arrays: np.ndarray) -> None:
-        write_atomic(self.path("arrays", f"{name}.npz"), lambda f: np.savez(f, **arrays),
-                     durable=False)
+    def drain(self) -> list[Output]:
+        done = []
+        while self.queue:
+            done += self._ready(block=True)
+        self.close()
+        return done
 
-    def save_image(self, rel: str, rgb: np.ndarray) -> None:
-        save_rgb(self.path(rel), rgb)
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
 
-    def save_blend(self, name: str, rgb: np.ndarray, pred: np.ndarray) -> None:
-        """Segmentation overlay: half image, half palette colours."""
-        blend = (0.5 * rgb.astype(np.float64) + 0.5 * colorize(pred)).astype(np.uint8)
-        self.save_image(f"overlays/{name}.jpg", blend)
 
-    def _reduced(self) -> dict[str, torch.Tensor]:
-        """{variant: confusion matrix summed over the ranks} ({} without labels)."""
-        table = {}
-        if self.has_labels:
-            # same variants on every rank, even one that got no images
-            counted = {**self.conf, **self.crf_conf}
-            for variant in self.variants:
-                c = counted.get(variant)
-                if c is None:
-                    c = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
-                table[variant] = udist.all_reduce_sum(c.to(self.device))
-        return table
+def run_images(items: Iterable, route: Route, params: RouteParams, crf: CRFStep,
+               sinks: Sequence[Sink]) -> None:
+    """The per-image loop: each item through the route and the CRF step into every sink."""
+    with torch.no_grad():
+        for item in items:
+            for out in crf.put(route(params, item)):
+                for sink in sinks:
+                    sink(out)
+    for out in crf.drain():
+        for sink in sinks:
+            sink(out)
 
-    def finish(self, log: Logger, tool: str, split: str, names: Sequence[str],
-               record: Callable[[dict], dict], is_main: bool) -> dict | None:
-        """Wait for CRF, all-reduce the confusion matrices, log the table and write scores.json
-        (`record(scores)`, rank 0). Returns {variant: scores} on rank 0, None elsewhere."""
-        while self.pending:
-            self.poll(block=True)
-        if self.crf_pool is not None:
-            self.crf_pool.close()
-        table = self._reduced()
-        udist.barrier()
-        result = None
-        if is_main:
-            result = {v: scores(c) for v, c in table.items()}
-            if result:
-                log.info(f"{tool} on {split}:\n" + format_table(result, names))
-            else:
-                log.info(f"{split} has no ground truth: predictions written, no scores")
-            path = self.path("scores.json")
-            write_json_atomic(path, record(result))
-            log.info(f"scores written to {path}")
-        udist.barrier()
+
+class Metrics:
+    """Confusion matrices (C, C) int64 of the variants, this rank's images."""
+
+    def __init__(self, variants: Sequence[str], num_classes: int):
+        self.num_classes = num_classes
+        self.conf = {v: torch.zeros(num_classes, num_classes, dtype=torch.int64) for v in variants}
+
+    def count(self, labels: dict[str, np.ndarray], gt: np.ndarray) -> None:
+        gt_t = torch.from_numpy(np.asarray(gt))
+        for v in self.conf:
+            self.conf[v] += confusion_matrix(torch.from_numpy(labels[v]), gt_t, self.num_classes)
+
+    def add(self, out: Output) -> None:
+        if out.gt is not None:
+            self.count(out.labels, out.gt)
+
+    def reduced(self, device: torch.device) -> dict[str, torch.Tensor]:
+        return {v: udist.all_reduce_sum(c.to(device)) for v, c in self.conf.items()}
+
+
+def _resume(ctx: Context, writer: EvalWriter, metrics: Metrics) -> list[int]:
+    """This rank's indices still to run; the completed ones are counted from their PNGs."""
+    from datasets.voc import read_mask
+
+    todo, done = [], 0
+    ds = ctx.dataset
+    for i in ctx.shard():
+        name = ds.names[i]
+        if not (ctx.cfg.resume and writer.done(name)):
+            todo.append(i)
+            continue
+        done += 1
+        if ctx.has_labels:
+            labels = {v: read_label_png(writer.label_path(v, name)) for v in metrics.conf}
+            metrics.count(labels, read_mask(ds.mask_path(ds.root, name)))
+    if ctx.cfg.resume:
+        ctx.log.info(f"resume: {done} image(s) of this rank's {done + len(todo)} already done")
+    return todo
+
+
+def _progress(ctx: Context, total: int, done: int) -> tuple[Sink, Callable[[], None]]:
+    """tqdm on rank 0 (finished images, ETA): (sink, close)."""
+    if not ctx.dist.is_main:
+        return (lambda out: None), (lambda: None)
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=done, desc=f"{ctx.spec.name} (rank 0)", dynamic_ncols=True)
+    return (lambda out: bar.update(1)), bar.close
+
+
+def _report(ctx: Context, metrics: Metrics, writer: EvalWriter) -> dict | None:
+    """All-reduce, then on rank 0: the table, scores.json and (VOC test) the server archive."""
+    table = metrics.reduced(ctx.dist.device) if ctx.has_labels else {}
+    udist.barrier()
+    if not ctx.dist.is_main:
+        return None
+    result = {v: scores(c) for v, c in table.items()}
+    if result:
+        ctx.log.info(f"{ctx.spec.name} on {ctx.split}:\n" + format_table(result, ctx.names))
+    else:
+        ctx.log.info(f"{ctx.split} has no ground truth: predictions written, no scores")
+    record = {"tool": ctx.spec.name, "checkpoint": str(ctx.cfg.ckpt), "step": ctx.info.get("step"),
+              "dataset": ctx.data.name, "root": ctx.data.root, "split": ctx.split,
+              "images": ctx.num_images(), "scales": list(ctx.params.scales),
+              "class_names": ctx.names, "processes": ctx.dist.world_size,
+              "seconds": round(time.time() - ctx.t0, 1), "scores": result,
+              "config": to_container(ctx.cfg)}
+    path = ctx.out_dir / "scores.json"
+    write_json_atomic(path, record)
+    ctx.log.info(f"scores written to {path}")
+    if writer.server_layout:
+        ctx.log.info(pack_voc_test(ctx.out_dir, len(ctx.dataset)))
+    return result
+
+
+def _evaluate(ctx: Context) -> dict | None:
+    cfg, variant = ctx.cfg, ctx.spec.variant
+    variants = (variant, f"{variant}_crf") if cfg.crf else (variant,)
+    writer = EvalWriter(ctx.out_dir, variants, cfg.save_labels, cfg.save_arrays,
+                        server_layout=not ctx.has_labels and ctx.data.name == "voc")
+    if cfg.resume and ctx.dist.is_main:
+        for sub in (*variants, "arrays", "overlays", "overlays_class", "", "/".join(SERVER_DIR)):
+            remove_stale_tmp(ctx.out_dir / sub)
+    udist.barrier()
+    metrics = Metrics(variants, ctx.data.num_classes)
+    todo = _resume(ctx, writer, metrics)
+    tick, close = _progress(ctx, len(ctx.shard()), len(ctx.shard()) - len(todo))
+    crf = CRFStep(crf_workers(cfg.crf_workers, ctx.dist.world_size) if cfg.crf else None)
+    try:
+        run_images(ctx.items(todo), ROUTES[ctx.spec.route or variant], ctx.params, crf,
+                   (metrics.add, writer.write, tick))
+    finally:
+        close()   # ends the bar's line, also before an error line
+        crf.close()
+    return _report(ctx, metrics, writer)
+
+
+def crf_workers(asked: int, world_size: int) -> int:
+    """CRF processes per rank: `asked`, or (-1) 60 % of the cores shared by the local ranks."""
+    if asked >= 0:
+        return asked
+    # as the reference, which gives CRF 60 % of the cores
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return max(1, int(0.6 * (os.cpu_count() or 1)) // max(1, local))
+
+
+def evaluate(spec: ToolSpec, argv: Sequence[str]) -> dict | None:
+    """A tool's whole run: config (parsed once), context, loop, report. Returns {variant:
+    scores} on rank 0 (empty without ground truth), None elsewhere and with preflight=true."""
+    spec, cfg = parse_tool_config(argv, spec)
+    try:
+        ctx = open_context(spec, cfg)
+        if cfg.preflight:   # the launchers' one-process check before torchrun
+            return None
+        return _evaluate(with_log(ctx))
+    finally:
         udist.cleanup()
-        return result

@@ -15,14 +15,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tools.config import SEED_SCALES, ToolSpec
-from tools.pipelines import seed_image
-from tools.session import evaluate, run
+from tools.evaluation import evaluate
+from tools.session import run
 
 SPEC = ToolSpec("infer_cam", "cam", SEED_SCALES, seed_split=True, needs_image_labels=True)
 
 
 def main(argv: Sequence[str]) -> dict | None:
-    return evaluate(SPEC, argv, seed_image)
+    return evaluate(SPEC, argv)
 
 
 if __name__ == "__main__":

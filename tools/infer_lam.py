@@ -21,19 +21,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tools.config import SEED_SCALES, ToolSpec, parse_config
-from tools.pipelines import seed_image
-from tools.session import evaluate, run
+from tools.config import SEED_SCALES, ToolSpec
+from tools.evaluation import evaluate
+from tools.session import run
 
-SPEC = ToolSpec("infer_lam", "lam", SEED_SCALES, seed_split=True, needs_image_labels=True)
-CAM2SEG = ToolSpec("cam2seg", "lam", SEED_SCALES,
+CAM2SEG = ToolSpec("cam2seg", "lam", SEED_SCALES, route="cam2seg",
                    defaults={"multi_scale": True, "crf": True, "cls_labels": "pred"})
+SPEC = ToolSpec("infer_lam", "lam", SEED_SCALES, seed_split=True, needs_image_labels=True,
+                modes={"cam2seg": CAM2SEG})
 
 
 def main(argv: Sequence[str]) -> dict | None:
-    if parse_config(argv).cam2seg:
-        return evaluate(CAM2SEG, argv, seed_image)
-    return evaluate(SPEC, argv, seed_image)
+    return evaluate(SPEC, argv)
 
 
 if __name__ == "__main__":

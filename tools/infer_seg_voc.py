@@ -10,21 +10,23 @@ flipped ones flipped back and added; max over scales, argmax (`wetr.infer.multi_
 (crf=true) on the softmax. Writes under out_dir (default <run>/eval/infer_seg_voc_<set>):
 seg/<name>.png, seg_crf/, for infer_set=test results/VOC2012/Segmentation/comp6_test_cls/<name>.png
 (CRF output with crf=true), arrays/<name>.npz (key "seg" (K+1, H, W) float16 logits) with
-save_arrays=true, colour blends with save_overlays=true, scores.json and the printed table.
+save_arrays=true, colour blends with save_overlays=true, scores.json and the printed table. On
+a VOC test split the server folder is also packed, checked, as results.tar.gz (one line says what
+to upload). resume=true (every tool) skips the images whose label PNGs a killed run wrote.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from tools.config import SEG_SCALES, ToolSpec
-from tools.pipelines import seg_image
-from tools.session import evaluate, run
+from tools.evaluation import evaluate
+from tools.session import run
 
 SPEC = ToolSpec("infer_seg_voc", "seg", SEG_SCALES, defaults={"multi_scale": True})
 
 
 def main(argv: Sequence[str]) -> dict | None:
-    return evaluate(SPEC, argv, seg_image)
+    return evaluate(SPEC, argv)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,6 @@ select_device() {
 # error line instead of one traceback per rank), then torchrun on a free port (--standalone).
 launch_tool() {
   local module=$1; shift
-  MORE_PREFLIGHT=1 python -m "$module" device="$device" "$@"
+  python -m "$module" device="$device" "$@" preflight=true
   torchrun --standalone --nproc_per_node="$nproc" -m "$module" device="$device" "$@"
 }

@@ -23,19 +23,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from datasets.transforms import normalise
 from tools.config import SEED_SCALES, SEG_SCALES, InferData, InferModel
 from tools.data import class_names, default_out_dir, resolve_data
-from tools.session import run
+from tools.evaluation import CRFStep, run_images
+from tools.outputs import PredictWriter
+from tools.routes import Item, Output, RouteParams, predict_route
+from tools.session import rank_shard, run
 from utils import dist as udist
 from utils.config import ConfigError, parse_cli
-from utils.palette import colorize, jet_overlay, save_label_png, save_rgb
-from wetr.cam import multi_scale_cam
 from wetr.factory import model_from_checkpoint
-from wetr.infer import multi_scale_lam, multi_scale_seg
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -84,34 +83,6 @@ def read_rgb(path: Path) -> np.ndarray:
         raise ValueError((str(exc).strip().splitlines() or [type(exc).__name__])[0]) from None
 
 
-def _class_maps(model, x: torch.Tensor, scales: Sequence[float], out_size, with_gcr: bool):
-    """x: (1, 3, S, S) -> CAM, LAM (K, H, W) each, at out_size, in [0, 1]."""
-    cam = multi_scale_cam(model, x, scales)[0]
-    lam = multi_scale_lam(model, x, scales, with_gcr=with_gcr)
-    up = [F.interpolate(m, size=out_size, mode="bilinear", align_corners=False)[0]
-          for m in (cam, lam)]
-    return up[0].clamp(0, 1).cpu().numpy(), up[1].clamp(0, 1).cpu().numpy()
-
-
-@torch.no_grad()
-def predict_one(model, rgb: np.ndarray, cfg, device: torch.device):
-    """rgb (H, W, 3) uint8 -> (label (H, W) uint8, CAM and LAM (K, H, W) or None)."""
-    h, w = rgb.shape[:2]
-    image = normalise(rgb)[None].to(device)
-    seg = multi_scale_seg(model, image, cfg.size, SEG_SCALES if cfg.multi_scale else (1.0,), (h, w))
-    if cfg.crf:
-        from utils.crf import crf_label
-        label = crf_label(rgb, seg[0].softmax(0).cpu().numpy(), np.arange(seg.shape[1]))
-    else:
-        label = seg[0].argmax(0).to(torch.uint8).cpu().numpy()
-    maps = None
-    if cfg.save_cam:
-        x = F.interpolate(image, size=(cfg.size, cfg.size), mode="bilinear", align_corners=False)
-        maps = _class_maps(model, x, SEED_SCALES if cfg.multi_scale else (1.0,), (h, w),
-                           cfg.model.with_gcr)
-    return label, maps
-
-
 def _names_of(cfg, info: dict) -> list[str]:
     try:
         return class_names(resolve_data(cfg, info))
@@ -119,18 +90,17 @@ def _names_of(cfg, info: dict) -> list[str]:
         return ["background"] + [f"class_{c}" for c in range(1, info["num_classes"])]
 
 
-def write_outputs(out: Path, name: str, rgb: np.ndarray, label: np.ndarray, maps, names) -> list[str]:
-    """The files of one image; returns the names of its predicted classes."""
-    save_label_png(out / "seg" / f"{name}.png", label)
-    blend = (0.5 * rgb.astype(np.float64) + 0.5 * colorize(label)).astype(np.uint8)
-    save_rgb(out / "overlay" / f"{name}.jpg", blend)
-    present = [int(c) for c in np.unique(label) if 0 < c < len(names)]
-    if maps is not None:
-        for kind, m in zip(("cam", "lam"), maps):
-            for c in present:
-                tag = names[c].replace(" ", "_")
-                save_rgb(out / kind / f"{name}_{tag}.jpg", jet_overlay(rgb, m[c - 1], 0.5))
-    return [names[c] for c in present]
+def _items(shard: Sequence[tuple[Path, str]], device: torch.device, skipped: list[Path]):
+    """Item(name, image (1, 3, H, W), rgb) of each readable file; unreadable ones are reported on
+    one line and appended to `skipped`."""
+    for path, name in shard:
+        try:
+            rgb = read_rgb(path)
+        except ValueError as exc:
+            print(f"skipped {path}: cannot read image ({exc})", file=sys.stderr, flush=True)
+            skipped.append(path)
+            continue
+        yield Item(name, normalise(rgb)[None].to(device), rgb=rgb)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -143,24 +113,27 @@ def main(argv: Sequence[str]) -> int:
         from utils.crf import check_available
         check_available()
     out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(
-        cfg.ckpt, "predict", Path(cfg.input).stem or "input")
+        cfg.ckpt, "predict", Path(cfg.input).stem or "input", "")
     dist = udist.init_distributed(cfg.device)
     try:
         model, info = model_from_checkpoint(cfg.ckpt, dist.device, cfg.data.num_classes, cfg.model)
         names = _names_of(cfg, info)
-        skipped = 0
-        shard = list(zip(files, output_names(files)))[dist.rank::dist.world_size]
-        for path, name in shard:
-            try:
-                rgb = read_rgb(path)
-            except ValueError as exc:
-                print(f"skipped {path}: cannot read image ({exc})", file=sys.stderr, flush=True)
-                skipped += 1
-                continue
-            label, maps = predict_one(model, rgb, cfg, dist.device)
-            found = write_outputs(out, name, rgb, label, maps, names)
-            print(f"{path}: {', '.join(found) or 'background only'}", flush=True)
-        total = int(udist.all_reduce_sum(torch.tensor([skipped], device=dist.device)).item())
+        params = RouteParams(model, "seg", cfg.size, SEG_SCALES if cfg.multi_scale else (1.0,),
+                             seed_scales=SEED_SCALES if cfg.multi_scale else (1.0,),
+                             with_gcr=cfg.model.with_gcr, crf=cfg.crf, overlays=cfg.save_cam)
+        writer = PredictWriter(out, names)
+        paths = dict(zip(output_names(files), files))
+
+        def say(o: Output) -> None:
+            found = [names[c] for c in writer.present(o)]
+            print(f"{paths[o.name]}: {', '.join(found) or 'background only'}", flush=True)
+
+        skipped: list[Path] = []
+        pairs = list(zip(files, output_names(files)))
+        shard = [pairs[i] for i in rank_shard(len(pairs), dist)]
+        run_images(_items(shard, dist.device, skipped), predict_route, params,
+                   CRFStep(0 if cfg.crf else None), (writer.write, say))
+        total = int(udist.all_reduce_sum(torch.tensor([len(skipped)], device=dist.device)).item())
         if dist.is_main:
             done = len(files) - total
             print(f"wrote {done} prediction(s) to {out}" + (f"; skipped {total} unreadable "

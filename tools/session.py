@@ -1,139 +1,138 @@
-"""One inference tool run: config, processes, model, data shard, output folder and logger, then
-the per-image loop (`evaluate`); `run` turns user errors into one line and exit status 2.
+"""What an evaluation tool resolves once before its image loop: `open_context(spec, cfg) ->
+Context` (processes, model, data split, output folder, logger, route parameters), and this
+rank's images (`Context.items`). `run` turns user errors into one line and exit status 2.
 
-Images are sharded by global rank (rank::world_size); see `tools.evaluation` for the metrics.
+Images are sharded by global rank (rank::world_size); `tools.evaluation` runs the loop.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from logging import Logger
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
 from datasets.sampler import CheckedDataset, SampleError
 from utils import dist as udist
 from utils.checkpoint import CheckpointError
-from utils.config import ConfigError, to_container
+from utils.config import ConfigError
 from utils.crf import CRFMissingError
-from utils.dist import DeviceError
+from utils.dist import DeviceError, DistInfo
 from utils.errors import user_errors
 from utils.logger import git_revision, setup_logger
 from wetr.factory import model_from_checkpoint
 
-from .config import InferError, ToolSpec, parse_config, resolve_scales
+from .config import InferError, ToolSpec, resolve_scales
 from .data import build_dataset_for, class_names, default_out_dir, resolve_data, seed_split
-from .evaluation import Evaluation
-
-Item = tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]
+from .routes import Item, RouteParams
 
 
-class InferRun:
-    """The resolved run of a tool: `cfg`, `dist`, `device`, `model` (eval mode), `info` (the
-    checkpoint's), `data`, `split`, `has_labels`, `scales`, `dataset`, `out_dir`, `names`, `log`,
-    and its `Evaluation` (`ev`)."""
+def rank_shard(n: int, dist: DistInfo) -> range:
+    """The indices of n items this rank takes (rank::world_size)."""
+    return range(dist.rank, n, dist.world_size)
 
-    def __init__(self, spec: ToolSpec, argv: Sequence[str]):
-        self.spec = spec
-        self.t0 = time.time()
-        self.cfg = cfg = parse_config(argv, spec.defaults)
-        self.dist = udist.init_distributed(cfg.device)
-        self.device = self.dist.device
-        self.model, self.info = model_from_checkpoint(cfg.ckpt, self.device, cfg.data.num_classes,
-                                                       cfg.model)
-        self.data = resolve_data(cfg, self.info)
-        self.split = cfg.infer_set or (seed_split(self.data) if spec.seed_split else self.data.val_split)
-        self.has_labels = not self.split.startswith("test")
-        if spec.needs_image_labels and not self.has_labels and cfg.cls_labels == "gt":
-            raise InferError(f"split {self.split!r} has no image labels: use cls_labels=pred")
-        self.scales = resolve_scales(cfg, spec)
-        self.dataset = build_dataset_for(self.data, self.split, check=self.dist.is_main)
-        if cfg.crf:
-            from utils.crf import check_available
-            check_available()
-        if os.environ.get("MORE_PREFLIGHT"):   # launcher scripts: checks only, once, no torchrun
-            raise SystemExit(0)
-        self.out_dir = self._out_dir()
-        self.names = class_names(self.data)
-        self.ev = Evaluation(self.out_dir, spec.variant, self.data.num_classes, self.has_labels,
-                             self.device, cfg.save_labels, self._crf_workers() if cfg.crf else None,
-                             server_layout=not self.has_labels and self.data.name == "voc")
-        if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        udist.barrier()
-        self.log = setup_logger(self.out_dir / f"{spec.name}.log", self.dist.is_main)
-        self.log.info(f"{spec.name} | git {git_revision()} | {self.dist.world_size} process(es) on "
-                      f"{self.device} | checkpoint {cfg.ckpt} (step {self.info['step']})")
-        self.log.info(f"data {self.data.name} {self.data.root} split {self.split} "
-                      f"({len(self.dataset)} images) | scales {list(self.scales)} | crf {cfg.crf}"
-                      f" | out {self.out_dir}")
 
-    def _out_dir(self) -> Path:
-        cfg = self.cfg
-        if cfg.out_dir:
-            return Path(cfg.out_dir)
-        suffix = ""   # a scale setting other than the tool's default is named in the folder
-        if not cfg.scales and cfg.multi_scale != bool(self.spec.defaults.get("multi_scale")):
-            suffix = "_ms" if cfg.multi_scale else "_ss"
-        return default_out_dir(cfg.ckpt, self.spec.name, self.split, suffix)
+@dataclass(frozen=True)
+class Context:
+    """One tool run, resolved: config, processes, checkpoint info, data, split, dataset, output
+    folder, class names, route parameters (which hold the model) and the log."""
+    spec: ToolSpec
+    cfg: DictConfig
+    dist: DistInfo
+    info: dict
+    data: SimpleNamespace
+    split: str
+    dataset: Any
+    out_dir: Path
+    names: list[str]
+    params: RouteParams
+    log: Logger | None = None
+    t0: float = 0.0
 
-    def _crf_workers(self) -> int:
-        if self.cfg.crf_workers >= 0:
-            return self.cfg.crf_workers
-        # The reference uses 60% of the cores for CRF; share them between the local ranks.
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
-        return max(1, int(0.6 * (os.cpu_count() or 1)) // max(1, local))
+    @property
+    def has_labels(self) -> bool:
+        return not self.split.startswith("test")
 
     def num_images(self) -> int:
         """Images of the split evaluated (before sharding)."""
         n = len(self.dataset)
         return min(n, self.cfg.max_images) if self.cfg.max_images > 0 else n
 
-    def items(self) -> Iterator[Item]:
-        """This rank's images: (name, image (1, 3, H, W), label (1, H, W) long,
-        cls_label (1, K) float), on the device."""
-        ranks = range(self.dist.rank, self.num_images(), self.dist.world_size)
-        shard = Subset(CheckedDataset(self.dataset), ranks)
-        loader = DataLoader(shard, batch_size=1, shuffle=False, num_workers=self.cfg.num_workers,
-                            pin_memory=self.device.type == "cuda")
-        it = loader
-        if self.dist.is_main:
-            from tqdm import tqdm
-            it = tqdm(loader, desc=f"{self.spec.name} (rank 0)", dynamic_ncols=True)
-        for name, image, label, cls_label in it:
-            yield (name[0], image.to(self.device, non_blocking=True),
-                   label.to(self.device, non_blocking=True),
-                   cls_label.to(self.device, non_blocking=True).float())
+    def shard(self) -> list[int]:
+        """This rank's dataset indices."""
+        return list(rank_shard(self.num_images(), self.dist))
 
-    def record(self, result: dict) -> dict:
-        """The scores.json record of this run."""
-        return {
-            "tool": self.spec.name, "checkpoint": str(self.cfg.ckpt), "step": self.info.get("step"),
-            "dataset": self.data.name, "root": self.data.root, "split": self.split,
-            "images": self.num_images(), "scales": list(self.scales), "class_names": self.names,
-            "processes": self.dist.world_size, "seconds": round(time.time() - self.t0, 1),
-            "scores": result, "config": to_container(self.cfg),
-        }
+    def items(self, indices: Sequence[int]) -> Iterator[Item]:
+        """Item(name, image (1, 3, H, W), label (1, H, W) long, cls_label (1, K) float) of each
+        index, on the device, loaded by `num_workers` DataLoader workers."""
+        device = self.dist.device
+        loader = DataLoader(Subset(CheckedDataset(self.dataset), indices), batch_size=1,
+                            shuffle=False, num_workers=self.cfg.num_workers,
+                            pin_memory=device.type == "cuda")
+        for name, image, label, cls_label in loader:
+            yield Item(name[0], image.to(device, non_blocking=True),
+                       label.to(device, non_blocking=True),
+                       cls_label.to(device, non_blocking=True).float())
 
 
-PerImage = Callable[[InferRun, Item], None]
+def _out_dir(spec: ToolSpec, cfg: DictConfig, split: str) -> Path:
+    if cfg.out_dir:
+        return Path(cfg.out_dir)
+    suffix = ""   # a scale setting other than the tool's default is named in the folder
+    if not cfg.scales and cfg.multi_scale != bool(spec.defaults.get("multi_scale")):
+        suffix = "_ms" if cfg.multi_scale else "_ss"
+    return default_out_dir(cfg.ckpt, spec.name, split, suffix)
 
 
-def evaluate(spec: ToolSpec, argv: Sequence[str], per_image: PerImage) -> dict | None:
-    """Set up the run, call `per_image(run, item)` for each image of this rank's shard (it adds
-    its predictions to `run.ev`), then all-reduce and report. Returns {variant: scores} on rank
-    0, None elsewhere."""
-    run = InferRun(spec, argv)
-    with torch.no_grad():
-        for item in run.items():
-            per_image(run, item)
-            run.ev.poll()
-    return run.ev.finish(run.log, spec.name, run.split, run.names, run.record,
-                         run.dist.is_main)
+def route_params(spec: ToolSpec, cfg: DictConfig, model: torch.nn.Module, names: list[str],
+                 has_labels: bool) -> RouteParams:
+    return RouteParams(model, spec.variant, cfg.size, resolve_scales(cfg, spec), bkg=cfg.bkg,
+                       predicted_labels=cfg.cls_labels == "pred", has_labels=has_labels,
+                       with_gcr=cfg.model.with_gcr, crf=cfg.crf, arrays=cfg.save_arrays,
+                       overlays=cfg.save_overlays, names=tuple(names))
+
+
+def open_context(spec: ToolSpec, cfg: DictConfig) -> Context:
+    """Start the processes (torchrun environment), load the model, resolve and check the data;
+    every user error here is one line. The output folder is created by the caller."""
+    t0 = time.time()
+    dist = udist.init_distributed(cfg.device)
+    model, info = model_from_checkpoint(cfg.ckpt, dist.device, cfg.data.num_classes, cfg.model)
+    data = resolve_data(cfg, info)
+    split = cfg.infer_set or (seed_split(data) if spec.seed_split else data.val_split)
+    has_labels = not split.startswith("test")
+    if spec.needs_image_labels and not has_labels and cfg.cls_labels == "gt":
+        raise InferError(f"split {split!r} has no image labels: use cls_labels=pred")
+    if cfg.resume and not cfg.save_labels and has_labels:
+        raise ConfigError("resume=true rebuilds the scores from the saved label PNGs: "
+                          "keep save_labels=true")
+    dataset = build_dataset_for(data, split, check=dist.is_main)
+    if cfg.crf:
+        from utils.crf import check_available
+        check_available()
+    names = class_names(data)
+    return Context(spec, cfg, dist, info, data, split, dataset, _out_dir(spec, cfg, split), names,
+                   route_params(spec, cfg, model, names, has_labels), t0=t0)
+
+
+def with_log(ctx: Context) -> Context:
+    """Create the output folder (rank 0) and its log file; log the run's header."""
+    if ctx.dist.is_main:
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    udist.barrier()
+    log = setup_logger(ctx.out_dir / f"{ctx.spec.name}.log", ctx.dist.is_main)
+    log.info(f"{ctx.spec.name} | git {git_revision()} | {ctx.dist.world_size} process(es) on "
+             f"{ctx.dist.device} | checkpoint {ctx.cfg.ckpt} (step {ctx.info['step']})")
+    log.info(f"data {ctx.data.name} {ctx.data.root} split {ctx.split} ({len(ctx.dataset)} images)"
+             f" | scales {list(ctx.params.scales)} | crf {ctx.cfg.crf} | out {ctx.out_dir}")
+    return replace(ctx, log=log)
 
 
 def run(main: Callable[[Sequence[str]], Any], argv: Sequence[str] | None = None) -> Any:
