@@ -160,6 +160,12 @@ def test_markdown_and_json_written_into_the_run(voc_run, capsys):
     assert "effective batch 4 = 2 images x 2 process(es)" in md
 
 
+def test_other_keys_go_to_the_commands_shown(voc_run, capsys):
+    table = paper_table.main([str(voc_run), "size=96", "data.root=/d"])
+    row = rows_by_key(table)["voc/seg_val_crf"]
+    assert row["command"].endswith("multi_scale=true crf=true size=96 data.root=/d")
+
+
 def test_run_true_runs_each_missing_command_once(voc_run, monkeypatch, capsys):
     ran = []
 
@@ -180,7 +186,6 @@ def test_run_true_runs_each_missing_command_once(voc_run, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["size=96"], ["'size'", "run=true"]),
     (["run=true", "crf=false"], ["crf=", "set by paper_table"]),
     (["ckpt=best", "run=true"], ["checkpoint not found", "best.pth"]),
     (["dataset=ade"], ["dataset", "voc, coco or auto"]),
