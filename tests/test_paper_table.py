@@ -101,7 +101,7 @@ def test_voc_rows_numbers_differences_and_missing_rows(voc_run):
                       "seg": 0.6987}[k]
         assert r["value"] == pytest.approx(want) and r["log"] == ref
         assert r["diff_log"] == pytest.approx(want - ref) and r["step"] == 20000
-    assert table["batch"] == {"batch_size": 2, "processes": 2, "effective": 4}
+    assert table["batch"] == {"batch_size": 2, "processes": 2, "global_batch": None, "effective": 4}
     assert all(r["status"] == "ok" for k, r in rows.items()
                if k not in ("voc/seg_val_crf", "voc/lam_seg_test"))
 
@@ -121,6 +121,15 @@ def test_single_scale_seeds_stale_and_partial(voc_run):
     rows = rows_by_key(paper_table.build_table(target(voc_run)))
     assert rows["voc/lam_seg_val_crf"]["status"] == "partial"
     assert rows["voc/lam_seg_val"]["status"] == "not run"   # that record has no "lam"
+
+
+def test_effective_batch_is_global_batch_when_the_config_has_one(tmp_path):
+    run = make_run(tmp_path)
+    (run / "config.yaml").write_text("batch_size: 2\nglobal_batch: 8\ndata:\n  name: voc\n")
+    assert paper_table.effective_batch(run) == {"batch_size": 2, "processes": 2,
+                                                "global_batch": 8, "effective": 8}
+    (run / "train.log").unlink()
+    assert paper_table.effective_batch(run)["processes"] is None
 
 
 def test_coco_val_and_val_part_are_named_apart(tmp_path):
@@ -157,7 +166,7 @@ def test_markdown_and_json_written_into_the_run(voc_run, capsys):
     assert cam[1] == f"{73.12:.1f}" and cam[4:6] == [f"{LOG_VOC['cam']:.1f}", f"{73.12 - 75.0:+.1f}"]
     crf = [c.strip() for c in lines["Seg head on val, multi-scale + CRF"].split("|")[1:-1]]
     assert crf[1] == "not run" and crf[6] == f"`{rows_by_key(table)['voc/seg_val_crf']['command']}`"
-    assert "effective batch 4 = 2 images x 2 process(es)" in md
+    assert "effective batch 4 (batch_size 2 x 2 process(es);" in md
 
 
 def test_other_keys_go_to_the_commands_shown(voc_run, capsys):

@@ -241,8 +241,10 @@ def effective_batch(run: Path) -> dict:
     found = re.findall(r"device \S+ x (\d+)", log.read_text()) if log.is_file() else []
     processes = int(found[-1]) if found else None
     batch = cfg.get("batch_size")
-    value = cfg.get("global_batch") or (batch * processes if batch and processes else None)
-    return {"batch_size": batch, "processes": processes, "effective": value}
+    accumulated = cfg.get("global_batch")
+    value = accumulated or (batch * processes if batch and processes else None)
+    return {"batch_size": batch, "processes": processes, "global_batch": accumulated,
+            "effective": value}
 
 
 def build_table(t: Target) -> dict:
@@ -272,8 +274,9 @@ def to_markdown(table: dict) -> str:
     b, k = table["batch"], table["num_classes"]
     lines = [f"# Paper table: {table['run']}", "",
              f"Checkpoint `{table['checkpoint']}`; dataset {table['dataset']}"
-             f" (num_classes {k}); effective batch {b['effective']} = {b['batch_size']} images"
-             f" x {b['processes']} process(es) (authors: {table['authors_batch']}).", "",
+             f" (num_classes {k}); effective batch {b['effective']} (batch_size {b['batch_size']}"
+             f" x {b['processes']} process(es){', global_batch' if b['global_batch'] else ''};"
+             f" authors: {table['authors_batch']}).", "",
              "| row | ours | paper | Δ paper | authors' log | Δ log | protocol / command |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for r in table["rows"]:
