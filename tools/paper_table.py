@@ -46,7 +46,7 @@ AUTHORS_BATCH = {"voc": "4 (1 GPU x 4 images)",
                  "coco": "8 in the published log (2 GPUs x 4 images); the script's 2 a GPU"}
 VAL_MAPS = (("cam", "CAM"), ("aux_cam", "aux CAM"), ("lam", "LAM"), ("fused", "Fused"),
             ("seg", "Seg"))
-OWN_KEYS = ("cam2seg", "infer_set", "out_dir", "crf", "multi_scale", "scales")
+ROUTE_KEYS = ("cam2seg", "infer_set", "out_dir", "crf", "multi_scale", "scales")  # set per row
 
 
 @dataclass
@@ -318,7 +318,7 @@ def split_argv(argv: Sequence[str]) -> tuple[Path, list[str], list[str]]:
     mine, extra = [], []
     for arg in argv[1:]:
         key = arg.split("=", 1)[0]
-        if key in OWN_KEYS:
+        if key in ROUTE_KEYS:
             raise ConfigError(f"{key}= is set by paper_table itself for each row; leave it out")
         (mine if key in own or arg.startswith("-") else extra).append(arg)
     return Path(argv[0]), mine, extra
