@@ -308,11 +308,14 @@ def test_test_split_writes_server_layout(run_dir):
 
 # --------------------------------------------------------------------------- cam2seg (SPEC 8)
 def classifier_first_loop(logits, argmax, k):
-    """Classifier's classes; if none, argmax foreground classes with >= 5 pixels."""
+    """Classifier's classes; if none, argmax foreground classes with >= 5 pixels, except the
+    first one when background is absent (reference quirk, as the test order)."""
     cls = [c for c in range(k) if logits[c] > 0]
     if cls:
         return set(cls)
-    return {c - 1 for c in range(1, k + 1) if sum(int(v == c) for v in argmax.ravel()) >= 5}
+    present = sorted(set(argmax.ravel().tolist()))
+    return {c - 1 for i, c in enumerate(present)
+            if c != 0 and (i == 0 or sum(int(v == c) for v in argmax.ravel()) >= 5)}
 
 
 def seg_first_loop(logits, argmax, k):
@@ -342,8 +345,8 @@ CASES = [   # classifier logits, argmax grid drawing, val labels, test labels (0
     ([-1.0, -1, -1], {2: 4}, set(), {1}),                      # nothing passes 5
     ([-1.0, 2, -1], {}, {1}, {1}),                             # no foreground: classifier
     ([-1.0, 2, -1], {1: 2}, {1}, set()),                       # foreground too small: no fallback
-    ([-1.0, -1, -1], {"all": 2, 1: 3}, {1}, {0, 1}),           # no background: 3 pixels kept
-    ([-1.0, -1, -1], {"all": 3, 2: 2}, {2}, {1, 2}),           # first = class 2 of {2, 3}
+    ([-1.0, -1, -1], {"all": 2, 1: 3}, {0, 1}, {0, 1}),        # no background: 3 pixels kept
+    ([-1.0, -1, -1], {"all": 3, 2: 2}, {1, 2}, {1, 2}),        # first = class 2 of {2, 3}
 ]
 
 

@@ -5,8 +5,8 @@
 - `multi_scale_seg`: multi-scale + flip segmentation logits;
 - `validation_maps`: the single-pass CAM / LAM / fused / seg maps validated during training;
 - `classifier_first_labels` / `seg_first_labels`: image labels from the network in the
-  reference's val / test order (LAM as segmentation, `cam2seg`); `seed_crf_stack`: the CRF
-  input of the seeds.
+  reference's val / test order (LAM as segmentation, `cam2seg`), both with its first-class quirk
+  (`seg_argmax_labels`); `seed_crf_stack`: the CRF input of the seeds.
 
 The multi-scale + flip passes run an image and its mirror image as one batch (`flip_pass`); the
 three kinds combine the pair and the scales as their reference does (CAM: max, ReLU, sum; LAM:
@@ -131,34 +131,44 @@ def argmax_pixel_counts(seg_logits: torch.Tensor) -> torch.Tensor:
     return F.one_hot(pred, seg_logits.shape[1]).sum(1)
 
 
+def seg_argmax_labels(counts: torch.Tensor, min_pixels: int) -> torch.Tensor:
+    """The foreground classes of the seg argmax covering at least `min_pixels` cells, with the
+    reference's quirk (both of its cam2seg scripts): the per-class pixel check loops over the
+    sorted argmax classes after the first (`cls_idx[1:]`), assuming that one is the background;
+    when the argmax has no background cell, the first (lowest) foreground class is therefore kept
+    whatever its size.
+
+    counts: (B, K+1) pixels of each class in the argmax (`argmax_pixel_counts`). Returns (B, K)
+    bool."""
+    fg = counts[:, 1:]
+    first = F.one_hot((fg > 0).int().argmax(1), fg.shape[1]).bool()
+    return (fg >= min_pixels) | (first & (counts[:, :1] == 0))
+
+
 def classifier_first_labels(cls_logits: torch.Tensor, seg_logits: torch.Tensor,
                             min_pixels: int = 5) -> torch.Tensor:
-    """Image labels from the network, val order (reference infer_lam.py, `cam2seg`): the
+    """Image labels from the network, val order (reference infer_lam.py, `cam2seg`, SPEC 8): the
     classifier's classes (logits > 0); for an image where it predicts none, the foreground
-    classes of the seg argmax covering at least `min_pixels` pixels.
+    classes of the seg argmax covering at least `min_pixels` pixels (`seg_argmax_labels`: with no
+    background cell in the argmax, the lowest foreground class is kept whatever its size, as the
+    reference keeps it).
 
     cls_logits: (B, K); seg_logits: (B, K+1, h, w) at the logits' resolution. Returns (B, K)
     float 0/1."""
     cls = cls_logits > 0
-    seg = argmax_pixel_counts(seg_logits)[:, 1:] >= min_pixels
+    seg = seg_argmax_labels(argmax_pixel_counts(seg_logits), min_pixels)
     return torch.where(cls.any(1, keepdim=True), cls, seg).float()
 
 
 def seg_first_labels(cls_logits: torch.Tensor, seg_logits: torch.Tensor,
                      min_pixels: int = 4) -> torch.Tensor:
-    """Image labels from the network, test order (reference infer_lam_test_75.py): the
-    foreground classes of the seg argmax covering at least `min_pixels` pixels; only for an image
-    whose argmax has no foreground class at all, the classifier's (logits > 0). Shapes as
-    `classifier_first_labels`."""
+    """Image labels from the network, test order (reference infer_lam_test_75.py, SPEC 8): the
+    foreground classes of the seg argmax covering at least `min_pixels` pixels
+    (`seg_argmax_labels`, quirk included); only for an image whose argmax has no foreground class
+    at all, the classifier's (logits > 0). Shapes as `classifier_first_labels`."""
     counts = argmax_pixel_counts(seg_logits)
-    fg = counts[:, 1:]
-    seg = fg >= min_pixels
-    # Reproduced quirk: the reference's per-class pixel check starts after the first class of the
-    # sorted argmax classes, assuming that one is the background; when the argmax has no
-    # background, the first (lowest) foreground class is therefore kept whatever its size.
-    first = F.one_hot((fg > 0).int().argmax(1), fg.shape[1]).bool()
-    seg = seg | (first & (counts[:, :1] == 0))
-    return torch.where((fg > 0).any(1, keepdim=True), seg, cls_logits > 0).float()
+    seg = seg_argmax_labels(counts, min_pixels)
+    return torch.where((counts[:, 1:] > 0).any(1, keepdim=True), seg, cls_logits > 0).float()
 
 
 def seed_crf_stack(maps: torch.Tensor, cls_label: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
