@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from utils.palette import jet_overlay
-from wetr.cam import maps_to_label, resize_cam
+from wetr.cam import maps_to_label, resize_bilinear
 from wetr.infer import (classifier_first_labels, multi_scale_seg, seed_crf_stack, seed_maps,
                         seg_first_labels)
 
@@ -22,7 +22,7 @@ def seed_image(run: InferRun, item: Item) -> None:
     (`cam2seg`): the same route with predicted labels on the val or test split."""
     cfg, ev, kind = run.cfg, run.ev, run.spec.variant
     name, image, label, cls_label = item
-    x = resize_cam(image, (cfg.size, cfg.size))
+    x = resize_bilinear(image, (cfg.size, cfg.size))
     if cfg.cls_labels == "pred":
         # the reference's label order: classifier first on a labelled split (infer_lam.py),
         # segmentation head first on the test split (infer_lam_test_75.py)
@@ -30,7 +30,7 @@ def seed_image(run: InferRun, item: Item) -> None:
         out = run.model(x, with_gcr=cfg.model.with_gcr)
         cls_label = order(out.cls_logits, out.seg_logits)
     maps = seed_maps(kind, run.model, x, run.scales, with_gcr=cfg.model.with_gcr)
-    maps = resize_cam(maps, label.shape[-2:])
+    maps = resize_bilinear(maps, label.shape[-2:])
     ev.add(name, maps_to_label(maps, cls_label, bkg=cfg.bkg), label)
     rgb = to_uint8_rgb(image[0]) if cfg.crf or cfg.save_overlays else None
     if cfg.crf:
