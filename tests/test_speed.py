@@ -118,7 +118,7 @@ def test_training_forward_cams_replace_the_scale_one_pass(step):
     images = torch.randn(2, 3, 64, 80, generator=g)
     cls_label = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     batch_sizes = []
-    model.register_forward_pre_hook(lambda m, args: batch_sizes.append(args[0].shape[0]))
+    model.encoder.register_forward_pre_hook(lambda m, args: batch_sizes.append(args[0].shape[0]))
 
     def run(reuse):
         cfg.cam.reuse_forward = reuse
