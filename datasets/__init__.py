@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from .coco import COCODataset
 from .sampler import ResumableSampler, SeededDataset
-from .transforms import JITTER
+from .transforms import JITTER, RESCALE
 from .voc import VOCDataset
 
 DATASETS = {"voc": VOCDataset, "coco": COCODataset}
@@ -32,7 +32,7 @@ def build_dataset(cfg_data: Any, split: str, stage: str) -> VOCDataset:
         list_dir=getattr(cfg_data, "list_dir", None) or None,
         crop_size=getattr(cfg_data, "crop_size", None),
         aug=getattr(cfg_data, "aug", None) or None,
-        rescale=tuple(getattr(cfg_data, "rescale", (0.32, 1.0))),
+        rescale=tuple(getattr(cfg_data, "rescale", RESCALE)),
         jitter_p=getattr(cfg_data, "jitter_p", None),
         jitter=tuple(getattr(cfg_data, "jitter", JITTER)),
     )

@@ -14,17 +14,16 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from utils.config import DataConfig
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# ColorJitter's brightness, contrast, saturation, hue (SPEC 6): the config's default, one home
-JITTER = tuple(DataConfig().jitter)
+# SPEC 6's augmentation strengths, one home (the training config's defaults read them):
+JITTER = (0.4, 0.4, 0.2, 0.1)   # ColorJitter's brightness, contrast, saturation, hue
+RESCALE = (0.32, 1.0)           # RandomResizedCrop's area range (voc) / the rescale range (coco)
 
 
 def color_jitter(strengths: Sequence[float] = JITTER) -> T.ColorJitter:
     """ColorJitter of (brightness, contrast, saturation, hue). A wrong count is one ValueError
-    line here, a bad value one from torchvision; `make_config` checks `data.jitter` up front."""
+    line here, a bad value one from torchvision; the config checks `data.jitter` up front."""
     if len(strengths) != 4:
         raise ValueError(f"jitter takes 4 strengths (brightness, contrast, saturation, hue); "
                          f"got {list(strengths)}")
@@ -66,7 +65,7 @@ def random_pad_crop(image: np.ndarray, crop_size: int) -> np.ndarray:
 class VOCTrainTransform:
     """RandomResizedCrop (bicubic) -> h-flip 0.5 -> ColorJitter with p -> normalise."""
 
-    def __init__(self, crop_size: int, rescale: Sequence[float] = (0.32, 1.0),
+    def __init__(self, crop_size: int, rescale: Sequence[float] = RESCALE,
                  jitter_p: float = 0.5, jitter: Sequence[float] = JITTER):
         self.pipeline = T.Compose([
             T.RandomResizedCrop(crop_size, scale=tuple(rescale),
@@ -84,7 +83,7 @@ class COCOTrainTransform:
     """ColorJitter with p -> rescale by U(rescale) (bilinear) -> h-flip 0.5 -> zero-padded random
     crop -> normalise (reference CocoClsDataset.transform_image)."""
 
-    def __init__(self, crop_size: int, rescale: Sequence[float] = (0.32, 1.0),
+    def __init__(self, crop_size: int, rescale: Sequence[float] = RESCALE,
                  jitter_p: float = 0.8, jitter: Sequence[float] = JITTER):
         self.crop_size = crop_size
         self.rescale = (float(rescale[0]), float(rescale[1]))
@@ -102,7 +101,7 @@ class COCOTrainTransform:
         return normalise(random_pad_crop(arr, self.crop_size))
 
 
-def build_train_transform(aug: str, crop_size: int, rescale: Sequence[float] = (0.32, 1.0),
+def build_train_transform(aug: str, crop_size: int, rescale: Sequence[float] = RESCALE,
                           jitter_p: float | None = None, jitter: Sequence[float] = JITTER
                           ) -> Callable[[Image.Image], torch.Tensor]:
     """aug: "voc" | "coco"; jitter_p None takes that recipe's default (0.5 / 0.8); jitter: the

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .transforms import JITTER, build_train_transform, normalise
+from .transforms import JITTER, RESCALE, build_train_transform, normalise
 
 CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
                "cat", "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person",
@@ -87,7 +87,7 @@ class VOCDataset(Dataset):
 
     def __init__(self, root: str, split: str, stage: str, num_classes: int = 21,
                  list_dir: str | None = None, crop_size: int | None = None, aug: str | None = None,
-                 rescale: Sequence[float] = (0.32, 1.0), jitter_p: float | None = None,
+                 rescale: Sequence[float] = RESCALE, jitter_p: float | None = None,
                  jitter: Sequence[float] = JITTER):
         if stage not in ("train", "val", "test"):
             raise ValueError(f"stage must be train, val or test; got {stage!r}")

@@ -3,9 +3,9 @@
     bash run_train.sh scripts/train_coco.py 0,1 2 29501 train_coco
     torchrun --nproc_per_node=2 -m scripts.train_coco data.root=/datasets/COCO
 
-Defaults shared with VOC: utils/config.py. Reference: batch 2 per GPU, 80k iterations.
+Defaults shared with VOC: wetr/config.py. Reference: batch 2 per GPU, 80k iterations.
 """
-from wetr.engine import main
+from tools.cli import train_entry
 
 COCO = dict(
     tag="train_coco",
@@ -26,4 +26,4 @@ COCO = dict(
 )
 
 if __name__ == "__main__":
-    main(COCO)
+    train_entry(COCO)

@@ -4,8 +4,8 @@
     bash run_train.sh scripts/train_demo.py cpu 2 29500 demo overwrite=true
     python scripts/train_demo.py --print-config            # the resolved recipe
 
-DEMO below holds only what differs from the shared defaults (utils/config.py, which are VOC's);
-`main` is the same engine as scripts/train_voc.py. The data is `datasets.synthetic`'s (K=4,
+DEMO below holds only what differs from the shared defaults (wetr/config.py, which are VOC's);
+`train_entry` runs the same engine as scripts/train_voc.py. The data is `datasets.synthetic`'s (K=4,
 128-pixel images, VOC layout; data.num_classes=5 counts background). Two processes (DDP over
 gloo, as run_demo.sh starts them) of batch_size=4 make 8 images a step; one process needs
 batch_size=8 for the same recipe. No ImageNet weights (model.pretrained=false), so sizes and
@@ -22,7 +22,7 @@ the schedule are scaled down. Knobs that differ from VOC (why each: logs/demo_re
   resizes to the 96-pixel crop, as the reference resizes VOC to its 448 crop).
 Everything else (the other loss weights, the token-label thresholds, CAM scales, PAR) is VOC's.
 """
-from wetr.engine import main
+from tools.cli import train_entry
 
 DEMO = dict(
     tag="demo",
@@ -44,4 +44,4 @@ DEMO = dict(
 )
 
 if __name__ == "__main__":
-    main(DEMO)
+    train_entry(DEMO)

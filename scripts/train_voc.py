@@ -4,9 +4,9 @@
     bash run_train.sh scripts/train_voc.py 0,1 2 29500 train_voc data.root=/datasets/VOC2012
     torchrun --nproc_per_node=1 -m scripts.train_voc data.root=/datasets/VOC2012 max_iters=200
 
-Defaults shared with COCO: utils/config.py. Reference: 1 GPU, batch 4, 20k iterations.
+Defaults shared with COCO: wetr/config.py. Reference: 1 GPU, batch 4, 20k iterations.
 """
-from wetr.engine import main
+from tools.cli import train_entry
 
 VOC = dict(
     tag="train_voc",
@@ -22,4 +22,4 @@ VOC = dict(
 )
 
 if __name__ == "__main__":
-    main(VOC)
+    train_entry(VOC)

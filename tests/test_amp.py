@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from datasets.synthetic import make_synthetic
-from utils.config import make_config
+from wetr.config import make_config
 from wetr.engine import train
 
 STEPS = 40

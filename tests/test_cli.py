@@ -1,17 +1,19 @@
 """Every entry answers --help with every config key (type, resolved default, meaning from the
-dataclasses' comments) and --print-config with the resolved YAML, without touching data."""
+fields' metadata) and --print-config with the resolved YAML, without touching data."""
 from __future__ import annotations
 
 import importlib.metadata
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
 
-from utils.config import TrainConfig, make_config, parse_cli
-from utils.config_help import schema_keys
+from tools.cli import parse_cli, schema_keys
+from utils.config import option
+from wetr.config import TrainConfig, make_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +59,7 @@ def test_help_lists_every_key_with_meaning(prog, capsys):
     keys = schema_keys(schema)
     assert len(rows) == len(keys)
     for key, typ, meaning in keys:
-        assert meaning, f"{prog}: config key {key} has no comment"
+        assert meaning, f"{prog}: config key {key} has no help"
         assert key in rows and typ in rows[key] and rows[key].rstrip().endswith(meaning), key
 
 
@@ -71,17 +73,27 @@ def test_help_shows_the_entrys_resolved_defaults(capsys):
     assert rows["log.tensorboard"][1:3] == ["bool", "true"]
 
 
-def test_comment_parsing_rules():
-    """A field's meaning: comment lines above it + its own + lines below it when they end the
-    class or precede a blank line; a block above the next field is that field's."""
-    rows = {k: m for k, _, m in schema_keys(TrainConfig)}
-    assert rows["data.jitter_p"] == "probability of ColorJitter"
-    assert rows["data.jitter"].startswith("ColorJitter's brightness, contrast, saturation, hue")
-    assert rows["cam.reuse_forward"].startswith("The training forward's own CAMs")
-    assert rows["cam.reuse_forward"].endswith("Off with drop_path_rate > 0.")
-    from tools.benchmark import BenchConfig
-    bench = {k: m for k, _, m in schema_keys(BenchConfig)}
-    assert bench["bench.threads"].endswith("OpenMP regions stall on descheduled threads.")
+@dataclass
+class _Inner:
+    ratio: float = option(0.5, "how much")
+
+
+@dataclass
+class _Schema:
+    mode: str = option("a", "which mode", choices=("a", "b"))
+    sizes: list[int] = option([1, 2], "some sizes")
+    inner: _Inner = field(default_factory=_Inner)
+
+
+def test_help_is_the_fields_metadata(capsys):
+    """A key's help line is its `option(...)` help, with its type and the resolved default."""
+    with pytest.raises(SystemExit):
+        parse_cli(["--help"], _Schema, {"inner": {"ratio": 0.25}}, prog="tools/x.py")
+    rows = {line.split()[0]: line.split(None, 3) for line in
+            capsys.readouterr().out.split("meaning):\n")[1].splitlines()}
+    assert rows == {"mode": ["mode", "str", "a", "which mode"],
+                    "sizes": ["sizes", "list[int]", "[1,", "2]  some sizes"],
+                    "inner.ratio": ["inner.ratio", "float", "0.25", "how much"]}
 
 
 def test_print_config_is_the_resolved_yaml(capsys):

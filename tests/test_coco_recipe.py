@@ -4,7 +4,7 @@ import torch
 
 from scripts.train_coco import COCO
 from scripts.train_voc import VOC
-from utils.config import make_config
+from wetr.config import make_config
 from wetr import step as wstep
 from wetr.factory import model_from_config
 from wetr.cam import cam_to_label

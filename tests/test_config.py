@@ -1,7 +1,10 @@
+from dataclasses import dataclass, field
+
 import pytest
 from omegaconf import OmegaConf
 
-from utils.config import ConfigError, make_config
+from utils.config import ConfigError, merge_config, option
+from wetr.config import make_config
 
 
 def test_overrides_and_dotlist_merge():
@@ -81,18 +84,6 @@ def test_demo_dict_keeps_the_voc_method():
     assert demo.data.num_classes == 5 and demo.model.pretrained is False
 
 
-def test_run_demo_trains_eight_images_a_step():
-    """run_demo.sh's training process count times the demo's per-process batch is the recipe's
-    8 images a step (the figures in the README were measured so)."""
-    import re
-    from pathlib import Path
-    from scripts.train_demo import DEMO
-    script = (Path(__file__).resolve().parents[1] / "run_demo.sh").read_text()
-    nproc = re.search(r"run_train\.sh scripts/train_demo\.py cpu (\d+) ", script)
-    assert nproc is not None
-    assert int(nproc.group(1)) * DEMO["batch_size"] == 8
-
-
 def test_run_demo_evaluates_at_the_training_crop_size(tmp_path):
     """run_demo.sh resizes the val images to the run's training crop for the evaluation (as the
     reference resizes VOC to its 448 crop): its lookup, run on a saved run config, yields the
@@ -117,20 +108,49 @@ def test_run_demo_evaluates_at_the_training_crop_size(tmp_path):
     assert out.strip() == "80"
 
 
-def test_readme_override_reproduces_the_logged_coco_run():
-    """The README's one-line override gives the authors' published COCO log: 2 GPUs x 4 images,
-    CLE weight 0.05, UNE weight 0.0, validation every 4000 steps."""
+def test_readme_training_commands_are_valid_configs():
+    """Every `run_train.sh scripts/train_X.py ...` command of the README (continuation lines
+    joined) merges into the script's config: no key the schema does not know, no bad value."""
+    import importlib
     import re
     from pathlib import Path
-    from scripts.train_coco import COCO
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().replace("\\\n", " ")
-    line = next(ln for ln in readme.splitlines()
-                if "scripts/train_coco.py" in ln and "loss.weights.cle=" in ln)
-    gpus, nproc = re.search(r"train_coco\.py (\S+) (\d+) ", line).groups()
-    cfg = make_config(COCO, [t for t in line.split() if "=" in t and not t.startswith("data.")])
-    assert len(gpus.split(",")) == int(nproc) == 2 and cfg.batch_size == 4
-    assert (cfg.loss.weights.cle, cfg.loss.weights.une) == (0.05, 0.0)
-    from wetr.engine import should_eval
-    assert [s for s in range(1, 80001) if should_eval(s, cfg)] == list(range(4000, 80001, 4000))
-    default = make_config(COCO)
-    assert (default.batch_size, default.loss.weights.cle, default.loss.weights.une) == (2, 0.1, 0.01)
+    commands = re.findall(r"run_train\.sh scripts/(train_\w+)\.py \S+ \d+ \d+ \S+ ([^\n`#]*)", readme)
+    assert commands
+    for script, args in commands:
+        mod = importlib.import_module(f"scripts.{script}")
+        recipe = getattr(mod, script.split("_")[1].upper())
+        make_config(recipe, [a for a in args.split() if "=" in a])
+
+
+# ----------------------------------------------------------------------------- machinery
+@dataclass
+class _Inner:
+    ratio: float = option(0.5, "how much", check=(lambda v: 0 < v <= 1, "in (0, 1]"))
+
+
+@dataclass
+class _Schema:
+    mode: str = option("a", "which mode", choices=("a", "b"))
+    sizes: list[int] = option([1, 2], "some sizes")
+    inner: _Inner = field(default_factory=_Inner)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["mode=c"], "config key 'mode' must be one of a, b; got 'c'"),
+    (["inner.ratio=2"], "config key 'inner.ratio' must be in (0, 1]; got 2.0"),
+    (["inner.ratoi=2"], "unknown config key 'inner.ratoi' (did you mean 'inner.ratio'?)"),
+    (["sizes=[1,x]"], None),
+])
+def test_merge_config_enforces_the_fields_rules(argv, message):
+    """utils.config.merge_config on any schema: choices and checks from the fields' metadata,
+    unknown keys with the nearest known one, one line each; list defaults are not shared."""
+    assert merge_config(_Schema, {"mode": "b"}, ["inner.ratio=1"]).inner.ratio == 1.0
+    with pytest.raises(ConfigError) as info:
+        merge_config(_Schema, None, argv)
+    assert "\n" not in str(info.value)
+    if message is not None:
+        assert str(info.value) == message
+    a, b = _Schema(), _Schema()
+    a.sizes.append(3)
+    assert b.sizes == [1, 2]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tools.bench.step import synthetic_batch
-from utils.config import make_config
+from wetr.config import make_config
 from wetr import step as wetr_step
 from wetr.cam import multi_scale_cam, refine_label
 from wetr.compile import compile_regions

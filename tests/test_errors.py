@@ -23,9 +23,9 @@ from torch.utils.data import DataLoader
 from datasets.sampler import CheckedDataset, ResumableSampler, SampleError
 from datasets.synthetic import make_synthetic
 from scripts.train_voc import VOC
+from tools.cli import train_entry
 from utils.checkpoint import CheckpointError, load_file
-from utils.config import make_config
-from wetr.engine import main
+from wetr.config import make_config
 from wetr.factory import model_from_config
 from wetr.run import save_checkpoint
 from wetr.optim import build_optimizer
@@ -59,7 +59,7 @@ def fails(args: list[str], capsys, preflight: bool = False, monkeypatch=None) ->
     if preflight:
         monkeypatch.setenv("MORE_PREFLIGHT", "1")
     with pytest.raises(SystemExit) as exc:
-        main(VOC, args)
+        train_entry(VOC, args)
     lines = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
@@ -188,10 +188,10 @@ def test_checkpoint_of_another_model(pristine, tmp_path, capsys, trained_with, e
     assert not (tmp_path / "logs").exists()
 
 
-def test_checkpoint_without_meta_is_checked_by_shape(pristine, tmp_path, capsys):
+def test_checkpoint_without_spec_is_checked_by_shape(pristine, tmp_path, capsys):
     ck = make_checkpoint(tmp_path / "other.pth", "data.num_classes=3")
     obj = load_file(ck)
-    del obj["meta"]
+    del obj["spec"], obj["meta"]
     torch.save(obj, ck)
     line = fails(argv(pristine, tmp_path / "logs", f"resume={ck}"), capsys)
     assert "does not fit the configured model: encoder.cls_token is (1, 6, 32) there but " \
@@ -254,7 +254,7 @@ def test_existing_run_is_never_overwritten(pristine, tmp_path, capsys, monkeypat
     # the two ways on pass the checks (preflight only: nothing is started or changed here)
     monkeypatch.setenv("MORE_PREFLIGHT", "1")
     for extra in ("resume=auto", "overwrite=true"):
-        main(VOC, argv(pristine, tmp_path / "logs", extra))
+        train_entry(VOC, argv(pristine, tmp_path / "logs", extra))
         assert capsys.readouterr().err == ""
     assert snapshot(run) == before
 

@@ -22,7 +22,8 @@ from tools.outputs import SERVER_DIR, EvalWriter
 from tools.routes import Output
 from tools.submission import pack_voc_test
 from utils.checkpoint import save_atomic
-from utils.config import make_config, to_container
+from utils.config import to_container
+from wetr.config import make_config
 from utils.palette import save_label_png
 from wetr import build_model
 

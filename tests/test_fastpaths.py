@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from tools.bench.step import synthetic_batch
-from utils.config import make_config
+from wetr.config import make_config
 from wetr import step as wetr_step
 from wetr.factory import model_from_config
-from wetr.cam import minmax_normalise, multi_scale_cam, resize_cam
+from wetr.cam import minmax_normalise, multi_scale_cam, resize_bilinear
 from wetr.compile import compile_regions
 
 SCALES = (1.0, 0.5, 0.75, 1.5)
@@ -57,13 +57,13 @@ def per_map_multi_scale_cam(model, images, scales, first=None):
     total = None
     for s in [1.0] + [s for s in scales if s != 1.0]:
         size = (int(s * h), int(s * w))
-        x = images if size == (h, w) else resize_cam(images, size)
+        x = images if size == (h, w) else resize_bilinear(images, size)
         if first is not None and size == (h, w):
-            aux_flip, cam_flip = model(x.flip(-1), cam_only=True)
-            aux_cam, cam = torch.cat([first[0], aux_flip]), torch.cat([first[1], cam_flip])
+            cam_flip, aux_flip = model.cams(x.flip(-1))
+            cam, aux_cam = torch.cat([first[0], cam_flip]), torch.cat([first[1], aux_flip])
         else:
-            aux_cam, cam = model(torch.cat([x, x.flip(-1)], dim=0), cam_only=True)
-        maps = resize_cam(torch.cat([cam, aux_cam], dim=1).float(), (h, w))
+            cam, aux_cam = model.cams(torch.cat([x, x.flip(-1)], dim=0))
+        maps = resize_bilinear(torch.cat([cam, aux_cam], dim=1).float(), (h, w))
         both = F.relu(torch.maximum(maps[:b], maps[b:].flip(-1)))
         total = both if total is None else total + both
     k = total.shape[1] // 2
@@ -75,7 +75,7 @@ def per_map_multi_scale_cam(model, images, scales, first=None):
 def test_multi_scale_cam_equals_per_map_form(tiny, use_first):
     _, model, _, _, _ = tiny
     images = torch.randn(3, 3, 48, 64, generator=torch.Generator().manual_seed(1))
-    first = model(images, cam_only=True) if use_first else None
+    first = model.cams(images) if use_first else None
     cam, aux = multi_scale_cam(model, images, SCALES, first=first)
     want_cam, want_aux = per_map_multi_scale_cam(model, images, SCALES, first=first)
     assert cam.shape == aux.shape == (3, 4, 48, 64)

@@ -17,12 +17,13 @@ from tools import infer_cam, infer_lam, infer_seg_voc, routes
 from tools.config import SEED_SCALES, SEG_SCALES, parse_config, resolve_scales
 from tools.routes import to_uint8_rgb
 from utils.checkpoint import load_file, model_state, save_atomic
-from utils.config import ConfigError, make_config, to_container
+from utils.config import ConfigError, to_container
+from wetr.config import make_config
 from utils.palette import read_label_png
 from wetr import build_model
 from wetr.cam import maps_to_label
 from wetr import infer
-from wetr.factory import describe_checkpoint, model_from_checkpoint
+from wetr.factory import checkpoint_spec, model_from_checkpoint
 from wetr.infer import multi_scale_seg, seed_crf_stack, seed_maps
 
 K = 3
@@ -185,8 +186,8 @@ def test_reference_checkpoint_and_class_mismatch(run_dir):
     ref = run_dir.root / "reference.pth"
     torch.save({f"module.{k}": v for k, v in run_dir.model.state_dict().items()}, ref)
     obj = load_file(ref)
-    info = describe_checkpoint(obj, model_state(obj))
-    assert (info["num_classes"], info["embed_dim"], info["depth"]) == (K + 1, 64, 4)
+    spec = checkpoint_spec(obj, model_state(obj))
+    assert (spec.num_classes, spec.embed_dim, spec.depth) == (K + 1, 64, 4)
     cfg = parse_config([f"ckpt={ref}", "model.num_heads=4"])
     model, _ = _from_ckpt(cfg)
     x = torch.randn(1, 3, 32, 48)
@@ -205,8 +206,8 @@ def test_patch_size_and_decoder_width_read_from_the_weights(tmp_path):
     torch.save(model.state_dict(), ref)
     from utils.checkpoint import load_file
     obj = load_file(ref)
-    info = describe_checkpoint(obj, model_state(obj))
-    assert (info["patch_size"], info["decoder_dim"]) == (8, 32)
+    spec = checkpoint_spec(obj, model_state(obj))
+    assert (spec.patch_size, spec.decoder_dim) == (8, 32)
     loaded, _ = _from_ckpt(parse_config([f"ckpt={ref}", "model.num_heads=4"]))
     x = torch.randn(1, 3, 32, 48)
     with torch.no_grad():
@@ -226,7 +227,7 @@ def test_decoder_dilation_read_from_the_checkpoint_meta(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x).seg_logits, model(x).seg_logits)
     torch.save(model.state_dict(), ck)
-    assert describe_checkpoint(load_file(ck), model.state_dict())["decoder_dilation"] == 5
+    assert checkpoint_spec(load_file(ck), model.state_dict()).decoder_dilation == 5
     cfg = parse_config([f"ckpt={ck}", "model.num_heads=4", "model.decoder_dilation=2"])
     bare, _ = _from_ckpt(cfg)
     with torch.no_grad():

@@ -94,7 +94,7 @@ def test_patch_size_option():
     assert model.encoder.patch_embed.proj.weight.shape[-2:] == (8, 8)
     with torch.no_grad():
         out = model(torch.randn(2, 3, 40, 64))
-        aux_cam, cam = model.cams(torch.randn(2, 3, 40, 64))
+        cam, aux_cam = model.cams(torch.randn(2, 3, 40, 64))
     assert out.patch_map.shape[-2:] == out.seg_logits.shape[-2:] == cam.shape[-2:] == (5, 8)
     assert out.attn_map.shape[-2:] == aux_cam.shape[-2:] == (5, 8)
     with pytest.raises(ValueError) as e:
@@ -212,7 +212,7 @@ def plain_forward(sd: dict, x: torch.Tensor, K: int, heads: int, aux_layer: int 
                + F.leaky_relu(linear(0.1 * e_h * e_n + cls_tokens, sd, "graph_layer.linear2")))
         cls_tokens = ln(out, sd, "graph_layer.norm", 1e-5)
     return (cls_logits, seg, patch_map, aux_logits, cls_tokens, attn_map), (
-        F.conv2d(aux_map, sd["aux_classifier.weight"]), F.conv2d(patch_map, sd["classifier.weight"]))
+        F.conv2d(patch_map, sd["classifier.weight"]), F.conv2d(aux_map, sd["aux_classifier.weight"]))
 
 
 @pytest.mark.parametrize("size", [(64, 80), (224, 224)])
@@ -249,7 +249,7 @@ def test_without_gcr_and_gradients():
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen == {"encoder.head.weight", "encoder.head.bias", "graph_layer._fc1.0.weight",
                       "graph_layer._fc1.0.bias"}
-    aux_cam, cam = model.cams(x)
+    cam, aux_cam = model.cams(x)
     assert not aux_cam.requires_grad and not cam.requires_grad and cam.shape == (1, K, 3, 4)
 
 
@@ -262,18 +262,22 @@ def test_with_cams_hands_over_the_cams_of_the_same_pass():
     assert plain.cams is None and out.cls_logits.requires_grad
     for name, a, b in zip(MoReOutput._fields, out, plain):
         torch.testing.assert_close(a, b, msg=name)
-    aux_cam, cam = out.cams
-    want_aux, want_cam = model.cams(x)
+    cam, aux_cam = out.cams
+    want_cam, want_aux = model.cams(x)
     assert not aux_cam.requires_grad and not cam.requires_grad
     torch.testing.assert_close(cam, want_cam, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(aux_cam, want_aux, atol=1e-5, rtol=1e-5)
 
 
-def test_cam_only_is_the_reference_alias_of_cams():
-    """`model(x, cam_only=True) -> (aux_cam, cam)`: the reference forward contract (SPEC 11)."""
+def test_cam_only_is_the_reference_forward_contract():
+    """`model(x, cam_only=True) -> (aux_cam, cam)` in the reference's order (SPEC 11), against the
+    plain re-implementation (whose CAMs come in the project's order, (cam, aux_cam))."""
     model = tiny()
     x = torch.randn(2, 3, 48, 64)
-    got, want = model(x, cam_only=True), model.cams(x)
-    assert isinstance(got, tuple) and len(got) == 2
-    for a, b in zip(got, want):
-        assert torch.equal(a, b) and not a.requires_grad
+    with torch.no_grad():
+        got = model(x, cam_only=True)
+        _, (want_cam, want_aux) = plain_forward(model.state_dict(), x, K, HEADS)
+    assert isinstance(got, tuple) and len(got) == 2 and not got[0].requires_grad
+    torch.testing.assert_close(got[0], want_aux, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want_cam, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(want_aux, want_cam)

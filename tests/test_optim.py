@@ -1,6 +1,6 @@
 import torch
 
-from utils.config import make_config
+from wetr.config import make_config
 from wetr.step import active_terms
 from wetr.optim import build_optimizer, poly_warmup_multiplier, set_lr
 

@@ -14,7 +14,8 @@ from PIL import Image
 
 from tools.predict import main, output_names
 from utils.checkpoint import save_atomic
-from utils.config import make_config, to_container
+from utils.config import to_container
+from wetr.config import make_config
 from utils.palette import read_label_png
 from wetr import build_model
 

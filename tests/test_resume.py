@@ -53,6 +53,7 @@ def env(**extra: str) -> dict:
 ENTRY = """
 import os, signal, sys
 from scripts.train_voc import VOC
+from wetr.config import make_config
 from wetr.engine import Hooks, main
 
 def kill_once(step, dist):  # one worker dies hard (no cleanup, like a pre-empted node), once
@@ -68,7 +69,7 @@ def poison(step, dist, total, terms):
         total = total + terms[{nan_term!r}]
     return total, terms
 
-main(VOC, hooks=Hooks(batch=kill_once, losses=poison))
+main(make_config(VOC, sys.argv[1:]), hooks=Hooks(batch=kill_once, losses=poison))
 """
 
 

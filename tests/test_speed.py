@@ -107,7 +107,7 @@ def test_benchmark_bad_model_config_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("step", [150, 3000])  # before / after cam2mask, every term on
 def test_training_forward_cams_replace_the_scale_one_pass(step):
-    from utils.config import make_config
+    from wetr.config import make_config
     cfg = make_config(argv=["model.pretrained=false", "model.embed_dim=32", "model.depth=3",
                             "model.num_heads=2", "data.num_classes=4", "cam.cam2mask=2000",
                             "loss.after.seg=100", "loss.after.reg=100"])
@@ -118,7 +118,7 @@ def test_training_forward_cams_replace_the_scale_one_pass(step):
     images = torch.randn(2, 3, 64, 80, generator=g)
     cls_label = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     batch_sizes = []
-    model.register_forward_pre_hook(lambda m, args: batch_sizes.append(args[0].shape[0]))
+    model.encoder.register_forward_pre_hook(lambda m, args: batch_sizes.append(args[0].shape[0]))
 
     def run(reuse):
         cfg.cam.reuse_forward = reuse
@@ -145,7 +145,7 @@ def test_spans_name_every_stage_and_change_nothing():
     losses are bit-identical to a step without them."""
     from contextlib import contextmanager
 
-    from utils.config import make_config
+    from wetr.config import make_config
     cfg = make_config(argv=["model.pretrained=false", "model.embed_dim=32", "model.depth=3",
                             "model.num_heads=2", "data.num_classes=4", "cam.scales=[1.0,0.5]"])
     step = max(cfg.loss.after.values()) + 1  # every term on

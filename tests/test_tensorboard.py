@@ -95,6 +95,7 @@ def test_training_run_writes_events_and_a_resume_keeps_each_step_once(tmp_path):
     overlays are images, and each step appears once."""
     from datasets.synthetic import make_synthetic
     from scripts.train_voc import VOC
+    from wetr.config import make_config
     from wetr.engine import Hooks, main
 
     data = tmp_path / "data"
@@ -110,8 +111,8 @@ def test_training_run_writes_events_and_a_resume_keeps_each_step_once(tmp_path):
             raise _Stop
 
     with pytest.raises(_Stop):
-        main(VOC, argv, hooks=Hooks(batch=stop_at_5))
-    main(VOC, argv + ["resume=auto"])
+        main(make_config(VOC, argv), hooks=Hooks(batch=stop_at_5))
+    main(make_config(VOC, argv + ["resume=auto"]))
     acc = _read(tmp_path / "run" / "tb")
     scalars = set(acc.Tags()["scalars"])
     terms = {f"loss/{k}" for k in ("total", "cls", "cls_aux", "tokens", "cle", "une", "ptc", "seg",

@@ -81,7 +81,7 @@ def _fake_val_data():
 
 def _coco_bkg() -> float:
     from scripts.train_coco import COCO
-    from utils.config import make_config
+    from wetr.config import make_config
     return make_config(COCO).cam.bkg
 
 

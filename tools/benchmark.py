@@ -8,7 +8,7 @@
     python -m tools.benchmark device=cuda data.crop_size=448 batch_size=4 data.num_classes=21 \
         amp=none bench.naive_max_gib=20        # then amp=bf16
 
-Arguments are the training config's `key=value` overrides (utils.config.TrainConfig: model.*,
+Arguments are the training config's `key=value` overrides (wetr.config.TrainConfig: model.*,
 data.crop_size, data.num_classes, batch_size, amp, compile, channels_last, device, ...) plus
 `bench.*` (BenchOptions below). Weights are random (model.pretrained=false by default); the batch
 is rendered by datasets.synthetic so that the lattice and the labels see natural-looking images.
@@ -35,32 +35,35 @@ from tools.bench.energy import bench_energy
 from tools.bench.infer import bench_infer
 from tools.bench.report import default_name, device_name, markdown
 from tools.bench.step import bench_step
-from utils.config import ConfigError, TrainConfig, parse_cli, to_container
+from tools.cli import parse_cli
+from utils.config import ConfigError, option, to_container
 from utils.dist import resolve_device
 from utils.errors import user_errors
 from utils.io import write_text_atomic
 from utils.logger import git_revision
+from wetr.config import TrainConfig
 from wetr.factory import model_from_config
 
 
 @dataclass
 class BenchOptions:
-    warmup: int = 2                     # un-timed steps first (allocator, autotuning; >= 3 with compile)
-    steps: int = 5                      # timed steps; medians are reported
-    step: int = -1                      # iteration given to compute_losses; -1: every term on
-    seed: int = 0                       # seed of the random weights and batch
-    flops: bool = True                  # count FLOPs of one step (torch.utils.flop_counter)
-    infer: bool = True                  # inference throughput, single- and multi-scale
-    infer_size: int = 0                 # 0: data.crop_size
-    infer_images: int = 4               # images per inference pass
-    energy: bool = True                 # dense energy filters: lattice, exact, naive N x N
-    energy_sizes: list[int] = field(default_factory=lambda: [112, 224])  # filter grid (crop / 2)
-    energy_repeats: int = 3             # timed runs of each filter (median)
-    naive_max_gib: float = 4.0          # naive N x N only where B*N*N float32 x 2 fits in this
-    out_dir: str = "logs/benchmarks"    # where <name>.json and <name>.md go
-    name: str = ""                      # file stem; default from device and config
-    threads: int = 0                    # CPU threads (torch.set_num_threads); 0: torch's default.
-    # On a loaded machine 1 thread is far steadier: OpenMP regions stall on descheduled threads.
+    warmup: int = option(2, "un-timed steps first (allocator, autotuning; >= 3 with compile)")
+    steps: int = option(5, "timed steps; medians are reported")
+    step: int = option(-1, "iteration given to compute_losses; -1: every term on")
+    seed: int = option(0, "RNG seed of the random weights and batch")
+    flops: bool = option(True, "count FLOPs of one step (torch.utils.flop_counter)")
+    infer: bool = option(True, "inference throughput, single- and multi-scale")
+    infer_size: int = option(0, "0: data.crop_size")
+    infer_images: int = option(4, "images per inference pass")
+    energy: bool = option(True, "dense energy filters: lattice, exact, naive N x N")
+    energy_sizes: list[int] = option([112, 224], "filter grid (crop / 2)")
+    energy_repeats: int = option(3, "timed runs of each filter (median)")
+    naive_max_gib: float = option(4.0, "naive N x N only where B*N*N float32 x 2 fits in this")
+    out_dir: str = option("logs/benchmarks", "where <name>.json and <name>.md go")
+    name: str = option("", "file stem; default from device and config")
+    threads: int = option(0, "CPU threads (torch.set_num_threads); 0: torch's default. On a "
+                             "loaded machine 1 thread is far steadier: OpenMP regions stall on "
+                             "descheduled threads.")
 
 
 @dataclass

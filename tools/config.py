@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
-from utils.config import ConfigError, parse_cli
+from tools.cli import parse_cli
+from utils.config import ConfigError, option
 
 SEED_SCALES = (1.0, 0.5, 0.75, 1.25, 1.5, 1.75, 2.0)   # SPEC 8 "multi-scale" seeds
 SEG_SCALES = (1.0, 1.25, 1.5)                           # SPEC 8 segmentation
@@ -21,45 +22,56 @@ SINGLE_SCALE = (1.0,)                                   # multi_scale=false, eve
 @dataclass
 class InferData:
     """Unset fields come from the checkpoint's training config (then from the defaults)."""
-    name: str | None = None             # voc | coco
-    root: str | None = None
-    list_dir: str | None = None         # default <root>/ImageSets/Segmentation (or the ckpt's)
-    num_classes: int | None = None      # K + 1; must agree with the checkpoint
+    name: str | None = option(None, "voc | coco; null: the checkpoint's")
+    root: str | None = option(None, "dataset folder; null: the checkpoint's")
+    list_dir: str | None = option(None, "split lists + cls_labels.npz; null: <root>/ImageSets/"
+                                        "Segmentation (or the checkpoint's)")
+    num_classes: int | None = option(None, "K + 1; must agree with the checkpoint")
 
 
 @dataclass
 class InferModel:
-    """Unset fields come from the checkpoint (meta / config / weight shapes)."""
-    backbone: str | None = None
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None        # reference checkpoints: embed_dim // 64 unless set
-    decoder_dilation: int | None = None  # reference checkpoints: 5 unless set
-    aux_layer: int | None = None
-    with_gcr: bool = True               # LAM from the GCR class tokens (reference default)
+    """Unset fields come from the checkpoint's spec (or, for a checkpoint without one, its
+    meta / config / weight shapes); set ones override it (wetr.factory.model_from_checkpoint)."""
+    backbone: str | None = option(None, "timm ViT name")
+    embed_dim: int | None = option(None, "width (must match the weights)")
+    depth: int | None = option(None, "transformer blocks (must match the weights)")
+    num_heads: int | None = option(None, "attention heads; reference checkpoints: embed_dim // 64 "
+                                         "unless set")
+    decoder_dilation: int | None = option(None, "LargeFOV dilation; reference checkpoints: 5 "
+                                                "unless set")
+    aux_layer: int | None = option(None, "block feeding the aux classifier; reference "
+                                         "checkpoints: -3")
+    gcr_topk_ratio: float | None = option(None, "GCR neighbours per class token, int(ratio x K); "
+                                                "reference checkpoints: 0.5")
+    gcr_gate_score: str | None = option(None, "GCR gate score, reference | dot; reference "
+                                              "checkpoints: reference",
+                                        choices=("reference", "dot"))
+    with_gcr: bool = option(True, "LAM from the GCR class tokens (reference default)")
 
 
 @dataclass
 class InferConfig:
-    ckpt: str = ""                      # checkpoint path (required)
-    infer_set: str = ""                 # split list name; "" = the tool's default
-    multi_scale: bool = False           # seeds: SPEC 8 scales; segmentation tools default to true
-    scales: list[float] | None = None   # explicit scales (override multi_scale)
-    size: int = 448                     # images are resized to size x size (whatever the aspect)
-    bkg: float = 0.5                    # seed background threshold
-    cls_labels: str = "gt"              # seeds: gt image labels | pred (classifier, seg fallback)
-    cam2seg: bool = False               # infer_lam: LAM as segmentation on val / test (SPEC 8)
-    crf: bool = False                   # DenseCRF post-processing (needs pydensecrf2)
-    crf_workers: int = -1               # CRF processes per rank; -1 auto, 0 in-process
-    save_labels: bool = True            # palette PNGs of the predictions
-    save_overlays: bool = False         # jet overlays (seeds) / colour blends (segmentation)
-    save_arrays: bool = False           # .npz maps (seeds: present-class maps; seg: logits)
-    out_dir: str = ""                   # "" = <run folder>/eval/<tool>_<set>
-    device: str = "auto"                # auto | cpu | cuda
-    num_workers: int = 2                # DataLoader workers per rank
-    max_images: int = 0                 # 0 = the whole split (before sharding)
-    resume: bool = False                # skip the images whose outputs a killed run completed
-    preflight: bool = False             # check config, checkpoint and data, then exit (launchers)
+    ckpt: str = option("", "checkpoint path (required)")
+    infer_set: str = option("", 'split list name; "" = the tool\'s default')
+    multi_scale: bool = option(False, "seeds: SPEC 8 scales; segmentation tools default to true")
+    scales: list[float] | None = option(None, "explicit scales (override multi_scale)")
+    size: int = option(448, "images are resized to size x size (whatever the aspect)")
+    bkg: float = option(0.5, "pseudo-label seed background threshold")
+    cls_labels: str = option("gt", "seeds: gt image labels | pred (classifier, seg fallback)",
+                             choices=("gt", "pred"))
+    cam2seg: bool = option(False, "infer_lam: LAM as segmentation on val / test (SPEC 8)")
+    crf: bool = option(False, "DenseCRF post-processing (needs pydensecrf2)")
+    crf_workers: int = option(-1, "CRF processes per rank; -1 auto, 0 in-process")
+    save_labels: bool = option(True, "palette PNGs of the predictions")
+    save_overlays: bool = option(False, "jet overlays (seeds) / colour blends (segmentation)")
+    save_arrays: bool = option(False, ".npz maps (seeds: present-class maps; seg: logits)")
+    out_dir: str = option("", '"" = <run folder>/eval/<tool>_<set>')
+    device: str = option("auto", "auto | cpu | cuda")
+    num_workers: int = option(2, "DataLoader workers per rank")
+    max_images: int = option(0, "0 = the whole split (before sharding)")
+    resume: bool = option(False, "skip the images whose outputs a killed run completed")
+    preflight: bool = option(False, "check config, checkpoint and data, then exit (launchers)")
     data: InferData = field(default_factory=InferData)
     model: InferModel = field(default_factory=InferModel)
 
@@ -95,8 +107,6 @@ def parse_config(argv: Sequence[str], defaults: dict | None = None) -> DictConfi
     cfg = parse_cli(argv, InferConfig, defaults)
     if not cfg.ckpt:
         raise ConfigError("ckpt=<path to checkpoint .pth> is required")
-    if cfg.cls_labels not in ("gt", "pred"):
-        raise ConfigError(f"config key 'cls_labels' must be one of gt, pred; got {cfg.cls_labels!r}")
     return cfg
 
 

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from datasets import build_dataset  # noqa: E402
 from utils.palette import colorize, jet_overlay  # noqa: E402
-from wetr.cam import denormalise, resize_cam  # noqa: E402
+from wetr.cam import denormalise, resize_bilinear  # noqa: E402
 from wetr.factory import model_from_checkpoint  # noqa: E402
 from wetr.infer import validation_maps  # noqa: E402
 
@@ -62,7 +62,7 @@ def plot_overlays(ckpt_path: Path, out: Path, num_images: int) -> None:
     fig, axes = plt.subplots(n, 5, figsize=(12, 2.5 * n), squeeze=False)
     for row in range(n):
         name, image, label, cls_label = dataset[row]
-        x = resize_cam(image[None], (cfg.val.size,) * 2)
+        x = resize_bilinear(image[None], (cfg.val.size,) * 2)
         y = cls_label[None, :, None, None].float()
         maps = validation_maps(model, x, cfg.cam.scales, label.shape[-2:])
         cam, lam_map, seg = maps.cam * y, maps.lam * y, maps.seg.argmax(1)

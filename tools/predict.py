@@ -27,13 +27,14 @@ from PIL import Image
 
 from datasets.transforms import normalise
 from tools.config import SEED_SCALES, SEG_SCALES, InferData, InferModel
+from tools.cli import parse_cli
 from tools.data import class_names, default_out_dir, resolve_data
 from tools.evaluation import CRFStep, run_images
 from tools.outputs import PredictWriter
 from tools.routes import Item, Output, RouteParams, predict_route
 from tools.session import rank_shard, run
 from utils import dist as udist
-from utils.config import ConfigError, parse_cli
+from utils.config import ConfigError, option
 from wetr.factory import model_from_checkpoint
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -41,14 +42,14 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 @dataclass
 class PredictConfig:
-    ckpt: str = ""                      # checkpoint path (required)
-    input: str = ""                     # an image (jpg, jpeg, png) or a folder of them (required)
-    out_dir: str = ""                   # "" = <run folder>/eval/<checkpoint>/predict_<input name>
-    multi_scale: bool = False           # segmentation scales 1.0, 1.25, 1.5 (with flip); false: 1.0
-    size: int = 448                     # images are resized to size x size (whatever the aspect)
-    crf: bool = False                   # DenseCRF on the segmentation (needs pydensecrf2)
-    save_cam: bool = False              # also CAM and LAM overlays of each predicted class
-    device: str = "auto"                # auto | cpu | cuda
+    ckpt: str = option("", "checkpoint path (required)")
+    input: str = option("", "an image (jpg, jpeg, png) or a folder of them (required)")
+    out_dir: str = option("", '"" = <run folder>/eval/<checkpoint>/predict_<input name>')
+    multi_scale: bool = option(False, "segmentation scales 1.0, 1.25, 1.5 (with flip); false: 1.0")
+    size: int = option(448, "images are resized to size x size (whatever the aspect)")
+    crf: bool = option(False, "DenseCRF on the segmentation (needs pydensecrf2)")
+    save_cam: bool = option(False, "also CAM and LAM overlays of each predicted class")
+    device: str = option("auto", "auto | cpu | cuda")
     data: InferData = field(default_factory=InferData)
     model: InferModel = field(default_factory=InferModel)
 

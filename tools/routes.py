@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from utils.palette import colorize, jet_overlay
-from wetr.cam import denormalise_255, maps_to_label, resize_cam
+from wetr.cam import denormalise_255, maps_to_label, resize_bilinear
 from wetr.infer import (classifier_first_labels, multi_scale_seg, seed_crf_stack, seed_maps,
                         seg_first_labels)
 
@@ -101,7 +101,7 @@ def seed_route(p: RouteParams, item: Item) -> Output:
     [0, 1] upsampled to the label size, labelled with bkg using the ground-truth (or predicted)
     image labels; CRF input (SPEC 8), arrays and jet overlays when asked."""
     out = _start(p, item)
-    x = resize_cam(item.image, (p.size, p.size))
+    x = resize_bilinear(item.image, (p.size, p.size))
     cls_label = item.cls_label
     if p.predicted_labels:
         # the reference's label order: classifier first on a labelled split (infer_lam.py),
@@ -110,7 +110,7 @@ def seed_route(p: RouteParams, item: Item) -> Output:
         net = p.model(x, with_gcr=p.with_gcr)
         cls_label = order(net.cls_logits, net.seg_logits)
     maps = seed_maps(p.variant, p.model, x, p.scales, with_gcr=p.with_gcr)
-    maps = resize_cam(maps, item.image.shape[-2:])
+    maps = resize_bilinear(maps, item.image.shape[-2:])
     out.labels[p.variant] = _uint8(maps_to_label(maps, cls_label, bkg=p.bkg))
     if p.crf:
         probs, keys = seed_crf_stack(maps, cls_label)
@@ -154,10 +154,10 @@ def predict_route(p: RouteParams, item: Item) -> Output:
     at p.seed_scales, kept for the overlays of the classes finally predicted (after CRF)."""
     out = seg_route(RouteParams(p.model, "seg", p.size, p.scales, crf=p.crf), item)
     if p.overlays:
-        x = resize_cam(item.image, (p.size, p.size))
+        x = resize_bilinear(item.image, (p.size, p.size))
         for kind in ("cam", "lam"):
             maps = seed_maps(kind, p.model, x, p.seed_scales, with_gcr=p.with_gcr)
-            out.maps[kind] = resize_cam(maps, item.image.shape[-2:])[0].clamp(0, 1).cpu().numpy()
+            out.maps[kind] = resize_bilinear(maps, item.image.shape[-2:])[0].clamp(0, 1).cpu().numpy()
     return out
 
 

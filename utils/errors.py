@@ -4,7 +4,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import NoReturn
 
 EXIT_USER_ERROR = 2  # the process printed one line saying what is wrong (see utils.dist.launch)
 
@@ -13,11 +12,6 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, or its type name when it has none."""
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
-
-
-def fail(message: str) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(EXIT_USER_ERROR)
 
 
 @contextmanager

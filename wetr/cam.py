@@ -4,7 +4,7 @@ Pure tensor functions: they never move tensors between devices and never synchro
 host, so they can run inside the training step. Labels are long tensors with 0 = background,
 1..K = classes, 255 = ignore.
 """
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -34,9 +34,9 @@ def denormalise(images: torch.Tensor) -> torch.Tensor:
     return denormalise_255(images).clamp(0, 255).floor() / 255.0
 
 
-def resize_cam(cam: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """cam: (B, K, H, W) -> (B, K, *size), bilinear, align_corners=False."""
-    return F.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=False)
+def resize_bilinear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Images or maps: x (B, C, H, W) -> (B, C, *size), bilinear, align_corners=False."""
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def minmax_normalise(maps: torch.Tensor) -> torch.Tensor:
@@ -50,9 +50,18 @@ def _flip_max_upsample(maps: torch.Tensor, b: int, size: Sequence[int]) -> torch
 
     Max and ReLU in place on the upsampled maps: one (2B, C, *size) allocation for the chain.
     """
-    maps = resize_cam(maps, size)
+    maps = resize_bilinear(maps, size)
     both = torch.maximum(maps[:b], maps[b:].flip(-1), out=maps[:b])
     return both.clamp_(min=0)
+
+
+def cam_pass(model: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """x (B, 3, H, W) -> (cam, aux_cam) at token resolution: MoRe's `cams`, or for a network
+    with only the reference's forward contract, `model(x, cam_only=True) -> (aux_cam, cam)`
+    reordered (SPEC 11: the reference network and ours are interchangeable here)."""
+    if hasattr(model, "cams"):
+        return model.cams
+    return lambda x: model(x, cam_only=True)[::-1]
 
 
 @torch.no_grad()
@@ -61,24 +70,24 @@ def multi_scale_cam(model: nn.Module, images: torch.Tensor, scales: Sequence[flo
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-scale, flip-augmented CAM and aux CAM, min-max normalised (SPEC 4).
 
-    images: (B, 3, H, W) normalised; `model(x, cam_only=True)` returns (aux_cam, cam) at token
-    resolution (the reference's forward contract, kept here so that the reference network and
-    ours are interchangeable; on MoRe it is `model.cams`). Returns (cam, aux_cam), both (B, K, H, W) float32 in [0, 1).
+    images: (B, 3, H, W) normalised; model: a MoRe or the reference network (see `cam_pass`).
+    Returns (cam, aux_cam), both (B, K, H, W) float32 in [0, 1).
     As in the reference, scale 1.0 is always evaluated, first, and other entries equal to 1.0 are
     skipped; the per-scale maps are summed in that order.
-    first: (aux_cam, cam) of `images` themselves at scale 1.0 when the caller already has them
+    first: (cam, aux_cam) of `images` themselves at scale 1.0 when the caller already has them
     (the training forward, same weights): then only their flips go through the network there.
     """
     b, _, h, w = images.shape
+    cams = cam_pass(model)
     total = None
     for s in [1.0] + [s for s in scales if s != 1.0]:
         size = (int(s * h), int(s * w))
-        x = images if size == (h, w) else resize_cam(images, size)
+        x = images if size == (h, w) else resize_bilinear(images, size)
         if first is not None and size == (h, w):
-            aux_flip, cam_flip = model(x.flip(-1), cam_only=True)
-            aux_cam, cam = (torch.cat([a, f], dim=0) for a, f in zip(first, (aux_flip, cam_flip)))
+            flipped = cams(x.flip(-1))
+            cam, aux_cam = (torch.cat([a, f], dim=0) for a, f in zip(first, flipped))
         else:
-            aux_cam, cam = model(torch.cat([x, x.flip(-1)], dim=0), cam_only=True)
+            cam, aux_cam = cams(torch.cat([x, x.flip(-1)], dim=0))
         # One resize for both maps (channels are independent), in float32 even under autocast:
         # half-precision sums would quantise the maps the thresholds act on.
         both = _flip_max_upsample(torch.cat([cam, aux_cam], dim=1).float(), b, (h, w))
@@ -158,20 +167,6 @@ def refine_label(par: PAR, images: torch.Tensor, cam: torch.Tensor, cls_label: t
     label_low = class_ids.gather(1, refined[:, p + 1:].argmax(dim=1).flatten(1)).view(b, h, w)
     label = label_high.masked_fill(label_high == 0, IGNORE_INDEX)
     return label.masked_fill((label_high + label_low) == 0, 0)
-
-
-def label_to_aff_mask(label: torch.Tensor) -> torch.Tensor:
-    """Token label (B, h, w) -> affinity target (B, N, N) float, N = h*w.
-
-    1 where both tokens share a label, 0 where they differ, 255 where either is 255 and on the
-    diagonal (ToCo's label_to_aff_mask).
-    """
-    flat = label.flatten(1)
-    aff = (flat[:, :, None] == flat[:, None, :]).float()
-    ignored = flat == IGNORE_INDEX
-    aff = aff.masked_fill(ignored[:, :, None] | ignored[:, None, :], IGNORE_INDEX)
-    eye = torch.eye(flat.shape[1], dtype=torch.bool, device=label.device)
-    return aff.masked_fill(eye, IGNORE_INDEX)
 
 
 def lam(class_tokens: torch.Tensor, patch_map: torch.Tensor) -> torch.Tensor:

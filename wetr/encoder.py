@@ -90,7 +90,7 @@ class ClassTokenViT(nn.Module):
         self.backbone = backbone
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
 
-        # Inputs of any size: forward() crops to a multiple of the patch size, as the stride-16 conv would.
+        # Inputs of any size: forward() crops to a multiple of the patch size, as the strided conv would.
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
                                       strict_img_size=False)
         num_patches = self.patch_embed.num_patches
@@ -171,7 +171,7 @@ class ClassTokenViT(nn.Module):
         return torch.cat([tokens_pos, resample_patch_pos_embed(patch_pos, h, w)], dim=1)
 
     def forward(self, x: torch.Tensor) -> EncoderOutput:
-        """x: (B, 3, H, W) normalised images; (h, w) = (H // 16, W // 16)."""
+        """x: (B, 3, H, W) normalised images; (h, w) = (H // patch_size, W // patch_size)."""
         B, _, H, W = x.shape
         h, w = H // self.patch_size, W // self.patch_size
         x = self.patch_embed(x[..., :h * self.patch_size, :w * self.patch_size])

@@ -1,7 +1,8 @@
 """The one training loop shared by VOC and COCO (SPEC 4-7).
 
 Entry points are thin: `scripts/train_voc.py` and `scripts/train_coco.py` hold a config dict and
-call `main(CONFIG)`. Launch through torchrun (see run_train.sh):
+call `tools.cli.train_entry(CONFIG)`, which parses the command line and calls `main(cfg)`.
+Launch through torchrun (see run_train.sh):
 
     torchrun --nproc_per_node=2 --master_port=29500 -m scripts.train_voc data.root=... max_iters=200
 
@@ -31,7 +32,7 @@ from datasets.layout import LayoutError
 from datasets.sampler import CheckedDataset, SampleError
 from utils import dist as dist_utils
 from utils.checkpoint import CheckpointError
-from utils.config import ConfigError, TrainConfig, parse_cli
+from utils.config import ConfigError
 from utils.dist import DeviceError, DistInfo
 from utils.errors import user_errors
 from utils.logger import JsonlWriter, format_eta, git_revision, setup_logger
@@ -309,19 +310,17 @@ def _printed_by_rank_0(exc: BaseException) -> bool:
     return int(os.environ.get("RANK", 0)) != 0 and getattr(exc, "all_ranks", False)
 
 
-def main(overrides: dict, argv: list[str] | None = None, hooks: Hooks | None = None) -> None:
-    """Entry point of the training scripts: defaults <- overrides <- `key=value` arguments.
+def main(cfg: DictConfig, hooks: Hooks | None = None) -> None:
+    """Entry point of the training scripts, given their parsed config (tools.cli.train_entry).
 
     With MORE_PREFLIGHT=1 only the checks run (used by run_train.sh before torchrun starts, so a
     bad input is one line instead of one traceback per process). A bad input exits with code 2
     after one `error: ...` line on stderr (printed once, by rank 0, when every rank hit it).
     hooks: see `Hooks` (tests only).
     """
-    argv = sys.argv[1:] if argv is None else argv
     try:
         with user_errors(USER_ERRORS, if_one_line=(ValueError,), silent=_printed_by_rank_0,
                          cleanup=dist_utils.cleanup):
-            cfg = parse_cli(argv, TrainConfig, overrides)
             if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0 and not cfg.resume:
                 cfg.resume = "auto"  # a worker restarted by torchrun continues its run
             if os.environ.get("MORE_PREFLIGHT") == "1":

@@ -1,16 +1,18 @@
 """Which MoRe a config or a checkpoint describes, and whether a checkpoint fits a model.
 
-The one home of: the model of a training config (`model_from_config`) and its summary saved in
-checkpoints (`model_meta`); the hyper-parameters a checkpoint implies (`describe_checkpoint`: ours
-from meta / config, a reference state_dict from its weight shapes); loading weights strictly
-(`load_weights`, SPEC 11) after `check_compatible`; the resume check (`check_resume_checkpoint`);
-and a ready model from a checkpoint file (`model_from_checkpoint`, for the inference tools).
-A checkpoint's `module.` prefix is stripped in one place (utils.checkpoint.model_state) and its
-depth counted in one place (`checkpoint_depth`).
+A model is described by one `wetr.model.MoReSpec`: built from a training config
+(`spec_from_config`, `model_from_config`), saved in every checkpoint as a plain dict under
+"spec" (`spec_dict`), and read back by every tool (`checkpoint_spec`, `model_from_checkpoint`).
+A checkpoint without a "spec" (ours from before it, or a reference state_dict) is described from
+its "meta" / "config" and its weight shapes. `load_weights` (SPEC 11) loads strictly after
+`check_compatible`; `check_resume_checkpoint` is the resume check. A checkpoint's `module.`
+prefix is stripped in one place (utils.checkpoint.model_state) and its depth counted in one
+place (`checkpoint_depth`).
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,36 +23,28 @@ from utils.checkpoint import CheckpointError, load_file, model_state
 from utils.config import ConfigError
 
 from .encoder import NUM_EXTRA_TOKENS
-from .model import MoRe, build_model
-
-# The hyper-parameters that decide a checkpoint's weight shapes, as saved in its "meta".
-SHAPE_KEYS = ("num_classes", "backbone", "embed_dim", "depth", "num_heads", "patch_size",
-              "decoder_dim", "decoder_dilation")
-# The ones an inference config may set over what the checkpoint implies.
-OVERRIDE_KEYS = ("backbone", "embed_dim", "depth", "num_heads", "decoder_dilation", "aux_layer")
+from .model import MoRe, MoReSpec
 
 
 # ----------------------------------------------------------------------------- from a config
+def spec_from_config(cfg: DictConfig) -> MoReSpec:
+    """The MoReSpec of a training config: `cfg.data.num_classes` (K+1) and the same-named keys
+    of `cfg.model` (unresolved: None takes the backbone's value)."""
+    return MoReSpec(num_classes=cfg.data.num_classes,
+                    **{k: cfg.model[k] for k in MoReSpec.names() if k != "num_classes"})
+
+
 def model_from_config(cfg: DictConfig, pretrained=None) -> MoRe:
-    """The MoRe of a training config (`cfg.model`, `cfg.data.num_classes` = K+1); `pretrained`
-    overrides `cfg.model.pretrained` (False: random weights, e.g. under torch.device("meta"))."""
-    m = cfg.model
-    return build_model(num_classes=cfg.data.num_classes, backbone=m.backbone,
-                       pretrained=m.pretrained if pretrained is None else pretrained,
-                       embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
-                       patch_size=m.patch_size, decoder_dim=m.decoder_dim,
-                       decoder_dilation=m.decoder_dilation, aux_layer=m.aux_layer,
-                       drop_path_rate=m.drop_path_rate)
+    """The MoRe of a training config; `pretrained` overrides `cfg.model.pretrained` (False:
+    random weights, e.g. under torch.device("meta"))."""
+    return MoRe(spec_from_config(cfg), cfg.model.pretrained if pretrained is None else pretrained,
+                cfg.model.drop_path_rate)
 
 
-def model_meta(model: MoRe, cfg: DictConfig) -> dict:
-    """The SHAPE_KEYS of a built model, as checkpoints store them under "meta"."""
-    enc = model.encoder
-    return {"num_classes": int(cfg.data.num_classes), "embed_dim": int(model.embed_dim),
-            "depth": len(enc.blocks), "num_heads": int(enc.blocks[0].attn.num_heads),
-            "patch_size": int(enc.patch_size), "decoder_dim": int(model.decoder.conv6.out_channels),
-            "decoder_dilation": int(model.decoder.conv6.dilation[0]),
-            "backbone": str(cfg.model.backbone)}
+def spec_dict(model: MoRe) -> dict:
+    """A built model's (resolved) spec as checkpoints store it: a plain dict, which
+    `torch.load(weights_only=True)` reads."""
+    return asdict(model.spec)
 
 
 # ----------------------------------------------------------------------------- from a checkpoint
@@ -67,68 +61,74 @@ def _dig(d: Any, *keys: str) -> Any:
     return d
 
 
-def describe_checkpoint(obj: dict, state: dict[str, torch.Tensor]) -> dict:
-    """Model hyper-parameters of a checkpoint: ours from meta/config, a reference one from the
-    weight shapes. Returns {num_classes, backbone, embed_dim, depth, num_heads, patch_size,
-    decoder_dim, decoder_dilation, aux_layer}; num_heads is None when nothing says it."""
-    if "classifier.weight" not in state:
-        raise CheckpointError("checkpoint has no classifier.weight: not a MoRe checkpoint")
+def _derived_spec(obj: dict, state: Mapping[str, torch.Tensor]) -> MoReSpec:
+    """The spec of a checkpoint saved without one: K, width, depth, patch size and decoder width
+    from the weight shapes; heads, backbone and dilation from "meta" (checkpoints before the
+    spec), else the training "config", else the reference's (heads: D // 64, timm's convention);
+    aux layer and GCR options from the config, else the reference's."""
     k, d = state["classifier.weight"].shape[:2]
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
     conf = obj.get("config") if isinstance(obj.get("config"), dict) else {}
-    info = {
-        "num_classes": int(k) + 1,
-        "backbone": meta.get("backbone") or _dig(conf, "model", "backbone") or "vit_base_patch16_224",
-        "embed_dim": int(meta.get("embed_dim") or d),
-        "depth": int(meta.get("depth") or checkpoint_depth(state)),
-        "num_heads": meta.get("num_heads") or _dig(conf, "model", "num_heads"),
-        "patch_size": int(state["encoder.patch_embed.proj.weight"].shape[-1])
-        if "encoder.patch_embed.proj.weight" in state else 16,
-        "decoder_dim": int(state["decoder.conv6.weight"].shape[0])
-        if "decoder.conv6.weight" in state else 512,
-        "decoder_dilation": int(meta.get("decoder_dilation") or _dig(conf, "model", "decoder_dilation") or 5),
-        "aux_layer": _dig(conf, "model", "aux_layer"),
-    }
-    if info["aux_layer"] is None:
-        info["aux_layer"] = -3
-    return info
+
+    def saved(key: str) -> Any:
+        return meta.get(key) or _dig(conf, "model", key)
+
+    proj, conv6 = state.get("encoder.patch_embed.proj.weight"), state.get("decoder.conv6.weight")
+    defaults = MoReSpec()
+    unseen = {key: _dig(conf, "model", key) for key in ("aux_layer", "gcr_topk_ratio", "gcr_gate_score")}
+    return MoReSpec(
+        num_classes=int(k) + 1, backbone=saved("backbone") or defaults.backbone,
+        embed_dim=int(d), depth=checkpoint_depth(state),
+        num_heads=int(saved("num_heads") or int(d) // 64),
+        patch_size=int(proj.shape[-1]) if proj is not None else 16,
+        decoder_dim=int(conv6.shape[0]) if conv6 is not None else defaults.decoder_dim,
+        decoder_dilation=int(saved("decoder_dilation") or defaults.decoder_dilation),
+        **{key: value for key, value in unseen.items() if value is not None})
+
+
+def checkpoint_spec(obj: dict, state: Mapping[str, torch.Tensor]) -> MoReSpec:
+    """The MoReSpec of a loaded checkpoint `obj` with unprefixed weights `state`: its saved
+    "spec", or one derived from the rest (`_derived_spec`). Errors are one CheckpointError line."""
+    if "classifier.weight" not in state:
+        raise CheckpointError("checkpoint has no classifier.weight: not a MoRe checkpoint")
+    spec = obj.get("spec")
+    if not isinstance(spec, dict):
+        return _derived_spec(obj, state)
+    unknown = sorted(set(spec) - set(MoReSpec.names()))
+    if unknown:
+        raise CheckpointError(f"checkpoint spec has unknown key {unknown[0]!r} (a newer MoRe-py's "
+                              f"checkpoint?); known: {', '.join(MoReSpec.names())}")
+    return MoReSpec(**spec)
 
 
 def model_from_checkpoint(path: str | Path, device: torch.device, num_classes: int | None = None,
                           overrides: Mapping[str, Any] | None = None) -> tuple[MoRe, dict]:
-    """Load checkpoint `path`, check K against `num_classes` (K+1; None: any), build the model it
-    describes with the non-None `overrides` (OVERRIDE_KEYS) on top, and load its weights.
+    """Load checkpoint `path`, check K against `num_classes` (K+1; None: any), build the model of
+    its spec with the non-None `overrides` (keys named as MoReSpec's fields) on top, and load its
+    weights.
 
-    Returns (model in eval mode on `device`, describe_checkpoint's info plus the checkpoint's
-    training "config" and "step"). Errors are one line (ConfigError, CheckpointError).
+    Returns (model in eval mode on `device`, its spec as a dict plus the checkpoint's training
+    "config" and "step"). Errors are one line (ConfigError, CheckpointError).
     """
     obj = load_file(path)
     state = model_state(obj)
-    info = describe_checkpoint(obj, state)
-    if num_classes is not None and num_classes != info["num_classes"]:
+    spec = checkpoint_spec(obj, state)
+    if num_classes is not None and num_classes != spec.num_classes:
         raise ConfigError(f"data.num_classes={num_classes} (K={num_classes - 1}) but checkpoint "
-                          f"{path} has K={info['num_classes'] - 1} classes "
-                          f"(num_classes={info['num_classes']})")
-    for key in OVERRIDE_KEYS:
-        if overrides is not None and overrides.get(key) is not None:
-            info[key] = overrides[key]
-    if info["num_heads"] is None:
-        info["num_heads"] = info["embed_dim"] // 64   # timm ViT convention (ViT-B: 768 / 12)
+                          f"{path} has K={spec.num_classes - 1} classes "
+                          f"(num_classes={spec.num_classes})")
+    given = {k: overrides[k] for k in MoReSpec.names()
+             if overrides is not None and k in overrides and overrides[k] is not None}
     try:  # a bad model.* override (aux_layer past the depth, dilation 0, ...) is one line
-        model = build_model(num_classes=info["num_classes"], backbone=info["backbone"],
-                            pretrained=False, embed_dim=info["embed_dim"], depth=info["depth"],
-                            num_heads=int(info["num_heads"]), patch_size=info["patch_size"],
-                            decoder_dim=info["decoder_dim"],
-                            decoder_dilation=info["decoder_dilation"],
-                            aux_layer=int(info["aux_layer"]))
+        model = MoRe(replace(spec, **given))
     except ValueError as exc:
         raise ConfigError(f"cannot build the model of {path}: {exc}") from None
     try:
         load_weights(model, state)
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    info["config"] = obj.get("config") if isinstance(obj.get("config"), dict) else {}
-    info["step"] = obj.get("step")
+    info = {**spec_dict(model), "step": obj.get("step"),
+            "config": obj.get("config") if isinstance(obj.get("config"), dict) else {}}
     return model.to(device).eval(), info
 
 
@@ -193,10 +193,11 @@ def check_resume_checkpoint(ckpt: dict, cfg: DictConfig, path: Path) -> None:
                               f"(<work_dir>/<tag>/checkpoints/last.pth)")
     with torch.device("meta"):  # shapes only: no memory, no init cost
         model = model_from_config(cfg, pretrained=False)
-    meta, want = ckpt.get("meta", {}), model_meta(model, cfg)
-    for key in SHAPE_KEYS:
-        if key in meta and meta[key] != want[key]:
-            raise CheckpointError(f"checkpoint {path} was trained with {key}={meta[key]} but the "
+    want = spec_dict(model)
+    saved = ckpt.get("spec") or {k: v for k, v in ckpt.get("meta", {}).items() if k in want}
+    for key in MoReSpec.names():
+        if key in saved and saved[key] != want[key]:
+            raise CheckpointError(f"checkpoint {path} was trained with {key}={saved[key]} but the "
                                   f"config gives {key}={want[key]}; resume with the run's own config "
                                   f"(see its config.yaml) or start a new tag")
     expected = model.state_dict()

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cam import fused_map, lam, minmax_normalise, multi_scale_cam, resize_cam
+from .cam import fused_map, lam, minmax_normalise, multi_scale_cam, resize_bilinear
 
 SEED_KINDS = ("cam", "lam")
 
@@ -40,7 +40,7 @@ def flip_pass(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     (2B, C, h', w') output resized bilinearly (align_corners=False) before the flip is undone.
     """
     b = x.shape[0]
-    maps = resize_cam(fn(torch.cat([x, x.flip(-1)], dim=0)), out_size)
+    maps = resize_bilinear(fn(torch.cat([x, x.flip(-1)], dim=0)), out_size)
     return maps[:b], maps[b:].flip(-1)
 
 
@@ -60,7 +60,7 @@ def multi_scale_lam(model: nn.Module, x: torch.Tensor, scales: Sequence[float],
     h, w = x.shape[-2:]
     maps = []
     for s in reference_scales(scales):
-        xs = x if s == 1.0 else resize_cam(x, (int(s * h), int(s * w)))
+        xs = x if s == 1.0 else resize_bilinear(x, (int(s * h), int(s * w)))
         own, flipped = flip_pass(lam_of, xs, (h, w))
         maps.append(torch.maximum(own, flipped))
     return minmax_normalise(torch.stack(maps, dim=0).sum(dim=0))
@@ -95,7 +95,7 @@ def multi_scale_seg(model: nn.Module, image: torch.Tensor, size: int, scales: Se
 
     segs = []
     for s in scales:
-        x = resize_cam(image, (int(size * s), int(size * s)))
+        x = resize_bilinear(image, (int(size * s), int(size * s)))
         own, flipped = flip_pass(seg_of, x, out_size)
         segs.append(own + flipped)
     return torch.stack(segs, dim=0).amax(dim=0)
@@ -119,10 +119,10 @@ def validation_maps(model: nn.Module, x: torch.Tensor, cam_scales: Sequence[floa
     and classifier from one forward of x; LAM and CAM upsampled to out_size, LAM then min-max
     normalised; fused = `fused_map(lam, cam)`."""
     out = model(x)
-    cam = resize_cam(multi_scale_cam(model, x, cam_scales)[0], out_size)
-    lam_map = minmax_normalise(resize_cam(lam(out.class_tokens, out.patch_map), out_size))
+    cam = resize_bilinear(multi_scale_cam(model, x, cam_scales)[0], out_size)
+    lam_map = minmax_normalise(resize_bilinear(lam(out.class_tokens, out.patch_map), out_size))
     return ValidationMaps(cam=cam, lam=lam_map, fused=fused_map(lam_map, cam),
-                          seg=resize_cam(out.seg_logits, out_size), cls_logits=out.cls_logits)
+                          seg=resize_bilinear(out.seg_logits, out_size), cls_logits=out.cls_logits)
 
 
 def argmax_pixel_counts(seg_logits: torch.Tensor) -> torch.Tensor:

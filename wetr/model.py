@@ -1,6 +1,7 @@
 """MoRe network: class-token ViT, classifiers, LargeFOV decoder and GCR (SPEC 1-3, 10)."""
 from __future__ import annotations
 
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,7 +33,7 @@ class _Outputs(NamedTuple):
 class MoReOutput(_Outputs):
     """What `MoRe.forward` returns: a NamedTuple of the six maps above (it unpacks to six, as
     the reference's forward contract), plus one attribute that is not a field: `cams`, the
-    (aux_cam, cam) of this very pass (each (B, K, h, w), detached) when forward was asked for
+    (cam, aux_cam) of this very pass (each (B, K, h, w), detached) when forward was asked for
     them (`with_cams=True`), else None. An attribute, not a seventh field, so that code unpacking
     the six keeps working."""
 
@@ -53,24 +54,78 @@ class LargeFOV(nn.Module):
         return self.conv8(F.relu(self.conv7(F.relu(self.conv6(x)))))
 
 
-class MoRe(nn.Module):
-    """Args: num_classes: K+1 (background counted); encoder: a ClassTokenViT with K class tokens;
-    decoder_dim / decoder_dilation: LargeFOV width and dilation (512 and 5 in the reference)."""
+@dataclass(frozen=True)
+class MoReSpec:
+    """Which MoRe: every argument that decides its weights' shapes and what it computes in eval
+    mode (timm style: the keyword arguments of `build_model`, less the weights' source
+    `pretrained` and the training-only `drop_path_rate`). A built model keeps its resolved spec
+    (`model.spec`, no None left); checkpoints save it as a plain dict under "spec" and the tools
+    rebuild the model from it (wetr/factory.py).
 
-    def __init__(self, encoder: ClassTokenViT, num_classes: int, gcr_topk_ratio: float = 0.5,
-                 gcr_gate_score: str = "reference", decoder_dim: int = 512,
-                 decoder_dilation: int = 5) -> None:
+    num_classes: K + 1 (background counted); backbone: a BACKBONES name, whose width, depth and
+    heads fill embed_dim / depth / num_heads left None (patch_size None: 16); decoder_dim /
+    decoder_dilation: LargeFOV width and dilation (the reference's 512 and 5, a sixth of VOC's
+    28-token grid; a small token grid wants a smaller one); aux_layer: the block feeding the aux
+    classifier (SPEC 1: -3); gcr_topk_ratio / gcr_gate_score: GCR's k = int(ratio * K) and gate
+    score (SPEC 3, wetr/gcr.py).
+    """
+    num_classes: int = 21
+    backbone: str = "vit_base_patch16_224"
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    patch_size: int | None = None
+    decoder_dim: int = 512
+    decoder_dilation: int = 5
+    aux_layer: int = -3
+    gcr_topk_ratio: float = 0.5
+    gcr_gate_score: str = "reference"
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The field names, in order (the keys of a saved spec)."""
+        return tuple(f.name for f in fields(cls))
+
+    def resolved(self) -> MoReSpec:
+        """The same spec with the backbone's width / depth / heads / patch for what is None.
+        Raises ValueError (one line) on an unknown backbone or a non-positive size."""
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {sorted(BACKBONES)}")
+        for name, must in (("patch_size", "a positive number of pixels"),
+                           ("decoder_dim", "positive"), ("decoder_dilation", "positive")):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be {must}, got {value}")
+        d, n, h = BACKBONES[self.backbone]
+        return replace(self, embed_dim=self.embed_dim or d, depth=self.depth or n,
+                       num_heads=self.num_heads or h,
+                       patch_size=16 if self.patch_size is None else self.patch_size)
+
+
+class MoRe(nn.Module):
+    """The MoRe of `spec` (MoReSpec; resolved here). pretrained: False, True (timm hub) or a timm
+    ViT weight file for the encoder; drop_path_rate: stochastic depth of its blocks."""
+
+    def __init__(self, spec: MoReSpec, pretrained: bool | str | Path = False,
+                 drop_path_rate: float = 0.0) -> None:
         super().__init__()
-        if encoder.num_fg_classes != num_classes - 1:
-            raise ValueError(f"encoder has {encoder.num_fg_classes} class tokens, expected {num_classes - 1}")
-        self.num_classes = num_classes
-        self.patch_size = encoder.patch_size
-        self.embed_dim = d = encoder.embed_dim
-        self.encoder = encoder
+        self.spec = spec = spec.resolved()
+        # Built in the reference's order (encoder, classifiers, decoder, GCR): the random
+        # initialisation draws from the RNG in that order.
+        self.encoder = ClassTokenViT(spec.num_classes - 1, backbone=spec.backbone,
+                                     pretrained=pretrained, embed_dim=spec.embed_dim,
+                                     depth=spec.depth, num_heads=spec.num_heads,
+                                     patch_size=spec.patch_size, aux_layer=spec.aux_layer,
+                                     drop_path_rate=drop_path_rate)
+        self.num_classes = num_classes = spec.num_classes
+        self.patch_size = spec.patch_size
+        self.embed_dim = d = spec.embed_dim
         self.classifier = nn.Conv2d(d, num_classes - 1, 1, bias=False)
         self.aux_classifier = nn.Conv2d(d, num_classes - 1, 1, bias=False)
-        self.decoder = LargeFOV(d, num_classes, dilation=decoder_dilation, mid_planes=decoder_dim)
-        self.graph_layer = GraphCategoryRepresentation(d, topk_ratio=gcr_topk_ratio, gate_score=gcr_gate_score)
+        self.decoder = LargeFOV(d, num_classes, dilation=spec.decoder_dilation,
+                                mid_planes=spec.decoder_dim)
+        self.graph_layer = GraphCategoryRepresentation(d, topk_ratio=spec.gcr_topk_ratio,
+                                                       gate_score=spec.gcr_gate_score)
 
     def param_groups(self) -> list[list[nn.Parameter]]:
         """[backbone non-norm, backbone norms, classifiers + GCR, decoder] (SPEC 6)."""
@@ -83,26 +138,30 @@ class MoRe(nn.Module):
 
     @torch.no_grad()
     def cams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Classifier weights at every position: x (B, 3, H, W) -> (aux_cam, cam), each (B, K, h, w)."""
+        """Classifier weights at every position: x (B, 3, H, W) -> (cam, aux_cam), each (B, K, h, w)
+        (the order of wetr.cam.multi_scale_cam's result)."""
         return self._cams_of(self.encoder(x))
 
     @torch.no_grad()
     def _cams_of(self, enc) -> tuple[torch.Tensor, torch.Tensor]:
-        """(aux_cam, cam) from an encoder output: the classifiers at every token (SPEC 2)."""
-        return F.conv2d(enc.aux_map, self.aux_classifier.weight), F.conv2d(enc.patch_map, self.classifier.weight)
+        """(cam, aux_cam) from an encoder output: the classifiers at every token (SPEC 2)."""
+        return (F.conv2d(enc.patch_map, self.classifier.weight),
+                F.conv2d(enc.aux_map, self.aux_classifier.weight))
 
     def forward(self, x: torch.Tensor, cam_only: bool = False, with_gcr: bool = True,
                 with_cams: bool = False) -> MoReOutput:
         """x: (B, 3, H, W) normalised images -> MoReOutput.
 
-        with_cams: also set the output's `cams` to this pass's (aux_cam, cam), detached, so that
+        with_cams: also set the output's `cams` to this pass's (cam, aux_cam), detached, so that
         the training step need not run the same images through the network again for the
         scale-1.0 CAM (SPEC 4); asked through forward (not another method) so that DDP's hooks
-        see the pass. cam_only: the reference's `model(x, cam_only=True) -> (aux_cam, cam)`,
-        kept for outside code written against it (SPEC 11); this project calls `cams(x)`.
+        see the pass. cam_only: the reference's forward contract, `model(x, cam_only=True) ->
+        (aux_cam, cam)` in the reference's order, kept for outside code written against it
+        (SPEC 11); the project itself calls `cams(x)`.
         """
         if cam_only:
-            return self.cams(x)
+            cam, aux_cam = self.cams(x)
+            return aux_cam, cam
         enc = self.encoder(x)
         cls_logits = self.classifier(F.adaptive_max_pool2d(enc.patch_map, 1)).flatten(1)
         aux_logits = self.aux_classifier(F.adaptive_max_pool2d(enc.aux_map, 1)).flatten(1)
@@ -116,37 +175,12 @@ class MoRe(nn.Module):
         return out
 
 
-def build_model(
-        num_classes: int = 21,
-        backbone: str = "vit_base_patch16_224",
-        pretrained: bool | str | Path = False,
-        embed_dim: int | None = None,
-        depth: int | None = None,
-        num_heads: int | None = None,
-        patch_size: int | None = None,
-        decoder_dim: int = 512,
-        decoder_dilation: int = 5,
-        aux_layer: int = -3,
-        drop_path_rate: float = 0.0,
-        gcr_topk_ratio: float = 0.5,
-        gcr_gate_score: str = "reference",
-) -> MoRe:
-    """MoRe with K = num_classes - 1 class tokens; width/depth/heads/patch size override the
-    backbone's (timm resamples a pretrained patch embedding to another patch size); decoder_dim and
-    decoder_dilation are the LargeFOV width and dilation (512 and 5 in the reference, whose 5 is
-    a sixth of VOC's 28-token grid; a small token grid wants a smaller one)."""
-    if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
-    if patch_size is not None and patch_size < 1:
-        raise ValueError(f"patch_size must be a positive number of pixels, got {patch_size}")
-    if decoder_dim < 1:
-        raise ValueError(f"decoder_dim must be positive, got {decoder_dim}")
-    if decoder_dilation < 1:
-        raise ValueError(f"decoder_dilation must be positive, got {decoder_dilation}")
-    d, n, h = BACKBONES[backbone]
-    encoder = ClassTokenViT(num_classes - 1, backbone=backbone, pretrained=pretrained, embed_dim=embed_dim or d,
-                            depth=depth or n, num_heads=num_heads or h,
-                            patch_size=16 if patch_size is None else patch_size,
-                            aux_layer=aux_layer, drop_path_rate=drop_path_rate)
-    return MoRe(encoder, num_classes, gcr_topk_ratio=gcr_topk_ratio, gcr_gate_score=gcr_gate_score,
-                decoder_dim=decoder_dim, decoder_dilation=decoder_dilation)
+def build_model(num_classes: int = 21, backbone: str = "vit_base_patch16_224",
+                pretrained: bool | str | Path = False, drop_path_rate: float = 0.0,
+                **spec) -> MoRe:
+    """MoRe with K = num_classes - 1 class tokens: `MoRe(MoReSpec(num_classes, backbone,
+    **spec), pretrained, drop_path_rate)`; `spec` takes MoReSpec's other fields
+    (embed_dim, depth, num_heads, patch_size, decoder_dim, decoder_dilation, aux_layer,
+    gcr_topk_ratio, gcr_gate_score). Width / depth / heads / patch size override the backbone's
+    (timm resamples a pretrained patch embedding to another patch size)."""
+    return MoRe(MoReSpec(num_classes, backbone, **spec), pretrained, drop_path_rate)

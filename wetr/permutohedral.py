@@ -16,9 +16,11 @@ The C++ conventions are mirrored so that results agree to float32 rounding:
   whose lattice vertices are created (with zero value) and then take part in the blur. One
   zero-feature, zero-value point is appended when N % 4 != 0 to reproduce that.
 
-The hash table is a sorted array of integer-encoded keys with a fixed capacity (one slot per
-simplex vertex of every point, B N (d+1)), built by a sort: no size depends on the data, so
-nothing waits for the device (no torch.unique, no .item()). Blur neighbours are found with
+The hash table is a sorted array of integer-encoded keys. On a GPU it has a fixed capacity (one
+slot per simplex vertex of every point, B N (d+1)) and is built by a sort: no size depends on
+the data, so nothing waits for the device (no torch.unique, no .item()). On a CPU, where waiting
+costs nothing, it is `torch.unique`'s table of the distinct keys (the blur then touches fewer
+rows); both give the same output (`_hash`). Blur neighbours are found with
 `torch.searchsorted`. Everything stays on the input's device; memory is
 O(B N (d+1) C), no N x N tensor. A batch is one lattice: the image index is the most
 significant digit of the key, so images never mix. Key coordinates are int64 where the C++

@@ -20,7 +20,7 @@ from utils.config import to_container
 from utils.dist import DistInfo
 from utils.io import write_text_atomic
 
-from .factory import check_resume_checkpoint, load_weights, model_from_config, model_meta
+from .factory import check_resume_checkpoint, load_weights, model_from_config, spec_dict
 from .model import MoRe
 from .step import LOSS_TERMS, Training
 
@@ -108,7 +108,7 @@ def save_checkpoint(path: Path, model: MoRe, optimizer, scaler, step: int, cfg: 
     ranks: {"rng": per-rank RNG states, "sums": per-rank loss sums, "count": steps in the sums}.
     """
     obj = {"model": model.state_dict(), "step": step, "config": to_container(cfg),
-           "meta": {**model_meta(model, cfg), **extra}}
+           "spec": spec_dict(model), "meta": extra}
     if optimizer is not None:
         obj["optimizer"] = optimizer.state_dict()
         obj["scaler"] = scaler.state_dict() if scaler is not None else {}

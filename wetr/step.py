@@ -142,7 +142,7 @@ def _pseudo_labels(cam_model: MoRe, par: PAR, images: torch.Tensor, cls_label: t
                    first, refine: bool, cfg: DictConfig, autocast, num_present: int | None,
                    span: Span) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """-> cam, aux_cam (B,K,H,W) float, multi-scale + flip (SPEC 4), and, when `refine`, the
-    PAR-refined pseudo label (B,H,W) (else None). first: the forward's own (aux_cam, cam)."""
+    PAR-refined pseudo label (B,H,W) (else None). first: the forward's own (cam, aux_cam)."""
     with span("multi-scale CAM"), autocast():
         # first is None without reuse; DDP with find_unused_parameters or static_graph would
         # also rebuild the forward's output without it: then the scale-1.0 pass simply runs again.

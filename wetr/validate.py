@@ -12,7 +12,7 @@ from utils.dist import DistInfo, all_reduce_sum
 from utils.metrics import confusion_matrix, multilabel_f1, scores
 from utils.tensorboard_log import val_overlay
 
-from .cam import denormalise, maps_to_label, resize_cam
+from .cam import denormalise, maps_to_label, resize_bilinear
 from .infer import validation_maps
 
 MAP_NAMES = ("cam", "lam", "fused", "seg")
@@ -45,7 +45,7 @@ def validate(model: torch.nn.Module, loader: DataLoader, cfg, dist: DistInfo,
         image = image.to(device, non_blocking=True)
         label = label.to(device, non_blocking=True)
         cls_label = cls_label.to(device, non_blocking=True).float()
-        x = resize_cam(image, (cfg.val.size, cfg.val.size))
+        x = resize_bilinear(image, (cfg.val.size, cfg.val.size))
         maps = validation_maps(model, x, cfg.cam.scales, label.shape[-2:])
         preds = {
             "cam": maps_to_label(maps.cam, cls_label, bkg=bkg),
@@ -79,7 +79,7 @@ def val_overlays(model: torch.nn.Module, dataset, cfg, device: torch.device,
     rows = []
     for i in range(min(num_images, len(dataset))):
         _, image, label, cls_label = dataset[i]
-        x = resize_cam(image[None].to(device), (cfg.val.size, cfg.val.size))
+        x = resize_bilinear(image[None].to(device), (cfg.val.size, cfg.val.size))
         maps = validation_maps(model, x, cfg.cam.scales, label.shape[-2:])
         present = cls_label.nonzero()[:, 0].tolist()
         rgb = (denormalise(image[None])[0].permute(1, 2, 0) * 255).round().byte().numpy()
