@@ -59,9 +59,12 @@ def loop_mean_field(image, probs, params):
 def test_dense_crf_equals_loop_reference_with_exact_kernels(monkeypatch):
     """Everything but the lattice (features, normalisation, Potts weights, update, layout) is
     exact: with the lattice replaced by the exact Gaussian sum it equals the loop."""
-    class ExactLattice:
+    class ExactLattice:  # PermutohedralLattice's interface, with the exact Gaussian sum
         def __init__(self, features):
             self.sparse_filter = exact_filter(features.double())
+
+        def sparse_operator(self, scale):
+            return lambda v: scale[..., None] * self.sparse_filter(scale[..., None] * v)
 
     monkeypatch.setattr(densecrf, "PermutohedralLattice", ExactLattice)
     densecrf._gaussian_kernel.cache_clear()
@@ -89,6 +92,9 @@ def test_sparse_filter_equals_filter():
         ref = lattice.filter(values)
         assert torch.allclose(lattice.sparse_filter(values), ref, rtol=1e-5, atol=1e-6)
         assert torch.allclose(lattice.sparse_filter(2 * values), 2 * ref, rtol=1e-5, atol=1e-6)
+        scale = torch.rand(2, n, generator=gen)
+        scaled = scale[..., None] * lattice.filter(scale[..., None] * values)
+        assert torch.allclose(lattice.sparse_operator(scale)(values), scaled, rtol=1e-5, atol=1e-6)
 
 
 def test_batch_equals_one_image_at_a_time():

@@ -87,21 +87,22 @@ def mean_field(unary: Tensor, kernels: Sequence[tuple[float, Kernel]], iteration
     for _ in range(iterations):
         energy = neg_unary
         for weight, kernel in kernels:
-            # Potts: the pairwise term is -w K(Q), and the C++ subtracts it.
-            energy = energy - (-weight) * kernel(q)
+            # Potts: the pairwise term is -w K(Q), and the C++ subtracts it (one fused pass).
+            energy = torch.sub(energy, kernel(q), alpha=-weight)
         q = torch.softmax(energy, dim=-1)
     return q
 
 
-def normalized_kernel(filter_fn: Kernel, batch: int, points: int, device) -> Kernel:
-    """NORMALIZE_SYMMETRIC around an unnormalised filter: Q -> n * K(n * Q), n = 1/sqrt(K(1)+1e-20).
+def normalized_kernel(lattice, batch: int, points: int, device) -> Kernel:
+    """NORMALIZE_SYMMETRIC: Q -> n * K(n * Q), n = 1 / sqrt(K(1) + 1e-20), for Q (B, N, C).
 
-    filter_fn: (B, N, C) -> (B, N, C) (e.g. a lattice's `filter`, or an exact Gaussian sum).
+    lattice: a `PermutohedralLattice` of B images of N points (its `sparse_filter` is K; the
+    factors n are folded into its matrices by `sparse_operator(n)`).
     """
     ones = torch.ones(batch, points, 1, device=device, dtype=torch.float32)
     # The C++ adds the double 1e-20 and takes 1/sqrt in double before storing a float.
-    norm = (1.0 / torch.sqrt(filter_fn(ones).double() + 1e-20)).to(torch.float32)
-    return lambda q: norm * filter_fn(norm * q)
+    norm = (1.0 / torch.sqrt(lattice.sparse_filter(ones).double() + 1e-20)).to(torch.float32)
+    return lattice.sparse_operator(norm[..., 0])
 
 
 def _div(x: Tensor, s: float) -> Tensor:
@@ -134,7 +135,7 @@ def _gaussian_kernel(H: int, W: int, sxy: float, device: torch.device) -> Kernel
     """The normalised Gaussian kernel of an H x W image: it depends on the size only, so it is
     built once per size (and device) and filters every image's channels as one value set."""
     feats = _div(_pixel_xy(H, W, device), sxy)[None]
-    kernel = normalized_kernel(PermutohedralLattice(feats).sparse_filter, 1, H * W, device)
+    kernel = normalized_kernel(PermutohedralLattice(feats), 1, H * W, device)
 
     def batched(q: Tensor) -> Tensor:  # (B, N, C) -> one (1, N, B C) filtering
         B, N, C = q.shape
@@ -160,7 +161,7 @@ def dense_crf(images: Tensor, probs: Tensor, params: CRFParams = CRFParams()) ->
     _, bilateral = crf_features(images.to(device), params)
     lattice = PermutohedralLattice(bilateral)
     kernels = [(params.pos_w, _gaussian_kernel(H, W, params.pos_xy_std, device)),
-               (params.bi_w, normalized_kernel(lattice.sparse_filter, B, H * W, device))]
+               (params.bi_w, normalized_kernel(lattice, B, H * W, device))]
     unary = unary_from_probs(probs).flatten(2).transpose(1, 2)  # (B, N, C)
     q = mean_field(unary, kernels, params.iter_max)
     return q.transpose(1, 2).reshape(B, C, H, W)
