@@ -18,8 +18,15 @@ n_k = 1 / sqrt(K_k(1) + 1e-20), applied before and after the filter.
 
 Each lattice is built once per image batch and filters the C channels of all iterations
 (`wetr.permutohedral.PermutohedralLattice`); images of one size are one batched lattice (the
-image index is part of the lattice key, so images never mix). Everything runs on the inputs'
-device; nothing imports pydensecrf.
+image index is part of the lattice key, so images never mix); the Gaussian kernel depends on
+the image size only and is cached per size. Splat, blur and slice are sparse CSR matrix
+products with the normalisation folded in (`PermutohedralLattice.sparse_operator`). Everything
+runs on the inputs' device; the torch path imports no pydensecrf.
+
+Measured (tests/test_densecrf.py and issue 29's checks): 100 % label agreement with
+pydensecrf2 on demo-like and 500x375 natural-like images for CAM, LAM and segmentation stacks,
+marginals within 1e-5. CPU, 1 thread, 500x375, 21 channels: 2-3.5 s per image vs 0.8-2.5 s for
+pydensecrf2 (logs/benchmarks/cpu_crf_voc_500x375_k20.md); the lattice build is ~0.5 s of it.
 
 `crf_label` is the single entry point of the evaluation tools for one image, with the backend
 chosen by `resolve_backend`: "pydensecrf" calls `utils.crf.crf_label` (figures to the digit),
