@@ -6,6 +6,8 @@ import pytest
 
 from utils import crf
 
+NO_PYDENSECRF = "pydensecrf2 not installed (optional; wetr.densecrf is the torch backend)"
+
 
 def toy_problem(seed=0):
     """Two flat colour regions split by a vertical edge, and a noisy two-class stack whose
@@ -24,7 +26,7 @@ def toy_problem(seed=0):
 
 
 def test_crf_moves_noisy_labels_to_colour_edges():
-    pytest.importorskip("pydensecrf")
+    pytest.importorskip("pydensecrf", reason=NO_PYDENSECRF)
     image, probs, truth = toy_problem()
     before = (probs.argmax(0) == truth).mean()
     q = crf.crf_inference(image, probs)
@@ -35,7 +37,7 @@ def test_crf_moves_noisy_labels_to_colour_edges():
 
 
 def test_crf_label_maps_channels_to_class_ids_and_pool_agrees():
-    pytest.importorskip("pydensecrf")
+    pytest.importorskip("pydensecrf", reason=NO_PYDENSECRF)
     image, probs, truth = toy_problem(1)
     keys = np.array([0, 7])
     label = crf.crf_label(image, probs, keys)

@@ -4,6 +4,9 @@
     python -m tools.benchmark model.embed_dim=64 model.depth=4 model.num_heads=4 data.crop_size=64 \
         batch_size=2 data.num_classes=5 bench.energy_sizes=[32,64] bench.threads=1
     python -m tools.benchmark data.crop_size=224 batch_size=2 bench.threads=1   # ViT-B on a CPU
+    # DenseCRF only (torch vs pydensecrf2, 500x375, 21 channels; the tiny step takes seconds)
+    python -m tools.benchmark model.embed_dim=64 model.depth=4 model.num_heads=4 data.crop_size=64 \
+        batch_size=2 bench.infer=false bench.energy=false bench.threads=1 bench.name=cpu_crf_voc
     # the paper's setting on a GPU (ViT-B/16, crop 448, batch 4, K=20), fp32 then bf16
     python -m tools.benchmark device=cuda data.crop_size=448 batch_size=4 data.num_classes=21 \
         amp=none bench.naive_max_gib=20        # then amp=bf16
@@ -16,7 +19,8 @@ is rendered by datasets.synthetic so that the lattice and the labels see natural
 The training step is the engine's: `wetr.step.train_step` itself runs, timed through the named
 spans it takes (tools/bench/step.py), so the breakdown cannot drift from the engine. On CUDA every
 stage boundary synchronises; the un-instrumented step time (one sync per step) is reported too.
-Inference: tools/bench/infer.py; dense energy filters: tools/bench/energy.py; timers and peak
+Inference: tools/bench/infer.py; dense energy filters: tools/bench/energy.py; DenseCRF, torch vs
+pydensecrf2 (1 and 2 processes, and the device): tools/bench/crf.py; timers and peak
 memory: utils/profiling.py. Results go to `<bench.out_dir>/<name>.json` and `<name>.md`.
 """
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any
 
 import torch
 
+from tools.bench.crf import bench_crf, crf_markdown
 from tools.bench.energy import bench_energy
 from tools.bench.infer import bench_infer
 from tools.bench.report import default_name, device_name, markdown
@@ -59,6 +64,10 @@ class BenchOptions:
     energy_sizes: list[int] = option([112, 224], "filter grid (crop / 2)")
     energy_repeats: int = option(3, "timed runs of each filter (median)")
     naive_max_gib: float = option(4.0, "naive N x N only where B*N*N float32 x 2 fits in this")
+    crf: bool = option(True, "DenseCRF images/s: torch backend vs pydensecrf2")
+    crf_images: int = option(4, "images per CRF measurement (>= 2)")
+    crf_size: list[int] = option([375, 500], "(H, W): VOC size")
+    crf_processes: list[int] = option([1, 2], "CPU processes")
     out_dir: str = option("logs/benchmarks", "where <name>.json and <name>.md go")
     name: str = option("", "file stem; default from device and config")
     threads: int = option(0, "CPU threads (torch.set_num_threads); 0: torch's default. On a "
@@ -114,10 +123,12 @@ def run(argv: list[str]) -> dict:
     del trainer
     if b.energy:
         res["energy"] = bench_energy(cfg, device)
+    if b.crf:
+        res["crf"] = bench_crf(cfg, device)
     res["load_after"] = [round(v, 2) for v in os.getloadavg()]
     out = Path(b.out_dir)
     write_text_atomic(out / f"{name}.json", json.dumps(res, indent=1, default=float) + "\n")
-    text = markdown(res)
+    text = markdown(res) + (crf_markdown(res["crf"]) if "crf" in res else "")
     write_text_atomic(out / f"{name}.md", text)
     print(text)
     return res

@@ -27,12 +27,13 @@ significant digit of the key, so images never mix. Key coordinates are int64 whe
 uses int16; they differ only past |key| > 32767, far beyond image features.
 """
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["permutohedral_filter"]
+__all__ = ["PermutohedralLattice", "permutohedral_filter"]
 
 # Marks unused hash slots: above every key (keys < 2^62, checked), so the table stays sorted,
 # and far enough from them that no key +- blur offset reaches it.
@@ -116,6 +117,159 @@ def _hash(code: Tensor, fixed_capacity: bool) -> tuple[Tensor, Tensor, Tensor]:
     return table, vertex, valid
 
 
+class PermutohedralLattice:
+    """A lattice built once from features, to filter many value sets (e.g. the C channels of
+    all mean-field iterations of a DenseCRF) without rebuilding the hash table.
+
+    Attributes (all on the features' device): B, N (points per image), P (N plus the padding
+    point), d; vertex (B P, d+1) lattice row of each simplex vertex, weights (B P, d+1) float32
+    barycentric weights, neighbours (2(d+1), E+1) blur neighbours (row E is the zero row), E.
+    `filter(values)` equals `permutohedral_filter(features, values, fixed_capacity)`.
+    """
+
+    def __init__(self, features: Tensor, fixed_capacity: bool | None = None):
+        B, N, d = features.shape
+        d1 = d + 1
+        device = features.device
+        f = features.detach().to(torch.float32)
+        if N % 4:  # the SSE build's zero-feature padding point (see module docstring)
+            f = torch.cat([f, f.new_zeros(B, 1, d)], dim=1)
+        P = f.shape[1]
+
+        rem0, rank, bary = _simplex(_elevate(f.reshape(B * P, d)))
+        # Vertex r of the simplex: key_i = rem0_i + r - (d+1) [rank_i > d - r], keys keep d coords.
+        r = torch.arange(d1, device=device)
+        keys = rem0[:, None, :d] + r[None, :, None] - d1 * (rank[:, None, :d] > (d - r)[None, :, None])
+        keys = keys.reshape(B, P * d1, d)
+
+        # Mixed-radix integer code per key; each digit has a margin of d+1 so that blur neighbours
+        # (coordinates shifted by at most d) never carry into the next digit or the image index.
+        lo = keys.amin(dim=(0, 1)) - d1
+        span = keys.amax(dim=(0, 1)) + d1 - lo + 1
+        stride = torch.cumprod(torch.cat([span.new_ones(1), span]), 0)  # (d+1,): last = image radix
+        bits = torch.log2(span.double()).sum() + math.log2(max(B, 1))
+        torch._assert_async(bits < 62.0, "permutohedral lattice keys do not fit in int64")
+        code = ((keys - lo) * stride[:d]).sum(-1)
+        code = (code + torch.arange(B, device=device)[:, None] * stride[d]).reshape(-1)
+        if fixed_capacity is None:
+            fixed_capacity = device.type != "cpu"
+        lattice, vertex, valid = _hash(code, fixed_capacity)
+        E = lattice.numel()
+
+        # Blur neighbours along direction j: all coordinates -1 except j, which is +d (and the
+        # mirror image); for j = d every stored coordinate moves by -1 / +1. Row E is the zero row
+        # that missing neighbours (and the zero row itself) point to.
+        step = torch.full((d1, d), -1, dtype=torch.long, device=device)
+        step[torch.arange(d), torch.arange(d)] = d
+        deltas = (step * stride[:d]).sum(-1)  # (d+1,)
+        targets = lattice[None, :] + torch.cat([deltas, -deltas])[:, None]  # (2(d+1), E)
+        idx = torch.searchsorted(lattice, targets).clamp_(max=E - 1)
+        found = (lattice[idx] == targets) & valid
+        self.neighbours = F.pad(torch.where(found, idx, E), (0, 1), value=E)  # (2(d+1), E+1)
+        self.vertex = vertex.reshape(B * P, d1)
+        self.weights = bary
+        self.B, self.N, self.P, self.d, self.E = B, N, P, d, E
+
+    def filter(self, values: Tensor) -> Tensor:
+        """values: (B, N, C) -> (B, N, C) in their dtype: approx. sum_j exp(-|f_i - f_j|^2 / 2)
+        values_j, with the reference's approximation error and alpha scaling."""
+        B, N, P, d1, E = self.B, self.N, self.P, self.d + 1, self.E
+        C = values.shape[2]
+        if P > N:  # the padding point carries zero value
+            values = torch.cat([values, values.new_zeros(B, P - N, C)], dim=1)
+        vertex, neighbours = self.vertex, self.neighbours
+        flat_values = values.reshape(B * P, C)
+        weights = self.weights.to(values.dtype)
+        # Splat and slice rank by rank: on a CPU, d+1 passes over (B*P, C) are faster than one
+        # pass over a (d+1, B*P, C) stack, and they keep the reference's summation order.
+        lattice_values = values.new_zeros(E + 1, C)
+        for rr in range(d1):  # splat
+            lattice_values = lattice_values.index_add(0, vertex[:, rr], weights[:, rr, None] * flat_values)
+        for j in range(d1):  # blur, direction order 0..d as the reference
+            n1, n2 = neighbours[j], neighbours[d1 + j]
+            lattice_values = lattice_values + 0.5 * (lattice_values[n1] + lattice_values[n2])
+        alpha = float(torch.tensor(1.0 / (1.0 + 2.0 ** -(d1 - 1)), dtype=torch.float32))
+        out = torch.zeros_like(flat_values)
+        for rr in range(d1):  # slice
+            out = out + (weights[:, rr, None] * alpha) * lattice_values[vertex[:, rr]]
+        return out.reshape(B, P, C)[:, :N]
+
+    def sparse_filter(self, values: Tensor) -> Tensor:
+        """`filter` as sparse CSR matrix products (splat, d+1 blurs, slice; 2-4x faster on a
+        CPU, no atomics on CUDA), for filtering many value sets: the matrices are built on the
+        first call. Float32 only; equal to `filter` up to float summation order (each output
+        is summed in ascending column order, where the C++ sums in rank / blur order).
+
+        values: (B, N, C) float32 -> (B, N, C).
+        """
+        if not hasattr(self, "_unscaled"):
+            self._unscaled = self.sparse_operator()
+        return self._unscaled(values)
+
+    def sparse_operator(self, scale: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+        """The filter as a function, optionally scaled on both sides:
+        values -> scale_i * sum_j K_ij scale_j values_j, with `scale` (B, N) float32 folded into
+        the splat and slice matrices (built here, once), so it costs no extra pass.
+        """
+        B, N, P = self.B, self.N, self.P
+        if scale is not None and P > N:  # the padding point's value is zero whatever its scale
+            scale = torch.cat([scale, scale.new_zeros(B, P - N)], dim=1)
+        splat, slice_ = self._splat_slice(None if scale is None else scale.reshape(B * P))
+        if not hasattr(self, "_blurs"):
+            self._blurs = self._blur_matrices()
+        blurs = self._blurs
+
+        def apply(values: Tensor) -> Tensor:
+            C = values.shape[2]
+            flat = values.to(torch.float32)
+            if P > N:  # the padding point carries zero value
+                flat = torch.cat([flat, flat.new_zeros(B, P - N, C)], dim=1)
+            lattice_values = splat @ flat.reshape(B * P, C)  # (E+1, C), row E stays 0
+            for blur in blurs:  # direction order 0..d as the reference
+                lattice_values = blur @ lattice_values
+            return (slice_ @ lattice_values).reshape(B, P, C)[:, :N]
+        return apply
+
+    def _csr(self, rows: int, cols: int, col: Tensor, val: Tensor) -> Tensor:
+        """(rows, cols) CSR matrix with k = col.shape[1] entries per row, columns sorted per row
+        (cuSPARSE expects them sorted); int32 indices where they fit (the CPU kernel would
+        convert int64 ones on every call)."""
+        col, order = col.sort(dim=1)
+        val = val.gather(1, order)
+        index = torch.int32 if max(col.numel(), rows, cols) < 2**31 else torch.long
+        crow = torch.arange(0, col.numel() + 1, col.shape[1], device=col.device, dtype=index)
+        return torch.sparse_csr_tensor(crow, col.reshape(-1).to(index), val.reshape(-1), (rows, cols))
+
+    def _splat_slice(self, scale: Tensor | None) -> tuple[Tensor, Tensor]:
+        """-> splat (E+1, B P) and slice (B P, E+1) CSR matrices: float32 barycentric weights,
+        the slice's times alpha, both times the point's `scale` (B P,) if given."""
+        BP, d1, E = self.B * self.P, self.d + 1, self.E
+        weights = self.weights.to(torch.float32)
+        alpha = float(torch.tensor(1.0 / (1.0 + 2.0 ** -self.d), dtype=torch.float32))
+        slice_weights = weights * alpha
+        if scale is not None:
+            weights = weights * scale[:, None]
+            slice_weights = slice_weights * scale[:, None]
+        slice_ = self._csr(BP, E + 1, self.vertex, slice_weights)
+        flat_vertex = self.vertex.reshape(-1)
+        order = torch.argsort(flat_vertex, stable=True)  # ascending point within each vertex
+        counts = torch.bincount(flat_vertex, minlength=E + 1)
+        index = slice_.crow_indices().dtype
+        splat_rows = F.pad(counts.cumsum(0), (1, 0)).to(index)
+        splat = torch.sparse_csr_tensor(splat_rows, (order // d1).to(index),
+                                        weights.reshape(-1)[order], (E + 1, BP))
+        return splat, slice_
+
+    def _blur_matrices(self) -> list[Tensor]:
+        """d+1 (E+1, E+1) CSR matrices v <- v + 0.5 (v_n1 + v_n2); row E (the zero row) stays 0."""
+        E, d1 = self.E, self.d + 1
+        rows = torch.arange(E + 1, device=self.vertex.device)
+        val = torch.tensor([1.0, 0.5, 0.5], device=rows.device).expand(E + 1, 3)
+        return [self._csr(E + 1, E + 1, torch.stack([rows, self.neighbours[j],
+                                                     self.neighbours[d1 + j]], 1), val)
+                for j in range(d1)]
+
+
 def permutohedral_filter(features: Tensor, values: Tensor,
                          fixed_capacity: bool | None = None) -> Tensor:
     """Unnormalised Gaussian filtering on the permutohedral lattice.
@@ -132,60 +286,4 @@ def permutohedral_filter(features: Tensor, values: Tensor,
         (B, N, C): approx. sum_j exp(-|f_i - f_j|^2 / 2) values_j, with the reference's
         approximation error and alpha scaling.
     """
-    B, N, d = features.shape
-    C = values.shape[2]
-    d1 = d + 1
-    device, dtype = values.device, values.dtype
-    f = features.detach().to(torch.float32)
-    if N % 4:  # the SSE build's zero-feature padding point (see module docstring)
-        f = torch.cat([f, f.new_zeros(B, 1, d)], dim=1)
-        values = torch.cat([values, values.new_zeros(B, 1, C)], dim=1)
-    P = f.shape[1]
-
-    rem0, rank, bary = _simplex(_elevate(f.reshape(B * P, d)))
-    # Vertex r of the simplex: key_i = rem0_i + r - (d+1) [rank_i > d - r], keys keep d coords.
-    r = torch.arange(d1, device=device)
-    keys = rem0[:, None, :d] + r[None, :, None] - d1 * (rank[:, None, :d] > (d - r)[None, :, None])
-    keys = keys.reshape(B, P * d1, d)
-
-    # Mixed-radix integer code per key; each digit has a margin of d+1 so that blur neighbours
-    # (coordinates shifted by at most d) never carry into the next digit or the image index.
-    lo = keys.amin(dim=(0, 1)) - d1
-    span = keys.amax(dim=(0, 1)) + d1 - lo + 1
-    stride = torch.cumprod(torch.cat([span.new_ones(1), span]), 0)  # (d+1,): last = image radix
-    bits = torch.log2(span.double()).sum() + math.log2(max(B, 1))
-    torch._assert_async(bits < 62.0, "permutohedral lattice keys do not fit in int64")
-    code = ((keys - lo) * stride[:d]).sum(-1)
-    code = (code + torch.arange(B, device=device)[:, None] * stride[d]).reshape(-1)
-    if fixed_capacity is None:
-        fixed_capacity = device.type != "cpu"
-    lattice, vertex, valid = _hash(code, fixed_capacity)
-    E = lattice.numel()
-    vertex = vertex.reshape(B * P, d1)
-
-    # Blur neighbours along direction j: all coordinates -1 except j, which is +d (and the
-    # mirror image); for j = d every stored coordinate moves by -1 / +1. Row E is the zero row
-    # that missing neighbours (and the zero row itself) point to.
-    step = torch.full((d1, d), -1, dtype=torch.long, device=device)
-    step[torch.arange(d), torch.arange(d)] = d
-    deltas = (step * stride[:d]).sum(-1)  # (d+1,)
-    targets = lattice[None, :] + torch.cat([deltas, -deltas])[:, None]  # (2(d+1), E)
-    idx = torch.searchsorted(lattice, targets).clamp_(max=E - 1)
-    found = (lattice[idx] == targets) & valid
-    neighbours = F.pad(torch.where(found, idx, E), (0, 1), value=E)  # (2(d+1), E+1)
-
-    flat_values = values.reshape(B * P, C)
-    weights = bary.to(dtype)
-    # Splat and slice rank by rank: on a CPU, d+1 passes over (B*P, C) are faster than one pass
-    # over a (d+1, B*P, C) stack, and they keep the reference's summation order.
-    lattice_values = values.new_zeros(E + 1, C)
-    for rr in range(d1):  # splat
-        lattice_values = lattice_values.index_add(0, vertex[:, rr], weights[:, rr, None] * flat_values)
-    for j in range(d1):  # blur, direction order 0..d as the reference
-        n1, n2 = neighbours[j], neighbours[d1 + j]
-        lattice_values = lattice_values + 0.5 * (lattice_values[n1] + lattice_values[n2])
-    alpha = float(torch.tensor(1.0 / (1.0 + 2.0 ** -d), dtype=torch.float32))
-    out = torch.zeros_like(flat_values)
-    for rr in range(d1):  # slice
-        out = out + (weights[:, rr, None] * alpha) * lattice_values[vertex[:, rr]]
-    return out.reshape(B, P, C)[:, :N]
+    return PermutohedralLattice(features, fixed_capacity).filter(values)

@@ -1,0 +1,103 @@
+"""DenseCRF throughput (SPEC 8, issue 29): the torch backend (wetr.densecrf) vs pydensecrf2 at
+VOC size on a segmentation softmax (K+1 channels, the largest stack the tools pass), in 1 and
+2 CPU processes, and on the benchmark's device (one image at a time and batched)."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import cv2
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from datasets.synthetic import MAX_CLASSES, render
+from utils.profiling import timeit
+from wetr.densecrf import crf_label, dense_crf, pydensecrf_installed
+
+
+def crf_inputs(n: int, height: int, width: int, classes: int, seed: int) -> list[tuple]:
+    """n (image (H, W, 3) uint8, probs (C, H, W) float32, keys (C,)) from datasets.synthetic:
+    a square render cropped to H x W, and a softmax of low-resolution noisy logits that favour
+    the true class (as a segmentation head's, upsampled)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        image, label = render(rng, min(classes - 1, MAX_CLASSES), max(height, width))
+        image, label = image[:height, :width], label[:height, :width]
+        small = (width // 8, height // 8)
+        logits = np.stack([cv2.resize(rng.normal(0, 1, small[::-1]).astype(np.float32)
+                                      + 3.0 * cv2.resize((label == c).astype(np.float32), small),
+                                      (width, height)) for c in range(classes)])
+        probs = torch.from_numpy(logits).softmax(0).numpy()
+        out.append((np.ascontiguousarray(image), probs, np.arange(classes)))
+    return out
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _label(backend: str, image: np.ndarray, probs: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    return crf_label(image, probs, keys, backend)
+
+
+def cpu_images_per_s(backend: str, inputs: list[tuple], processes: int) -> float:
+    """Images/s of `crf_label` on the CPU: in this process (processes == 1, its torch threads)
+    or spread over `processes` spawned workers with 1 thread each, after one warm-up image each."""
+    args = [(backend, *item) for item in inputs]
+    if processes == 1:
+        _label(*args[0])
+        t0 = time.perf_counter()
+        for a in args:
+            _label(*a)
+        return len(args) / (time.perf_counter() - t0)
+    with ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn"),
+                             initializer=_init_worker, initargs=(1,)) as pool:
+        list(pool.map(_label, *zip(*args[:1] * processes)))
+        t0 = time.perf_counter()
+        list(pool.map(_label, *zip(*args)))
+        return len(args) / (time.perf_counter() - t0)
+
+
+def bench_crf(cfg: DictConfig, device: torch.device) -> dict:
+    """bench.crf_images images of bench.crf_size (H, W) with data.num_classes channels."""
+    b = cfg.bench
+    height, width = b.crf_size
+    inputs = crf_inputs(max(b.crf_images, 2), height, width, cfg.data.num_classes, b.seed + 3)
+    res = {"size": f"{width}x{height}", "channels": cfg.data.num_classes, "images": len(inputs),
+           "torch_threads": torch.get_num_threads(), "cpu": {}}
+    backends = ["torch"] + (["pydensecrf"] if pydensecrf_installed() else [])
+    for backend in backends:
+        for processes in b.crf_processes:
+            ips = cpu_images_per_s(backend, inputs, processes)
+            res["cpu"][f"{backend} x{processes}"] = {"images_per_s": ips, "s_per_image": 1 / ips}
+    if "pydensecrf" not in backends:
+        res["cpu"]["pydensecrf"] = {"skipped": "pydensecrf2 not installed"}
+    if device.type != "cpu":
+        images = torch.from_numpy(np.stack([i for i, _, _ in inputs])).to(device)
+        probs = torch.from_numpy(np.stack([p for _, p, _ in inputs])).to(device)
+        n = len(inputs)
+        one = timeit(lambda: [dense_crf(images[i:i + 1], probs[i:i + 1]) for i in range(n)], device, 1)
+        batched = timeit(lambda: dense_crf(images, probs), device, 1)
+        res["device"] = {"one at a time": {"images_per_s": n / one},
+                         f"batch {n}": {"images_per_s": n / batched}}
+    return res
+
+
+def crf_markdown(res: dict) -> str:
+    """The report's DenseCRF section."""
+    lines = ["", f"## DenseCRF (10 mean-field iterations), {res['size']}, {res['channels']} channels, "
+             f"{res['images']} images", "",
+             f"CPU: 'x1' runs in the benchmark's process ({res['torch_threads']} torch threads), "
+             "'x2' in 2 spawned processes with 1 thread each.", "",
+             "| backend | images/s | s/image |", "|---|---:|---:|"]
+    for where in ("cpu", "device"):
+        for name, row in res.get(where, {}).items():
+            if "skipped" in row:
+                lines.append(f"| {name} | {row['skipped']} | |")
+            else:
+                label = name if where == "cpu" else f"torch on device, {name}"
+                lines.append(f"| {label} | {row['images_per_s']:.3f} | {1 / row['images_per_s']:.3f} |")
+    return "\n".join(lines) + "\n"
