@@ -52,33 +52,45 @@ def env(**extra: str) -> dict:
 
 ENTRY = """
 import os, signal, sys
+import torch
 from scripts.train_voc import VOC
-from wetr.engine import Hooks, main
+from wetr import engine, step as wstep
 
-def kill_once(step, dist):  # one worker dies hard (no cleanup, like a pre-empted node), once
-    if step == {kill_at} and dist.rank == dist.world_size - 1 and not os.path.exists({marker!r}):
+next_batch, compute_losses = engine._next_batch, wstep.compute_losses
+
+def kill_once(run, batches):  # one worker dies hard (no cleanup, like a pre-empted node), once
+    calls.append(run.step)
+    if (run.step == {kill_at} and calls.count(run.step) == {kill_micro} and
+            run.dist.rank == run.dist.world_size - 1 and not os.path.exists({marker!r})):
         open({marker!r}, "w").close()
-        print(f"rank {{dist.rank}} kills itself before step {{step}}", file=sys.stderr, flush=True)
+        print(f"rank {{run.dist.rank}} kills itself before step {{run.step}}", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+    return next_batch(run, batches)
 
-def poison(step, dist, total, terms):
-    if step == {nan_at} and dist.rank == {nan_rank}:
+def poison(t, batch, step, cfg, span=wstep.no_span):
+    total, terms = compute_losses(t, batch, step, cfg, span)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if step == {nan_at} and rank == {nan_rank}:
         terms = dict(terms)
         terms[{nan_term!r}] = terms[{nan_term!r}] * float("nan")
         total = total + terms[{nan_term!r}]
     return total, terms
 
-main(VOC, hooks=Hooks(batch=kill_once, losses=poison))
+calls = []
+engine._next_batch, wstep.compute_losses = kill_once, poison
+engine.main(VOC)
 """
 
 
-def entry(folder: Path, kill_at: int = -1, nan: str = "") -> Path:
-    """A training script (scripts.train_voc's config) with fault hooks (wetr.engine.Hooks):
-    kill_at: before that step the last rank SIGKILLs itself, once; nan="TERM:STEP[:RANK]": loss
-    term TERM is NaN at STEP on RANK (0 if left out)."""
+def entry(folder: Path, kill_at: int = -1, nan: str = "", kill_micro: int = 1) -> Path:
+    """A training script (scripts.train_voc's config) that wraps the engine's batch fetch and
+    the step's losses to inject faults: kill_at: before that step (before its micro-batch
+    `kill_micro`, from 1) the last rank SIGKILLs itself, once; nan="TERM:STEP[:RANK]": loss term
+    TERM is NaN at STEP on RANK (0 if left out)."""
     term, at, *rank = nan.split(":") if nan else ("cls", "-1")
     path = folder / "train_with_faults.py"
-    path.write_text(ENTRY.format(kill_at=kill_at, marker=str(folder / ".fault_injected"),
+    path.write_text(ENTRY.format(kill_at=kill_at, kill_micro=kill_micro,
+                                 marker=str(folder / ".fault_injected"),
                                  nan_term=term, nan_at=int(at), nan_rank=int(rank[0]) if rank else 0))
     return path
 

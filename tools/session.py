@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from datasets.sampler import CheckedDataset, SampleError
+from datasets.sampler import SampleError
 from utils import dist as udist
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigError, to_container
@@ -97,7 +97,7 @@ class InferRun:
         """This rank's images: (name, image (1, 3, H, W), label (1, H, W) long,
         cls_label (1, K) float), on the device."""
         ranks = range(self.dist.rank, self.num_images(), self.dist.world_size)
-        shard = Subset(CheckedDataset(self.dataset), ranks)
+        shard = Subset(self.dataset, ranks)
         loader = DataLoader(shard, batch_size=1, shuffle=False, num_workers=self.cfg.num_workers,
                             pin_memory=self.device.type == "cuda")
         it = loader

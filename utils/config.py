@@ -169,6 +169,9 @@ class TrainConfig:
     device: str = "auto"                # auto | cpu | cuda
     max_iters: int = 20000              # training steps
     batch_size: int = 4                 # images per process
+    # images per optimizer step over all processes; 0: batch_size x processes. Larger: gradient
+    # accumulation over global_batch / (batch_size x processes) micro-batches (must divide)
+    global_batch: int = 0
     log_every: int = 200                # steps between log lines
     eval_every: int = 2000              # steps between validations
     eval_late_from: int = -1            # COCO: evaluate every eval_every_late from this step
