@@ -29,6 +29,7 @@ from wetr import engine
 from wetr.engine import main
 from wetr.factory import model_from_config
 from wetr.run import save_checkpoint
+from wetr.step import Training
 from wetr.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,7 +80,8 @@ def make_checkpoint(path: Path, *extra: str, optimizer: bool = True) -> Path:
     model = model_from_config(cfg)
     opt = build_optimizer(model.param_groups(), cfg) if optimizer else None
     ranks = {"rng": [], "sums": [], "count": 0}
-    save_checkpoint(path, model, opt, None, 1, cfg, {"best_miou": -1.0}, ranks if optimizer else None)
+    t = Training(model, model, opt, None, par=None)
+    save_checkpoint(path, t, 1, cfg, {"best_miou": -1.0}, ranks if optimizer else None)
     return path
 
 

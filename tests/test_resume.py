@@ -186,6 +186,23 @@ def test_sigkill_at_any_step_then_resume_is_bit_identical_1proc(data, tmp_path):
     assert_same_run(tmp_path / "ref", tmp_path / "run")
 
 
+def test_kill_mid_accumulation_then_resume_is_bit_identical_1proc(data, tmp_path):
+    # global_batch 4 of 2-image micro-batches: two a step. The run dies before the second
+    # micro-batch of step 3 (its first already went through forward and backward); it resumes
+    # from step 2's checkpoint, at micro-batch 4 of the loader, and ends as a run never killed.
+    accum = ("global_batch=4",)
+    ref = start_1(data, tmp_path, "ref", *accum)
+    out, err, rc = train_1(data, tmp_path, "run", *accum, script=entry(tmp_path, kill_at=3,
+                                                                       kill_micro=2))
+    assert rc == -signal.SIGKILL and "kills itself before step 3" in err
+    assert load_file(tmp_path / "run" / "checkpoints" / "last.pth")["step"] == 2
+    out, err, rc = train_1(data, tmp_path, "run", *accum, "resume=auto")
+    ok(out, err, rc)
+    ok(*finish(ref))
+    assert "x 2 micro-batch(es)" in out and "at step 2" in out
+    assert_same_run(tmp_path / "ref", tmp_path / "run")
+
+
 # ----------------------------------------------------------------------------- 2 processes
 @pytest.fixture(scope="module")
 def ref2(data, tmp_path_factory) -> Path:

@@ -270,16 +270,14 @@ def _evaluate_and_save(r: Run) -> None:
         if result["seg"]["miou"] > r.best:
             r.best = extra["best_miou"] = result["seg"]["miou"]
             if r.dist.is_main:
-                run.save_checkpoint(r.ckpt_dir / "best.pth", r.t.model, None, None, step, cfg,
-                                    {**extra, "val": result}, None)
+                run.save_checkpoint(r.ckpt_dir / "best.pth", r.t, step, cfg,
+                                    {**extra, "val": result})
     if save:
         ranks = run.gather_rank_state(r.dist, r.loss_sum, r.loss_count)
         if r.dist.is_main:
-            run.save_checkpoint(r.ckpt_dir / "last.pth", r.t.model, r.t.optimizer, r.t.scaler,
-                                step, cfg, extra, ranks)
+            run.save_checkpoint(r.ckpt_dir / "last.pth", r.t, step, cfg, extra, ranks)
             if step % cfg.save_every == 0:
-                run.save_checkpoint(r.ckpt_dir / f"iter_{step}.pth", r.t.model, None, None, step,
-                                    cfg, extra, None)
+                run.save_checkpoint(r.ckpt_dir / f"iter_{step}.pth", r.t, step, cfg, extra)
         r.saved_step = step
         dist_utils.barrier()
 

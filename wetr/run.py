@@ -23,7 +23,6 @@ from utils.errors import first_line
 from utils.io import write_text_atomic
 
 from .factory import check_resume_checkpoint, load_weights, model_from_config, model_meta
-from .model import MoRe
 from .step import LOSS_TERMS, Training
 
 
@@ -130,17 +129,16 @@ def write_config(cfg: DictConfig, out_dir: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: Path, model: MoRe, optimizer, scaler, step: int, cfg: DictConfig,
-                    extra: dict, ranks: dict | None) -> None:
-    """Weights-only (optimizer None: iter_N.pth, best.pth) or training checkpoint (last.pth).
-
-    ranks: {"rng": per-rank RNG states, "sums": per-rank loss sums, "count": steps in the sums}.
-    """
-    obj = {"model": model.state_dict(), "step": step, "config": to_container(cfg),
-           "meta": {**model_meta(model, cfg), **extra}}
-    if optimizer is not None:
-        obj["optimizer"] = optimizer.state_dict()
-        obj["scaler"] = scaler.state_dict() if scaler is not None else {}
+def save_checkpoint(path: Path, t: Training, step: int, cfg: DictConfig, extra: dict,
+                    ranks: dict | None = None) -> None:
+    """Weights-only (ranks None: iter_N.pth, best.pth) or training checkpoint (last.pth: with
+    t's optimizer and scaler, and ranks = {"rng": per-rank RNG states, "sums": per-rank loss
+    sums, "count": steps in the sums})."""
+    obj = {"model": t.model.state_dict(), "step": step, "config": to_container(cfg),
+           "meta": {**model_meta(t.model, cfg), **extra}}
+    if ranks is not None:
+        obj["optimizer"] = t.optimizer.state_dict()
+        obj["scaler"] = t.scaler.state_dict() if t.scaler is not None else {}
         obj["rng"] = ranks["rng"]
         obj["log"] = {"count": ranks["count"], "sums": ranks["sums"]}
     save_atomic(obj, path)
