@@ -91,6 +91,31 @@ def test_two_micro_batches_give_the_gradient_of_one_batch():
     torch.testing.assert_close(logged[0], logged[1], rtol=1e-6, atol=1e-7)
 
 
+def test_a_non_finite_micro_batch_skips_the_whole_step(monkeypatch):
+    """The finite check covers every micro-batch of the step: a NaN in the first (whose backward
+    already ran) names the term and leaves weights and optimizer state untouched."""
+    cfg, t = tiny_training()
+    real, calls = wstep.compute_losses, []
+
+    def first_poisoned(t, batch, step, cfg, span=wstep.no_span):
+        total, terms = real(t, batch, step, cfg, span)
+        calls.append(step)
+        if len(calls) == 1:
+            terms = {**terms, "ptc": terms["ptc"] * float("nan")}
+            total = total + terms["ptc"]
+        return total, terms
+
+    monkeypatch.setattr(wstep, "compute_losses", first_poisoned)
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    _, _, nonfinite = wstep.train_step(t, halves(*synthetic_batch(4, 96, 4, seed=0)), 0, cfg)
+    assert calls == [0, 0]
+    assert dict(zip(("total",) + wstep.LOSS_TERMS, nonfinite)) == {
+        "total": True, "cls": False, "cls_aux": False, "tokens": False, "cle": False,
+        "une": False, "ptc": True, "seg": False, "reg": False}
+    assert all(torch.equal(p, before[n]) for n, p in t.model.named_parameters())
+    assert not t.optimizer.state
+
+
 def term_gradient_differences() -> dict[str, float]:
     """For each loss term, with every term on: ||g_4 - (g_2a + g_2b) / 2|| / ||g_4||, the
     relative difference between its gradient on the batch of 4 and the mean of its gradients on
