@@ -203,6 +203,24 @@ def test_kill_mid_accumulation_then_resume_is_bit_identical_1proc(data, tmp_path
     assert_same_run(tmp_path / "ref", tmp_path / "run")
 
 
+def test_resume_runs_the_checks_once_and_reads_the_checkpoint_once(data, tmp_path, monkeypatch):
+    """In-process: a resumed run calls wetr.run.preflight once and loads last.pth once (the
+    checks' read is the one restore uses)."""
+    from scripts.train_voc import VOC
+    from wetr import engine, run as wrun
+
+    argv = ["tag=run", "device=cpu", *args(data, tmp_path, 0), "deterministic=false", "max_iters=2",
+            "eval_every=100"]
+    engine.main(VOC, argv)
+    checks, loads = [], []
+    preflight, load_file_ = wrun.preflight, wrun.load_file
+    monkeypatch.setattr(wrun, "preflight", lambda *a: checks.append(1) or preflight(*a))
+    monkeypatch.setattr(wrun, "load_file", lambda path: loads.append(Path(path).name) or load_file_(path))
+    engine.main(VOC, argv[:-2] + ["max_iters=3", "eval_every=100", "resume=auto"])
+    assert checks == [1] and loads == ["last.pth"]
+    assert load_file(tmp_path / "run" / "checkpoints" / "last.pth")["step"] == 3
+
+
 # ----------------------------------------------------------------------------- 2 processes
 @pytest.fixture(scope="module")
 def ref2(data, tmp_path_factory) -> Path:

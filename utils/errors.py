@@ -4,7 +4,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import NoReturn
 
 EXIT_USER_ERROR = 2  # the process printed one line saying what is wrong (see utils.dist.launch)
 
@@ -15,9 +14,10 @@ def first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def fail(message: str) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(EXIT_USER_ERROR)
+def one_line(exc: BaseException) -> bool:
+    """Whether the exception's message is a single line (a multi-line one is a bug's: keep its
+    traceback)."""
+    return len(str(exc).strip().splitlines()) == 1
 
 
 @contextmanager
@@ -34,7 +34,7 @@ def user_errors(kinds: tuple[type[BaseException], ...],
     try:
         yield
     except (*kinds, *if_one_line) as exc:
-        if not isinstance(exc, kinds) and len(str(exc).strip().splitlines()) != 1:
+        if not isinstance(exc, kinds) and not one_line(exc):
             raise
         if silent is None or not silent(exc):
             print(f"error: {first_line(exc)}", file=sys.stderr)

@@ -33,7 +33,7 @@ from utils import dist as dist_utils
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigError, TrainConfig, parse_cli
 from utils.dist import DeviceError, DistInfo
-from utils.errors import first_line, user_errors
+from utils.errors import first_line, one_line, user_errors
 from utils.logger import JsonlWriter, format_eta, git_revision, setup_logger
 from utils.tensorboard_log import ScalarLog, TBWriter
 
@@ -116,8 +116,8 @@ def _preflight(cfg: DictConfig, dist: DistInfo) -> ResumePoint | None:
         try:
             resume = run.preflight(cfg, dist.world_size)
         except (*USER_ERRORS, ValueError) as exc:
-            if not isinstance(exc, USER_ERRORS) and len(str(exc).strip().splitlines()) != 1:
-                raise  # a multi-line ValueError is a bug: keep its traceback
+            if not isinstance(exc, USER_ERRORS) and not one_line(exc):
+                raise
             err = first_line(exc)
     err = dist_utils.broadcast_object(err)
     if err is not None:
