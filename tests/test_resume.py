@@ -243,6 +243,21 @@ def test_sigkill_then_resume_is_bit_identical_2proc(data, ref2, tmp_path):
     assert_same_run(ref2, tmp_path / "run")
 
 
+def test_kill_mid_accumulation_then_resume_is_bit_identical_2proc(data, tmp_path):
+    # 2 processes x 2 images x 2 micro-batches (global_batch 8; DDP no_sync on the first): rank 1
+    # dies before the second micro-batch of step 3; the resumed run ends as one never killed.
+    accum = ("global_batch=8",)
+    ok(*train_2(data, tmp_path, "ref", *accum))
+    out, err, rc = train_2(data, tmp_path, "run", *accum, script=entry(tmp_path, kill_at=3,
+                                                                       kill_micro=2))
+    assert rc != 0 and "rank 1 kills itself before step 3" in err
+    assert load_file(tmp_path / "run" / "checkpoints" / "last.pth")["step"] == 2
+    out, err, rc = train_2(data, tmp_path, "run", *accum, "resume=auto")
+    ok(out, err, rc)
+    assert "x 2 micro-batch(es)" in out and "at step 2" in out
+    assert_same_run(tmp_path / "ref", tmp_path / "run")
+
+
 def test_elastic_restart_finishes_bit_identical_2proc(data, ref2, tmp_path):
     out, err, rc = train_2(data, tmp_path, "run", "resume=auto", torchrun_args="--max-restarts=1",
                            script=entry(tmp_path, kill_at=3))
