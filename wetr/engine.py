@@ -48,8 +48,8 @@ EXIT_PEER_FAILED = 3  # a collective failed because another rank died first
 
 
 @dataclass
-class Run:
-    """One training run as the loop sees it: what it works with, and where it stands."""
+class TrainState:
+    """The training loop's state: what it works with, and where it stands."""
     cfg: DictConfig
     dist: DistInfo
     t: Training
@@ -150,153 +150,154 @@ def _train(cfg: DictConfig, dist: DistInfo, logger, resume: ResumePoint | None) 
     train_loader = build_train_loader(cfg, dist, step * accum)
     val_set = build_dataset(cfg.data, cfg.data.val_split, "val")
     val_loader = build_val_loader(val_set, dist, cfg.data.num_workers, cfg.val.max_images)
-    r = Run(cfg, dist, t, logger, metrics, val_loader, accum, step=step, loss_sum=loss_sum,
+    st = TrainState(cfg, dist, t, logger, metrics, val_loader, accum, step=step, loss_sum=loss_sum,
             loss_count=count, best=best, saved_step=_resumed_last(resume, out_dir, step))
     if dist.is_main:
-        _log_start(r, train_loader)
+        _log_start(st, train_loader)
         if sys.stderr.isatty():
             from tqdm import tqdm
-            r.progress = tqdm(total=cfg.max_iters, initial=step, desc=cfg.tag, dynamic_ncols=True)
-    r.t0 = r.t_log = time.time()
-    r.step0 = r.step_log = step
+            st.progress = tqdm(total=cfg.max_iters, initial=step, desc=cfg.tag, dynamic_ncols=True)
+    st.t0 = st.t_log = time.time()
+    st.step0 = st.step_log = step
     t.model.train()
     try:
-        _loop(r, iter(train_loader))
+        _loop(st, iter(train_loader))
     finally:
         tb.close()
-    if r.progress is not None:
-        r.progress.close()
+    if st.progress is not None:
+        st.progress.close()
     if dist.is_main:
-        logger.info(f"done: {cfg.max_iters} steps in {format_eta(time.time() - r.t0)}; "
-                    f"checkpoints in {r.ckpt_dir}")
+        logger.info(f"done: {cfg.max_iters} steps in {format_eta(time.time() - st.t0)}; "
+                    f"checkpoints in {st.ckpt_dir}")
     dist_utils.barrier()
-    return r.last_result
+    return st.last_result
 
 
 def _resumed_last(resume: ResumePoint | None, out_dir: Path, step: int) -> int | None:
-    """`step` when the run resumed from its own last.pth, else None (see Run.saved_step)."""
+    """`step` when the run resumed from its own last.pth, else None (see TrainState.saved_step)."""
     last = out_dir / "checkpoints" / "last.pth"
     return step if resume is not None and resume.path.resolve() == last.resolve() else None
 
 
-def _log_start(r: Run, train_loader: DataLoader) -> None:
-    n_params = sum(p.numel() for p in r.t.model.parameters()) / 1e6
+def _log_start(st: TrainState, train_loader: DataLoader) -> None:
+    n_params = sum(p.numel() for p in st.t.model.parameters()) / 1e6
     micro = train_loader.sampler.batch_size
-    r.logger.info(f"effective batch {micro * r.dist.world_size * r.accum} = {micro} image(s) x "
-                  f"{r.dist.world_size} process(es) x {r.accum} micro-batch(es) per optimizer step")
-    r.logger.info(f"model {n_params:.1f}M params | train {len(train_loader.dataset)} images, "
-                  f"{train_loader.sampler.steps_per_epoch // r.accum} steps/epoch | val "
-                  f"{len(r.val_loader.dataset)} images")
+    st.logger.info(f"effective batch {micro * st.dist.world_size * st.accum} = {micro} image(s) x "
+                  f"{st.dist.world_size} process(es) x {st.accum} micro-batch(es) per optimizer "
+                  f"step")
+    st.logger.info(f"model {n_params:.1f}M params | train {len(train_loader.dataset)} images, "
+                  f"{train_loader.sampler.steps_per_epoch // st.accum} steps/epoch | val "
+                  f"{len(st.val_loader.dataset)} images")
 
 
 # ----------------------------------------------------------------------------- the loop
-def _loop(r: Run, batches) -> None:
+def _loop(st: TrainState, batches) -> None:
     """One optimizer step a turn, until cfg.max_iters: its micro-batches, the step, the loss
     sums, the log line, validation and checkpoints on their schedules."""
-    cfg = r.cfg
-    while r.step < cfg.max_iters:
-        micro = [_next_batch(r, batches) for _ in range(r.accum)]
-        lr, values, nonfinite = train_step(r.t, micro, r.step, cfg)
+    cfg = st.cfg
+    while st.step < cfg.max_iters:
+        micro = [_next_batch(st, batches) for _ in range(st.accum)]
+        lr, values, nonfinite = train_step(st.t, micro, st.step, cfg)
         if any(nonfinite):
-            _on_nonfinite(r, nonfinite)
+            _on_nonfinite(st, nonfinite)
         else:
-            r.loss_sum += values
-            r.loss_count += 1
-        r.step += 1
-        if r.progress is not None:
-            r.progress.update(1)
-        if r.step % cfg.log_every == 0 or r.step == cfg.max_iters:
-            _log_losses(r, lr)
-        _evaluate_and_save(r)
+            st.loss_sum += values
+            st.loss_count += 1
+        st.step += 1
+        if st.progress is not None:
+            st.progress.update(1)
+        if st.step % cfg.log_every == 0 or st.step == cfg.max_iters:
+            _log_losses(st, lr)
+        _evaluate_and_save(st)
 
 
-def _next_batch(r: Run, batches) -> Batch:
+def _next_batch(st: TrainState, batches) -> Batch:
     """The next (micro-)batch from the loader, on the device."""
     try:
         _, images, cls_label = next(batches)
     except SampleError as exc:
-        raise SampleError(f"{exc}; stopped at step {r.step}, last checkpoint: "
-                          f"{run.last_good(r.ckpt_dir, r.saved_step)}; replace the file or remove "
-                          f"it from the split list, then resume=auto") from None
-    return to_device(images, cls_label, r.dist.device, r.cfg.channels_last)
+        raise SampleError(f"{exc}; stopped at step {st.step}, last checkpoint: "
+                          f"{run.last_good(st.ckpt_dir, st.saved_step)}; replace the file or "
+                          f"remove it from the split list, then resume=auto") from None
+    return to_device(images, cls_label, st.dist.device, st.cfg.channels_last)
 
 
-def _on_nonfinite(r: Run, nonfinite: list[bool]) -> None:
+def _on_nonfinite(st: TrainState, nonfinite: list[bool]) -> None:
     """nan_policy=stop: raise, naming the terms; skip: warn (the step made no update)."""
     names = [k for k, b in zip(("total",) + LOSS_TERMS, nonfinite) if b]
     names = ", ".join(n for n in names if n != "total" or len(names) == 1)
-    if r.cfg.nan_policy == "stop":
+    if st.cfg.nan_policy == "stop":
         raise NonFiniteLossError(
-            f"non-finite loss ({names}) at step {r.step}; last good checkpoint: "
-            f"{run.last_good(r.ckpt_dir, r.saved_step)}; lower optim.lr or check the data, then "
+            f"non-finite loss ({names}) at step {st.step}; last good checkpoint: "
+            f"{run.last_good(st.ckpt_dir, st.saved_step)}; lower optim.lr or check the data, then "
             f"resume=auto (or nan_policy=skip)", all_ranks=True)
-    if r.dist.is_main:
-        r.logger.warning(f"step {r.step}: non-finite loss ({names}); step skipped on all "
-                         f"{r.dist.world_size} process(es) (nan_policy=skip)")
+    if st.dist.is_main:
+        st.logger.warning(f"step {st.step}: non-finite loss ({names}); step skipped on all "
+                         f"{st.dist.world_size} process(es) (nan_policy=skip)")
 
 
-def _log_losses(r: Run, lr: float) -> None:
+def _log_losses(st: TrainState, lr: float) -> None:
     """Mean losses over every rank's steps since the last line, and the images per second over
     all ranks -> train.log, metrics.jsonl and TensorBoard."""
-    cfg, dist = r.cfg, r.dist
-    avg = dist_utils.all_reduce_sum(r.loss_sum.clone()) / (max(r.loss_count, 1) * dist.world_size)
+    cfg, dist = st.cfg, st.dist
+    avg = dist_utils.all_reduce_sum(st.loss_sum.clone()) / (max(st.loss_count, 1) * dist.world_size)
     avg = dict(zip(("total",) + LOSS_TERMS, avg.tolist()))
-    r.loss_sum.zero_()
-    r.loss_count = 0
+    st.loss_sum.zero_()
+    st.loss_count = 0
     now = time.time()
-    elapsed = now - r.t0
-    eta = elapsed / max(r.step - r.step0, 1) * (cfg.max_iters - r.step)
-    speed = ((r.step - r.step_log) * cfg.batch_size * dist.world_size * r.accum
-             / max(now - r.t_log, 1e-9))
-    r.t_log, r.step_log = now, r.step
+    elapsed = now - st.t0
+    eta = elapsed / max(st.step - st.step0, 1) * (cfg.max_iters - st.step)
+    speed = ((st.step - st.step_log) * cfg.batch_size * dist.world_size * st.accum
+             / max(now - st.t_log, 1e-9))
+    st.t_log, st.step_log = now, st.step
     if dist.is_main:
         msg = " ".join(f"{k} {v:.4f}" for k, v in avg.items())
-        r.logger.info(f"step {r.step}/{cfg.max_iters} lr {lr:.3e} | {msg} | "
+        st.logger.info(f"step {st.step}/{cfg.max_iters} lr {lr:.3e} | {msg} | "
                       f"{speed:.1f} img/s | elapsed {format_eta(elapsed)} eta {format_eta(eta)}")
-        r.metrics.write(step=r.step, lr=lr, **{f"loss/{k}": v for k, v in avg.items()},
+        st.metrics.write(step=st.step, lr=lr, **{f"loss/{k}": v for k, v in avg.items()},
                         **{"speed/images_per_s": speed})
-        if r.progress is not None:
-            r.progress.set_postfix(loss=f"{avg['total']:.3f}")
+        if st.progress is not None:
+            st.progress.set_postfix(loss=f"{avg['total']:.3f}")
 
 
-def _evaluate_and_save(r: Run) -> None:
+def _evaluate_and_save(st: TrainState) -> None:
     """Validation on its schedule (best.pth when Seg mIoU improves), then the checkpoints due."""
-    cfg, step = r.cfg, r.step
+    cfg, step = st.cfg, st.step
     evaluate = should_eval(step, cfg) or step == cfg.max_iters
     save = step % cfg.save_every == 0 or step == cfg.max_iters or evaluate
-    extra = {"best_miou": r.best}
+    extra = {"best_miou": st.best}
     if evaluate:
-        result = r.last_result = _validate(r)
-        if result["seg"]["miou"] > r.best:
-            r.best = extra["best_miou"] = result["seg"]["miou"]
-            if r.dist.is_main:
-                run.save_checkpoint(r.ckpt_dir / "best.pth", r.t, step, cfg,
+        result = st.last_result = _validate(st)
+        if result["seg"]["miou"] > st.best:
+            st.best = extra["best_miou"] = result["seg"]["miou"]
+            if st.dist.is_main:
+                run.save_checkpoint(st.ckpt_dir / "best.pth", st.t, step, cfg,
                                     {**extra, "val": result})
     if save:
-        ranks = run.gather_rank_state(r.dist, r.loss_sum, r.loss_count)
-        if r.dist.is_main:
-            run.save_checkpoint(r.ckpt_dir / "last.pth", r.t, step, cfg, extra, ranks)
+        ranks = run.gather_rank_state(st.dist, st.loss_sum, st.loss_count)
+        if st.dist.is_main:
+            run.save_checkpoint(st.ckpt_dir / "last.pth", st.t, step, cfg, extra, ranks)
             if step % cfg.save_every == 0:
-                run.save_checkpoint(r.ckpt_dir / f"iter_{step}.pth", r.t, step, cfg, extra)
-        r.saved_step = step
+                run.save_checkpoint(st.ckpt_dir / f"iter_{step}.pth", st.t, step, cfg, extra)
+        st.saved_step = step
         dist_utils.barrier()
 
 
-def _validate(r: Run) -> dict:
+def _validate(st: TrainState) -> dict:
     """wetr.validate.validate -> train.log, metrics.jsonl and TensorBoard (scores; overlays of
     rank 0's first val images)."""
-    cfg, step = r.cfg, r.step
-    result = validate(r.t.model, r.val_loader, cfg, r.dist, progress=r.progress is not None)
-    if r.dist.is_main:
+    cfg, step = st.cfg, st.step
+    result = validate(st.t.model, st.val_loader, cfg, st.dist, progress=st.progress is not None)
+    if st.dist.is_main:
         line = " ".join(f"{k}={result[k]['miou'] * 100:.2f}" for k in ("cam", "lam", "fused", "seg"))
-        r.logger.info(f"val step {step}: mIoU {line} | cls F1 {result['f1'] * 100:.2f} "
+        st.logger.info(f"val step {step}: mIoU {line} | cls F1 {result['f1'] * 100:.2f} "
                       f"({result['images']} images)")
-        r.metrics.write(step=step, **{f"val/{k}_miou": result[k]["miou"]
+        st.metrics.write(step=step, **{f"val/{k}_miou": result[k]["miou"]
                                       for k in ("cam", "lam", "fused", "seg")},
                         **{"val/f1": result["f1"]})
-        if r.metrics.tb.enabled and cfg.log.images > 0:
-            r.metrics.tb.images(step, "val", val_overlays(r.t.model, r.val_loader.dataset, cfg,
-                                                          r.dist.device, cfg.log.images))
+        if st.metrics.tb.enabled and cfg.log.images > 0:
+            st.metrics.tb.images(step, "val", val_overlays(st.t.model, st.val_loader.dataset, cfg,
+                                                          st.dist.device, cfg.log.images))
     return result
 
 
