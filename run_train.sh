@@ -11,7 +11,9 @@
 #   TORCHRUN_ARGS="--nnodes=2 --node_rank=0 --master_addr=node0" bash run_train.sh ...
 #   TORCHRUN_ARGS="--max-restarts=3" bash run_train.sh ... resume=auto   # restart from last.pth
 # torchrun is started as `python -m utils.dist` (same arguments, one-line failure report).
-# Bad inputs are caught before any process starts; see docs/TROUBLESHOOTING.md.
+# Bad launcher arguments are caught here; bad inputs (config, log folder, dataset layout, resume
+# checkpoint) by rank 0 before training starts, one line for all ranks; see
+# docs/TROUBLESHOOTING.md.
 set -euo pipefail
 if [ $# -lt 5 ]; then
   echo "usage: bash run_train.sh SCRIPT GPU_DEVICE GPU_NUMBER MASTER_PORT TAG [key=value ...]" >&2
@@ -40,10 +42,6 @@ fi
 
 # What torchrun would set for several processes per node, without its 4-line banner.
 if [ "$nproc" -gt 1 ]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
-
-# Checks that need no process group (config, log folder, dataset layout, resume checkpoint),
-# once, so a bad input is one line rather than one traceback per process.
-MORE_PREFLIGHT=1 python -m "$module" tag="$tag" device="$device" "$@"
 
 exec python -m utils.dist --nproc_per_node="$nproc" --master_port="$port" ${TORCHRUN_ARGS:-} \
   -m "$module" tag="$tag" device="$device" "$@"

@@ -20,8 +20,9 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 
-class SampleError(RuntimeError):
-    """A sample that cannot be loaded (missing or corrupt file); the message is one line.
+class SampleError(ValueError):
+    """A sample that cannot be loaded (missing or corrupt file, a transform failing on it); the
+    message is one line naming the file. The dataset raises it (`VOCDataset.__getitem__`).
 
     DataLoader workers re-raise an exception as `type(exc)("Caught ... Original Traceback ...")`;
     the constructor keeps only the original one-line message, so the error reads the same
@@ -34,23 +35,6 @@ class SampleError(RuntimeError):
         if len(lines) > 1 and lines[0].startswith("Caught "):  # "pkg.SampleError: <message>"
             last = re.sub(r"^[\w.]+: ", "", last)
         super().__init__(last.strip())
-
-
-class CheckedDataset(Dataset):
-    """Turns a missing or undecodable file (OSError / ValueError from the wrapped dataset) into a
-    one-line `SampleError`, so a bad file found mid-run stops the run with one line."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        try:
-            return self.dataset[index]
-        except (OSError, ValueError) as exc:
-            raise SampleError(str(exc)) from None
 
 
 @contextmanager
@@ -82,10 +66,7 @@ class SeededDataset(Dataset):
         epoch, index = divmod(int(code), len(self.dataset))
         s = (self.seed * 1_000_003 + epoch * 7_919 + index) % (2**31 - 1)
         with seeded_rng(s):
-            try:
-                return self.dataset[index]
-            except (OSError, ValueError) as exc:  # a missing / corrupt image: one line
-                raise SampleError(str(exc)) from None
+            return self.dataset[index]
 
 
 class ResumableSampler(Sampler[int]):

@@ -15,6 +15,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from utils.errors import first_line
+
+from .sampler import SampleError
 from .transforms import JITTER, RESCALE, build_train_transform, normalise
 
 CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
@@ -131,7 +134,7 @@ class VOCDataset(Dataset):
         except (OSError, ValueError) as exc:
             # every data error names its file: the readers do; anything else raised while
             # loading (a transform on a strange image) gets the image's path in front
-            msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            msg = first_line(exc)
             folders = (os.path.join(self.root, self.image_folder),
                        os.path.join(self.root, self.mask_folder))
             if not any(folder in msg for folder in folders):
@@ -139,7 +142,7 @@ class VOCDataset(Dataset):
                     msg = f"{self.image_path(self.root, self.names[index])}: {msg}"
                 except ValueError:  # a COCO name that does not parse
                     msg = f"{self.names[index]}: {msg}"
-            raise (FileNotFoundError if isinstance(exc, FileNotFoundError) else ValueError)(msg) from None
+            raise SampleError(msg) from None
 
     def _load(self, index: int):
         name = self.names[index]

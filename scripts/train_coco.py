@@ -4,13 +4,23 @@
     torchrun --nproc_per_node=2 -m scripts.train_coco data.root=/datasets/COCO
 
 Defaults shared with VOC: wetr/config.py. Reference: batch 2 per GPU, 80k iterations.
+The authors' effective batch on other hardware: `global_batch=4` (their script) or
+`global_batch=8` (their published log), e.g. `batch_size=2 global_batch=8` on 2 GPUs accumulates
+two micro-batches a step.
 """
 from tools.cli import train_entry
+
+# The authors' effective batches, which differ: their train_coco.py gives 2 images per GPU, on
+# the 2 GPUs of their launch line (`run_train.sh scripts/train_coco.py 0,1 2 ...`); their
+# published COCO training log ran 2 GPUs x 4 images (with CLE 0.05 and UNE 0.0; see README).
+AUTHORS_SCRIPT_GLOBAL_BATCH = 2 * 2
+AUTHORS_LOG_GLOBAL_BATCH = 2 * 4
 
 COCO = dict(
     tag="train_coco",
     max_iters=80000,
     batch_size=2,
+    global_batch=0,               # 0: batch_size x processes; AUTHORS_SCRIPT_/AUTHORS_LOG_GLOBAL_BATCH
     eval_every=10000,
     eval_late_from=60000,
     eval_every_late=2000,

@@ -57,7 +57,8 @@ def _spied_step(monkeypatch, argv, step):
     images = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(3))
     cls_label = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     torch.manual_seed(1)
-    wstep.compute_losses(model, model, par, images, cls_label, step, cfg)
+    wstep.compute_losses(wstep.Training(model, model, None, None, par), wstep.Batch(images, cls_label),
+                         step, cfg)
     return cfg, seen
 
 

@@ -39,7 +39,8 @@ def no_tf32():
 def _losses_and_grads(cfg, model, images, cls_label, step, device):
     model = model.to(device)
     par = wetr_step.build_par(cfg).to(device)
-    total, terms = wetr_step.compute_losses(model, model, par, images.to(device), cls_label.to(device),
+    total, terms = wetr_step.compute_losses(wetr_step.Training(model, model, None, None, par),
+                                            wetr_step.Batch(images.to(device), cls_label.to(device)),
                                             step, cfg)
     model.zero_grad(set_to_none=True)
     total.backward()
@@ -156,8 +157,9 @@ def test_bf16_autocast_step_cuda_within_tolerance_of_fp32():
     for amp in (None, torch.bfloat16):
         m = copy.deepcopy(model).to("cuda")
         torch.manual_seed(1)
-        total, terms = wetr_step.compute_losses(m, m, par, images.to("cuda"), cls_label.to("cuda"), step,
-                                             cfg, amp, int(cls_label.sum(1).max()))
+        total, terms = wetr_step.compute_losses(
+            wetr_step.Training(m, m, None, None, par, amp),
+            wetr_step.Batch(images.to("cuda"), cls_label.to("cuda"), int(cls_label.sum(1).max())), step, cfg)
         total.backward()
         runs.append(({k: float(v.detach()) for k, v in terms.items()},
                      {n: p.grad.detach().float().cpu() for n, p in m.named_parameters() if p.grad is not None}))
@@ -179,8 +181,9 @@ def test_regional_compile_cuda_matches_eager():
     results = []
     for m in (eager, compiled):
         torch.manual_seed(1)
-        total, terms = wetr_step.compute_losses(m, m, par, images.to("cuda"), cls_label.to("cuda"), step,
-                                             cfg, None, int(cls_label.sum(1).max()))
+        total, terms = wetr_step.compute_losses(
+            wetr_step.Training(m, m, None, None, par),
+            wetr_step.Batch(images.to("cuda"), cls_label.to("cuda"), int(cls_label.sum(1).max())), step, cfg)
         total.backward()
         results.append(({k: float(v.detach()) for k, v in terms.items()},
                         {n: p.grad.detach().cpu() for n, p in m.named_parameters() if p.grad is not None}))

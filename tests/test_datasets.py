@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from datasets import COCODataset, VOCDataset, build_dataset, seed_worker
+from datasets.sampler import SampleError
 from datasets.synthetic import class_recipe, make_synthetic, read_params, render
 from datasets.transforms import (IMAGENET_MEAN, IMAGENET_STD, JITTER, COCOTrainTransform,
                                  VOCTrainTransform, color_jitter, normalise, random_pad_crop)
@@ -124,10 +125,11 @@ def test_bad_images_raise_one_line_errors(tmp_path, syn):
     write_cls_labels(str(lists / "cls_labels.npz"), ["truncated", "garbage", "missing"],
                      np.zeros((3, K), np.uint8))
     ds = VOCDataset(str(root), "val", "train", num_classes=K + 1, crop_size=32)
-    for i, err in enumerate([ValueError, ValueError, FileNotFoundError]):
-        with pytest.raises(err) as info:
+    for i, what in enumerate(["cannot decode image", "cannot decode image", "image not found"]):
+        with pytest.raises(SampleError) as info:
             ds[i]
         msg = str(info.value)
+        assert msg.startswith(what)
         assert os.path.join(str(root), "JPEGImages", ds.names[i] + ".jpg") in msg
         assert "\n" not in msg
 
@@ -384,23 +386,22 @@ def test_train_stage_needs_crop_size(syn):
 
 
 def test_data_errors_name_the_file_through_the_loader(tmp_path, syn, monkeypatch):
-    """A corrupt mask (val stage), a truncated JPEG (train stage, in a DataLoader worker through
-    CheckedDataset) and an error raised by a transform all name the file, on one line."""
+    """A corrupt mask (val stage), a truncated JPEG (train stage, in a DataLoader worker) and an
+    error raised by a transform are each one SampleError naming the file, on one line."""
     from torch.utils.data import DataLoader
 
-    from datasets.sampler import CheckedDataset, SampleError
     root = tmp_path / "syn"
     shutil.copytree(syn, root)
     mask = root / "SegmentationClassAug" / "val_00001.png"
     mask.write_bytes(mask.read_bytes()[:40])
     val = VOCDataset(str(root), "val", "val", num_classes=K + 1)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(SampleError) as info:
         val[1]
     assert str(mask) in str(info.value) and "\n" not in str(info.value)
     image = root / "JPEGImages" / "val_00000.jpg"
     image.write_bytes(image.read_bytes()[:300])
     train = VOCDataset(str(root), "val", "train", num_classes=K + 1, crop_size=32)
-    loader = DataLoader(CheckedDataset(train), batch_size=1, num_workers=1)
+    loader = DataLoader(train, batch_size=1, num_workers=1)
     with pytest.raises(SampleError) as info:
         next(iter(loader))
     assert str(info.value).startswith(f"cannot decode image {image}")
@@ -409,6 +410,6 @@ def test_data_errors_name_the_file_through_the_loader(tmp_path, syn, monkeypatch
     def broken(img):
         raise ValueError("bad crop")
     monkeypatch.setattr(train, "transform", broken)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(SampleError) as info:
         train[2]
     assert str(info.value) == f"{root / 'JPEGImages' / 'val_00002.jpg'}: bad crop"

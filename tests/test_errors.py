@@ -20,14 +20,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from datasets.sampler import CheckedDataset, ResumableSampler, SampleError
+from datasets.sampler import ResumableSampler, SampleError
 from datasets.synthetic import make_synthetic
 from scripts.train_voc import VOC
 from tools.cli import train_entry
 from utils.checkpoint import CheckpointError, load_file
 from wetr.config import make_config
+from wetr import engine
 from wetr.factory import model_from_config
 from wetr.run import save_checkpoint
+from wetr.step import Training
 from wetr.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,10 +56,8 @@ def argv(data: Path, work: Path, *extra: str) -> list[str]:
     return [f"work_dir={work}", f"data.root={data}", *TINY, *extra]
 
 
-def fails(args: list[str], capsys, preflight: bool = False, monkeypatch=None) -> str:
+def fails(args: list[str], capsys) -> str:
     """Run main; assert exit code 2 and exactly one stderr line; return it."""
-    if preflight:
-        monkeypatch.setenv("MORE_PREFLIGHT", "1")
     with pytest.raises(SystemExit) as exc:
         train_entry(VOC, args)
     lines = capsys.readouterr().err.strip().splitlines()
@@ -80,7 +80,8 @@ def make_checkpoint(path: Path, *extra: str, optimizer: bool = True) -> Path:
     model = model_from_config(cfg)
     opt = build_optimizer(model.param_groups(), cfg) if optimizer else None
     ranks = {"rng": [], "sums": [], "count": 0}
-    save_checkpoint(path, model, opt, None, 1, cfg, {"best_miou": -1.0}, ranks if optimizer else None)
+    t = Training(model, model, opt, None, par=None)
+    save_checkpoint(path, t, 1, cfg, {"best_miou": -1.0}, ranks if optimizer else None)
     return path
 
 
@@ -150,9 +151,9 @@ def test_sample_error_is_one_line_from_a_worker():
             return 2
 
         def __getitem__(self, i):
-            raise ValueError("cannot decode image x.jpg: broken data stream")
+            raise SampleError("cannot decode image x.jpg: broken data stream")
     with pytest.raises(SampleError) as exc:
-        next(iter(DataLoader(CheckedDataset(Broken()), num_workers=1)))
+        next(iter(DataLoader(Broken(), num_workers=1)))
     assert str(exc.value) == "cannot decode image x.jpg: broken data stream"
 
 
@@ -241,6 +242,13 @@ def test_missing_resume_checkpoint(pristine, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- run folder
+class _ChecksPassed(Exception):
+    pass
+
+
+def checks_passed(cfg, dist):
+    """Stands in for the first thing `train` does after its checks (wetr.run.open_run_dir)."""
+    raise _ChecksPassed
 def test_existing_run_is_never_overwritten(pristine, tmp_path, capsys, monkeypatch):
     run = tmp_path / "logs" / "run"
     make_checkpoint(run / "checkpoints" / "last.pth")
@@ -251,10 +259,11 @@ def test_existing_run_is_never_overwritten(pristine, tmp_path, capsys, monkeypat
     line = fails(argv(pristine, tmp_path / "logs"), capsys)
     assert f"log folder {run} already holds a run; pass resume=auto" in line
     assert snapshot(run) == before
-    # the two ways on pass the checks (preflight only: nothing is started or changed here)
-    monkeypatch.setenv("MORE_PREFLIGHT", "1")
+    # the two ways on pass the checks (stopped right after them: nothing is started or changed)
+    monkeypatch.setattr(engine.run, "open_run_dir", checks_passed)
     for extra in ("resume=auto", "overwrite=true"):
-        train_entry(VOC, argv(pristine, tmp_path / "logs", extra))
+        with pytest.raises(_ChecksPassed):
+            train_entry(VOC, argv(pristine, tmp_path / "logs", extra))
         assert capsys.readouterr().err == ""
     assert snapshot(run) == before
 

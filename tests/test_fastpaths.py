@@ -87,8 +87,9 @@ def losses_and_grads(cfg, model, images, cls_label, step, amp_dtype=None):
     (or on `model` itself when it is already a compiled copy)."""
     torch.manual_seed(1)  # UNE draws tokens at random
     par = wetr_step.build_par(cfg)
-    total, terms = wetr_step.compute_losses(model, model, par, images, cls_label, step, cfg, amp_dtype,
-                                         int(cls_label.sum(1).max()))
+    t = wetr_step.Training(model, model, None, None, par, amp_dtype)
+    batch = wetr_step.Batch(images, cls_label, int(cls_label.sum(1).max()))
+    total, terms = wetr_step.compute_losses(t, batch, step, cfg)
     model.zero_grad(set_to_none=True)
     total.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}

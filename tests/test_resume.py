@@ -52,34 +52,46 @@ def env(**extra: str) -> dict:
 
 ENTRY = """
 import os, signal, sys
+import torch
 from scripts.train_voc import VOC
 from wetr.config import make_config
-from wetr.engine import Hooks, main
+from wetr import engine, step as wstep
 
-def kill_once(step, dist):  # one worker dies hard (no cleanup, like a pre-empted node), once
-    if step == {kill_at} and dist.rank == dist.world_size - 1 and not os.path.exists({marker!r}):
+next_batch, compute_losses = engine._next_batch, wstep.compute_losses
+
+def kill_once(run, batches):  # one worker dies hard (no cleanup, like a pre-empted node), once
+    calls.append(run.step)
+    if (run.step == {kill_at} and calls.count(run.step) == {kill_micro} and
+            run.dist.rank == run.dist.world_size - 1 and not os.path.exists({marker!r})):
         open({marker!r}, "w").close()
-        print(f"rank {{dist.rank}} kills itself before step {{step}}", file=sys.stderr, flush=True)
+        print(f"rank {{run.dist.rank}} kills itself before step {{run.step}}", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+    return next_batch(run, batches)
 
-def poison(step, dist, total, terms):
-    if step == {nan_at} and dist.rank == {nan_rank}:
+def poison(t, batch, step, cfg, span=wstep.no_span):
+    total, terms = compute_losses(t, batch, step, cfg, span)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if step == {nan_at} and rank == {nan_rank}:
         terms = dict(terms)
         terms[{nan_term!r}] = terms[{nan_term!r}] * float("nan")
         total = total + terms[{nan_term!r}]
     return total, terms
 
-main(make_config(VOC, sys.argv[1:]), hooks=Hooks(batch=kill_once, losses=poison))
+calls = []
+engine._next_batch, wstep.compute_losses = kill_once, poison
+engine.main(make_config(VOC, sys.argv[1:]))
 """
 
 
-def entry(folder: Path, kill_at: int = -1, nan: str = "") -> Path:
-    """A training script (scripts.train_voc's config) with fault hooks (wetr.engine.Hooks):
-    kill_at: before that step the last rank SIGKILLs itself, once; nan="TERM:STEP[:RANK]": loss
-    term TERM is NaN at STEP on RANK (0 if left out)."""
+def entry(folder: Path, kill_at: int = -1, nan: str = "", kill_micro: int = 1) -> Path:
+    """A training script (scripts.train_voc's config) that wraps the engine's batch fetch and
+    the step's losses to inject faults: kill_at: before that step (before its micro-batch
+    `kill_micro`, from 1) the last rank SIGKILLs itself, once; nan="TERM:STEP[:RANK]": loss term
+    TERM is NaN at STEP on RANK (0 if left out)."""
     term, at, *rank = nan.split(":") if nan else ("cls", "-1")
     path = folder / "train_with_faults.py"
-    path.write_text(ENTRY.format(kill_at=kill_at, marker=str(folder / ".fault_injected"),
+    path.write_text(ENTRY.format(kill_at=kill_at, kill_micro=kill_micro,
+                                 marker=str(folder / ".fault_injected"),
                                  nan_term=term, nan_at=int(at), nan_rank=int(rank[0]) if rank else 0))
     return path
 
@@ -175,6 +187,42 @@ def test_sigkill_at_any_step_then_resume_is_bit_identical_1proc(data, tmp_path):
     assert_same_run(tmp_path / "ref", tmp_path / "run")
 
 
+def test_kill_mid_accumulation_then_resume_is_bit_identical_1proc(data, tmp_path):
+    # global_batch 4 of 2-image micro-batches: two a step. The run dies before the second
+    # micro-batch of step 3 (its first already went through forward and backward); it resumes
+    # from step 2's checkpoint, at micro-batch 4 of the loader, and ends as a run never killed.
+    accum = ("global_batch=4",)
+    ref = start_1(data, tmp_path, "ref", *accum)
+    out, err, rc = train_1(data, tmp_path, "run", *accum, script=entry(tmp_path, kill_at=3,
+                                                                       kill_micro=2))
+    assert rc == -signal.SIGKILL and "kills itself before step 3" in err
+    assert load_file(tmp_path / "run" / "checkpoints" / "last.pth")["step"] == 2
+    out, err, rc = train_1(data, tmp_path, "run", *accum, "resume=auto")
+    ok(out, err, rc)
+    ok(*finish(ref))
+    assert "x 2 micro-batch(es)" in out and "at step 2" in out
+    assert_same_run(tmp_path / "ref", tmp_path / "run")
+
+
+def test_resume_runs_the_checks_once_and_reads_the_checkpoint_once(data, tmp_path, monkeypatch):
+    """In-process: a resumed run calls wetr.run.preflight once and loads last.pth once (the
+    checks' read is the one restore uses)."""
+    from scripts.train_voc import VOC
+    from wetr import engine, run as wrun
+    from wetr.config import make_config
+
+    argv = ["tag=run", "device=cpu", *args(data, tmp_path, 0), "deterministic=false", "max_iters=2",
+            "eval_every=100"]
+    engine.main(make_config(VOC, argv))
+    checks, loads = [], []
+    preflight, load_file_ = wrun.preflight, wrun.load_file
+    monkeypatch.setattr(wrun, "preflight", lambda *a: checks.append(1) or preflight(*a))
+    monkeypatch.setattr(wrun, "load_file", lambda path: loads.append(Path(path).name) or load_file_(path))
+    engine.main(make_config(VOC, argv[:-2] + ["max_iters=3", "eval_every=100", "resume=auto"]))
+    assert checks == [1] and loads == ["last.pth"]
+    assert load_file(tmp_path / "run" / "checkpoints" / "last.pth")["step"] == 3
+
+
 # ----------------------------------------------------------------------------- 2 processes
 @pytest.fixture(scope="module")
 def ref2(data, tmp_path_factory) -> Path:
@@ -195,6 +243,21 @@ def test_sigkill_then_resume_is_bit_identical_2proc(data, ref2, tmp_path):
     ok(out, err, rc)
     assert "resumed from" in out and "at step 2" in out
     assert_same_run(ref2, tmp_path / "run")
+
+
+def test_kill_mid_accumulation_then_resume_is_bit_identical_2proc(data, tmp_path):
+    # 2 processes x 2 images x 2 micro-batches (global_batch 8; DDP no_sync on the first): rank 1
+    # dies before the second micro-batch of step 3; the resumed run ends as one never killed.
+    accum = ("global_batch=8",)
+    ok(*train_2(data, tmp_path, "ref", *accum))
+    out, err, rc = train_2(data, tmp_path, "run", *accum, script=entry(tmp_path, kill_at=3,
+                                                                       kill_micro=2))
+    assert rc != 0 and "rank 1 kills itself before step 3" in err
+    assert load_file(tmp_path / "run" / "checkpoints" / "last.pth")["step"] == 2
+    out, err, rc = train_2(data, tmp_path, "run", *accum, "resume=auto")
+    ok(out, err, rc)
+    assert "x 2 micro-batch(es)" in out and "at step 2" in out
+    assert_same_run(tmp_path / "ref", tmp_path / "run")
 
 
 def test_elastic_restart_finishes_bit_identical_2proc(data, ref2, tmp_path):

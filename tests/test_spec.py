@@ -12,6 +12,7 @@ from wetr.factory import check_resume_checkpoint, model_from_checkpoint, model_f
 from wetr.model import MoReSpec
 from wetr.optim import build_optimizer
 from wetr.run import save_checkpoint
+from wetr.step import Training
 
 K = 4
 TINY = ["model.pretrained=false", "model.embed_dim=32", "model.depth=3", "model.num_heads=4",
@@ -32,7 +33,8 @@ def _trained(argv, tmp_path, optimizer=False):
     opt = build_optimizer(model.param_groups(), cfg) if optimizer else None
     ranks = {"rng": [], "sums": [], "count": 0} if optimizer else None
     path = tmp_path / "ckpt.pth"
-    save_checkpoint(path, model, opt, None, 3, cfg, {"best_miou": 0.5}, ranks)
+    save_checkpoint(path, Training(model, model, opt, None, par=None), 3, cfg, {"best_miou": 0.5},
+                    ranks)
     return cfg, model, path
 
 

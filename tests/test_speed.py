@@ -124,7 +124,8 @@ def test_training_forward_cams_replace_the_scale_one_pass(step):
         cfg.cam.reuse_forward = reuse
         batch_sizes.clear()
         torch.manual_seed(1)  # UNE draws tokens at random
-        total, terms = wetr_step.compute_losses(model, model, par, images, cls_label, step, cfg)
+        total, terms = wetr_step.compute_losses(wetr_step.Training(model, model, None, None, par),
+                                                 wetr_step.Batch(images, cls_label), step, cfg)
         return total, terms, list(batch_sizes)
 
     total, terms, passes = run(True)
@@ -161,10 +162,11 @@ def test_spans_name_every_stage_and_change_nothing():
         names.append(name)
         yield
 
+    t, batch = wetr_step.Training(model, model, None, None, par), wetr_step.Batch(images, cls_label)
     torch.manual_seed(1)
-    total, terms = wetr_step.compute_losses(model, model, par, images, cls_label, step, cfg, span=record)
+    total, terms = wetr_step.compute_losses(t, batch, step, cfg, span=record)
     torch.manual_seed(1)
-    want_total, want_terms = wetr_step.compute_losses(model, model, par, images, cls_label, step, cfg)
+    want_total, want_terms = wetr_step.compute_losses(t, batch, step, cfg)
     assert torch.equal(total, want_total)
     assert all(torch.equal(terms[k], want_terms[k]) for k in wetr_step.LOSS_TERMS)
     assert names == ["forward", "multi-scale CAM", "refined labels (PAR)", "token labels",

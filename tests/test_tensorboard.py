@@ -89,14 +89,14 @@ class _Stop(Exception):
     pass
 
 
-def test_training_run_writes_events_and_a_resume_keeps_each_step_once(tmp_path):
+def test_training_run_writes_events_and_a_resume_keeps_each_step_once(tmp_path, monkeypatch):
     """A short CPU run of the engine stops after step 5 (last checkpoint: step 4), then resumes to
     step 6: every loss term, lr, throughput and the validation scores are scalars, the val
     overlays are images, and each step appears once."""
     from datasets.synthetic import make_synthetic
     from scripts.train_voc import VOC
     from wetr.config import make_config
-    from wetr.engine import Hooks, main
+    from wetr import engine
 
     data = tmp_path / "data"
     make_synthetic(str(data), num_fg_classes=2, num_train=8, num_val=2, size=48, progress=False)
@@ -106,13 +106,18 @@ def test_training_run_writes_events_and_a_resume_keeps_each_step_once(tmp_path):
             "loss.after.seg=0", "loss.after.reg=0", "log_every=1", "save_every=2", "eval_every=2",
             "log.images=2", "max_iters=6", f"work_dir={tmp_path}", "tag=run"]
 
-    def stop_at_5(step, dist):
-        if step == 5:
-            raise _Stop
+    next_batch = engine._next_batch
 
-    with pytest.raises(_Stop):
-        main(make_config(VOC, argv), hooks=Hooks(batch=stop_at_5))
-    main(make_config(VOC, argv + ["resume=auto"]))
+    def stop_at_5(run, batches):
+        if run.step == 5:
+            raise _Stop
+        return next_batch(run, batches)
+
+    with monkeypatch.context() as m:
+        m.setattr(engine, "_next_batch", stop_at_5)
+        with pytest.raises(_Stop):
+            engine.main(make_config(VOC, argv))
+    engine.main(make_config(VOC, argv + ["resume=auto"]))
     acc = _read(tmp_path / "run" / "tb")
     scalars = set(acc.Tags()["scalars"])
     terms = {f"loss/{k}" for k in ("total", "cls", "cls_aux", "tokens", "cle", "une", "ptc", "seg",

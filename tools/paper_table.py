@@ -33,8 +33,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from utils.config import ConfigError, parse_cli
-from utils.errors import fail, user_errors
+from tools.cli import parse_cli
+from utils.config import ConfigError, option
+from utils.errors import user_errors
 from utils.io import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,13 +52,13 @@ ROUTE_KEYS = ("cam2seg", "infer_set", "out_dir", "crf", "multi_scale", "scales")
 
 @dataclass
 class PaperTableConfig:
-    ckpt: str = "last"          # checkpoint: a name under <run>/checkpoints (last, best, iter_N) or a path
-    run: bool = False           # first run the evaluations whose scores are missing or stale
-    rerun: bool = False         # with run=true, run every evaluation again
-    gpus: str = "0"             # GPU_DEVICE of the evaluation scripts (ids like 0,1, or cpu)
-    nproc: int = 1              # GPU_NUMBER: processes of each evaluation
-    dataset: str = "auto"       # voc | coco | auto (the run's config.yaml data.name)
-    multi_scale_seeds: bool = True  # Seed / Mask rows from multi-scale seeds (else scale 1.0)
+    ckpt: str = option("last", "checkpoint: a name under <run>/checkpoints (last, best, iter_N) or a path")
+    run: bool = option(False, "first run the evaluations whose scores are missing or stale")
+    rerun: bool = option(False, "with run=true, run every evaluation again")
+    gpus: str = option("0", "GPU_DEVICE of the evaluation scripts (ids like 0,1, or cpu)")
+    nproc: int = option(1, "GPU_NUMBER: processes of each evaluation")
+    dataset: str = option("auto", "voc | coco | auto (the run's config.yaml data.name)")
+    multi_scale_seeds: bool = option(True, "Seed / Mask rows from multi-scale seeds (else scale 1.0)")
 
 
 @dataclass(frozen=True)
@@ -307,7 +308,7 @@ def run_missing(t: Target, table: dict, rerun: bool) -> None:
         print(f">>> {shlex.join(cmd)}", flush=True)
         code = subprocess.run(cmd, cwd=REPO).returncode
         if code != 0:
-            fail(f"evaluation failed (exit status {code}): {shlex.join(cmd)}")
+            raise ConfigError(f"evaluation failed (exit status {code}): {shlex.join(cmd)}")
 
 
 def split_argv(argv: Sequence[str]) -> tuple[Path, list[str], list[str]]:

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
-from datasets.sampler import CheckedDataset, SampleError
+from datasets.sampler import SampleError
 from utils import dist as udist
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigError
@@ -73,7 +73,7 @@ class Context:
         """Item(name, image (1, 3, H, W), label (1, H, W) long, cls_label (1, K) float) of each
         index, on the device, loaded by `num_workers` DataLoader workers."""
         device = self.dist.device
-        loader = DataLoader(Subset(CheckedDataset(self.dataset), indices), batch_size=1,
+        loader = DataLoader(Subset(self.dataset, indices), batch_size=1,
                             shuffle=False, num_workers=self.cfg.num_workers,
                             pin_memory=device.type == "cuda")
         for name, image, label, cls_label in loader:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from utils.errors import first_line
 from utils.io import remove_stale_tmp, write_atomic
 
 __all__ = ["CheckpointError", "save_atomic", "remove_stale_tmp", "load_file", "model_state",
@@ -49,8 +50,8 @@ def _load_error(path: Path, exc: Exception) -> str:
                     f"containers ({detail.split('. ')[0][:200]}); checkpoints are loaded with "
                     f"weights_only=True: save the state_dict (or our checkpoint dict) instead")
         return f"cannot read checkpoint {path} (not a PyTorch file?): {detail[:200]}"
-    first = (text.strip().splitlines() or [type(exc).__name__])[0]
-    return f"cannot read checkpoint {path} (truncated or not a PyTorch file?): {first[:200]}"
+    return (f"cannot read checkpoint {path} (truncated or not a PyTorch file?): "
+            f"{first_line(exc)[:200]}")
 
 
 def load_file(path: str | os.PathLike) -> dict:

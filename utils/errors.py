@@ -14,6 +14,12 @@ def first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def one_line(exc: BaseException) -> bool:
+    """Whether the exception's message is a single line (a multi-line one is a bug's: keep its
+    traceback)."""
+    return len(str(exc).strip().splitlines()) == 1
+
+
 @contextmanager
 def user_errors(kinds: tuple[type[BaseException], ...],
                 if_one_line: tuple[type[BaseException], ...] = (),
@@ -28,7 +34,7 @@ def user_errors(kinds: tuple[type[BaseException], ...],
     try:
         yield
     except (*kinds, *if_one_line) as exc:
-        if not isinstance(exc, kinds) and len(str(exc).strip().splitlines()) != 1:
+        if not isinstance(exc, kinds) and not one_line(exc):
             raise
         if silent is None or not silent(exc):
             print(f"error: {first_line(exc)}", file=sys.stderr)

@@ -181,6 +181,10 @@ class TrainConfig:
     device: str = option("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     max_iters: int = option(20000, "training steps")
     batch_size: int = option(4, "images per process")
+    global_batch: int = option(
+        0, "images per optimizer step over all processes; 0: batch_size x processes. Larger: "
+           "gradient accumulation over global_batch / (batch_size x processes) micro-batches "
+           "(must divide)")
     log_every: int = option(200, "steps between log lines")
     eval_every: int = option(2000, "steps between validations")
     eval_late_from: int = option(-1, "COCO: evaluate every eval_every_late from this step")

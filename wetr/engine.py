@@ -6,42 +6,41 @@ Launch through torchrun (see run_train.sh):
 
     torchrun --nproc_per_node=2 --master_port=29500 -m scripts.train_voc data.root=... max_iters=200
 
-`train(cfg)`: checks (wetr/run.py) -> model, optimizer, PAR (wetr/step.py) -> resume -> the loop:
-batch -> `wetr.step.train_step` -> loss log -> validation (wetr/validate.py) and checkpoints.
-The run folder, checkpoints and metrics are wetr/run.py's; the step itself is wetr/step.py's.
+`train(cfg)`: rank 0's checks (wetr/run.py `preflight`, which reads the resume checkpoint) ->
+`wetr.step.build_training` -> resume -> the loop, one optimizer step a turn: micro-batches ->
+`wetr.step.train_step` -> loss log -> validation (wetr/validate.py) and checkpoints. The run
+folder, checkpoints and metrics are wetr/run.py's; the step itself is wetr/step.py's.
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import sys
 import time
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from datasets import build_dataset, build_train_loader
 from datasets.layout import LayoutError
-from datasets.sampler import CheckedDataset, SampleError
+from datasets.sampler import SampleError
 from utils import dist as dist_utils
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigError
 from utils.dist import DeviceError, DistInfo
-from utils.errors import user_errors
+from utils.errors import first_line, one_line, user_errors
 from utils.logger import JsonlWriter, format_eta, git_revision, setup_logger
 from utils.tensorboard_log import ScalarLog, TBWriter
 
 from . import run
-from .compile import compile_regions
-from .run import NonFiniteLossError, RunError
-from .step import LOSS_TERMS, Training, build_training, train_step
+from .run import NonFiniteLossError, ResumePoint, RunError
+from .step import LOSS_TERMS, Batch, Training, build_training, to_device, train_step
 from .validate import build_val_loader, val_overlays, validate
 
 USER_ERRORS = (ConfigError, RunError, LayoutError, CheckpointError, DeviceError,
@@ -49,30 +48,31 @@ USER_ERRORS = (ConfigError, RunError, LayoutError, CheckpointError, DeviceError,
 EXIT_PEER_FAILED = 3  # a collective failed because another rank died first
 
 
-@dataclass(frozen=True)
-class Hooks:
-    """Callbacks into the loop for tests that inject faults; training scripts pass none.
-
-    batch(step, dist): called once the batch of `step` is loaded, before it goes to the device.
-    losses(step, dist, total, terms) -> (total, terms): may change the losses of `step` before
-    their finite check.
-    """
-    batch: Callable[[int, DistInfo], None] | None = None
-    losses: Callable[[int, DistInfo, torch.Tensor, dict], tuple[torch.Tensor, dict]] | None = None
-
-
 @dataclass
-class _Progress:
-    """What the loop carries from step to step."""
-    step: int
-    loss_sum: torch.Tensor                  # (1 + len(LOSS_TERMS),) since the last log line
+class TrainState:
+    """The training loop's state: what it works with, and where it stands."""
+    cfg: DictConfig
+    dist: DistInfo
+    t: Training
+    logger: logging.Logger
+    metrics: ScalarLog
+    val_loader: DataLoader
+    accum: int                              # micro-batches per optimizer step
+    progress: Any = None                    # tqdm bar (rank 0 on a terminal) or None
+    step: int = 0                           # optimizer steps done
+    loss_sum: torch.Tensor | None = None    # (1 + len(LOSS_TERMS),) since the last log line
     loss_count: int = 0
     best: float = -1.0
+    saved_step: int | None = None           # step of the last.pth written or resumed from
     last_result: dict = field(default_factory=dict)
-    t0: float = 0.0
+    t0: float = 0.0                         # start time and step (ETA)
     step0: int = 0
     t_log: float = 0.0                      # time and step of the last log line (throughput)
     step_log: int = 0
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return run.run_dir(self.cfg) / "checkpoints"
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -95,32 +95,38 @@ def should_eval(step: int, cfg: DictConfig) -> bool:
 
 
 # ----------------------------------------------------------------------------- the run
-def train(cfg: DictConfig, hooks: Hooks | None = None) -> dict:
+def train(cfg: DictConfig) -> dict:
     """Run training; returns the last validation result (rank 0 and others alike)."""
     dist = dist_utils.init_distributed(cfg.device)
-    # Rank 0 runs the checks; everyone fails together, and only rank 0 prints the line.
-    err = None
-    if dist.is_main:
-        try:
-            run.preflight(cfg)
-        except USER_ERRORS as exc:
-            err = str(exc)
-    err = dist_utils.broadcast_object(err)
-    if err is not None:
-        raise RunError(err, all_ranks=True)
-
-    resume_path = run.find_resume(cfg)
+    resume = _preflight(cfg, dist)
     out_dir = run.open_run_dir(cfg, dist)
     logger = setup_logger(out_dir / "train.log", dist.is_main)
     try:
-        return _train(cfg, dist, logger, resume_path, hooks or Hooks())
+        return _train(cfg, dist, logger, resume)
     except USER_ERRORS as exc:
         if dist.is_main or not getattr(exc, "all_ranks", False):
             run.log_error(out_dir / "train.log", str(exc), None if dist.is_main else dist.rank)
         raise
 
 
-def _train(cfg: DictConfig, dist: DistInfo, logger, resume_path, hooks: Hooks) -> dict:
+def _preflight(cfg: DictConfig, dist: DistInfo) -> ResumePoint | None:
+    """Rank 0 runs the checks (`wetr.run.preflight`); every rank fails together and only rank 0
+    prints the line. Returns the resume checkpoint, read once by each process."""
+    err = resume = None
+    if dist.is_main:
+        try:
+            resume = run.preflight(cfg, dist.world_size)
+        except (*USER_ERRORS, ValueError) as exc:
+            if not isinstance(exc, USER_ERRORS) and not one_line(exc):
+                raise
+            err = first_line(exc)
+    err = dist_utils.broadcast_object(err)
+    if err is not None:
+        raise RunError(err, all_ranks=True)
+    return resume if dist.is_main else run.read_resume(cfg)
+
+
+def _train(cfg: DictConfig, dist: DistInfo, logger, resume: ResumePoint | None) -> dict:
     out_dir = run.run_dir(cfg)
     if dist.is_main:
         run.write_config(cfg, out_dir)
@@ -131,202 +137,191 @@ def _train(cfg: DictConfig, dist: DistInfo, logger, resume_path, hooks: Hooks) -
         logger.info("config:\n" + OmegaConf.to_yaml(cfg))
 
     seed_everything(cfg.seed + dist.rank, cfg.deterministic)
-    t = build_training(cfg, dist.device)
-    state = _Progress(step=0, loss_sum=run.new_loss_sums(dist.device))
-    if resume_path is not None:
-        state.step, state.best, state.loss_count = run.restore(resume_path, t, dist,
-                                                               state.loss_sum, logger)
+    t = build_training(cfg, dist)
+    loss_sum = run.new_loss_sums(dist.device)
+    step, best, count = (0, -1.0, 0) if resume is None else run.restore(resume, t, dist, loss_sum,
+                                                                        logger)
     if dist.is_main:
-        run.truncate_metrics(out_dir / "metrics.jsonl", state.step)
+        run.truncate_metrics(out_dir / "metrics.jsonl", step)
     # TensorBoard purges what an interrupted run wrote after the resumed step, as metrics.jsonl
-    tb = TBWriter(out_dir, cfg.log.tensorboard and dist.is_main, start_step=state.step + 1)
+    tb = TBWriter(out_dir, cfg.log.tensorboard and dist.is_main, start_step=step + 1)
     metrics = ScalarLog(JsonlWriter(out_dir / "metrics.jsonl" if dist.is_main else None), tb)
-    t.train_model = _wrap_for_training(t.model, cfg, dist)
-
-    train_loader = build_train_loader(cfg, dist, state.step)
-    val_set = CheckedDataset(build_dataset(cfg.data, cfg.data.val_split, "val"))
+    accum = run.accumulation(cfg, dist.world_size)
+    # The loader counts micro-batches: optimizer step s starts at micro-batch s * accum.
+    train_loader = build_train_loader(cfg, dist, step * accum)
+    val_set = build_dataset(cfg.data, cfg.data.val_split, "val")
     val_loader = build_val_loader(val_set, dist, cfg.data.num_workers, cfg.val.max_images)
+    st = TrainState(cfg, dist, t, logger, metrics, val_loader, accum, step=step, loss_sum=loss_sum,
+            loss_count=count, best=best, saved_step=_resumed_last(resume, out_dir, step))
     if dist.is_main:
-        n_params = sum(p.numel() for p in t.model.parameters()) / 1e6
-        logger.info(f"model {n_params:.1f}M params | train {len(train_loader.dataset)} images, "
-                    f"{train_loader.sampler.steps_per_epoch} steps/epoch | val {len(val_set)} images")
-    progress = None
-    if dist.is_main and sys.stderr.isatty():
-        from tqdm import tqdm
-        progress = tqdm(total=cfg.max_iters, initial=state.step, desc=cfg.tag, dynamic_ncols=True)
-
-    state.t0, state.step0 = time.time(), state.step
-    state.t_log, state.step_log = state.t0, state.step
+        _log_start(st, train_loader)
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            st.progress = tqdm(total=cfg.max_iters, initial=step, desc=cfg.tag, dynamic_ncols=True)
+    st.t0 = st.t_log = time.time()
+    st.step0 = st.step_log = step
     t.model.train()
     try:
-        _loop(cfg, dist, logger, t, state, iter(train_loader), val_loader, metrics, progress, hooks)
+        _loop(st, iter(train_loader))
     finally:
         tb.close()
-    if progress is not None:
-        progress.close()
+    if st.progress is not None:
+        st.progress.close()
     if dist.is_main:
-        logger.info(f"done: {cfg.max_iters} steps in {format_eta(time.time() - state.t0)}; "
-                    f"checkpoints in {out_dir / 'checkpoints'}")
+        logger.info(f"done: {cfg.max_iters} steps in {format_eta(time.time() - st.t0)}; "
+                    f"checkpoints in {st.ckpt_dir}")
     dist_utils.barrier()
-    return state.last_result
+    return st.last_result
 
 
-def _wrap_for_training(model: torch.nn.Module, cfg: DictConfig, dist: DistInfo) -> torch.nn.Module:
-    """The module the training forward runs through: DDP over several processes. cfg.compile
-    compiles the encoder blocks and the decoder in place (`wetr.compile.compile_regions`), so the
-    no-grad CAM passes, which call the bare model, run compiled too."""
-    if cfg.compile:
-        compile_regions(model)
-    train_model = model
-    if dist.distributed:
-        # oneDNN returns 1x1-conv weight grads in a channels-last layout; DDP copies them into
-        # its buckets correctly but warns once per run. Harmless, so keep the log readable.
-        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        train_model = DistributedDataParallel(
-            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-    return train_model
+def _resumed_last(resume: ResumePoint | None, out_dir: Path, step: int) -> int | None:
+    """`step` when the run resumed from its own last.pth, else None (see TrainState.saved_step)."""
+    last = out_dir / "checkpoints" / "last.pth"
+    return step if resume is not None and resume.path.resolve() == last.resolve() else None
+
+
+def _log_start(st: TrainState, train_loader: DataLoader) -> None:
+    n_params = sum(p.numel() for p in st.t.model.parameters()) / 1e6
+    micro = train_loader.sampler.batch_size
+    st.logger.info(f"effective batch {micro * st.dist.world_size * st.accum} = {micro} image(s) x "
+                  f"{st.dist.world_size} process(es) x {st.accum} micro-batch(es) per optimizer "
+                  f"step")
+    st.logger.info(f"model {n_params:.1f}M params | train {len(train_loader.dataset)} images, "
+                  f"{train_loader.sampler.steps_per_epoch // st.accum} steps/epoch | val "
+                  f"{len(st.val_loader.dataset)} images")
 
 
 # ----------------------------------------------------------------------------- the loop
-def _loop(cfg: DictConfig, dist: DistInfo, logger, t: Training, state: _Progress, batches,
-          val_loader: DataLoader, metrics: ScalarLog, progress, hooks: Hooks) -> None:
-    ckpt_dir = run.run_dir(cfg) / "checkpoints"
-    while state.step < cfg.max_iters:
-        images, cls_label, num_present = _next_batch(batches, state.step, cfg, dist, ckpt_dir, hooks)
-        on_losses = None if hooks.losses is None else partial(hooks.losses, state.step, dist)
-        lr, values, nonfinite = train_step(t, images, cls_label, state.step, cfg, num_present,
-                                           on_losses=on_losses)
+def _loop(st: TrainState, batches) -> None:
+    """One optimizer step a turn, until cfg.max_iters: its micro-batches, the step, the loss
+    sums, the log line, validation and checkpoints on their schedules."""
+    cfg = st.cfg
+    while st.step < cfg.max_iters:
+        micro = [_next_batch(st, batches) for _ in range(st.accum)]
+        lr, values, nonfinite = train_step(st.t, micro, st.step, cfg)
         if any(nonfinite):
-            _on_nonfinite(nonfinite, state.step, cfg, dist, logger, ckpt_dir)
+            _on_nonfinite(st, nonfinite)
         else:
-            state.loss_sum += values
-            state.loss_count += 1
-        state.step += 1
-        if progress is not None:
-            progress.update(1)
-        if state.step % cfg.log_every == 0 or state.step == cfg.max_iters:
-            _log_losses(state, lr, cfg, dist, logger, metrics, progress)
-        _evaluate_and_save(state, t, cfg, dist, logger, val_loader, metrics, progress, ckpt_dir)
+            st.loss_sum += values
+            st.loss_count += 1
+        st.step += 1
+        if st.progress is not None:
+            st.progress.update(1)
+        if st.step % cfg.log_every == 0 or st.step == cfg.max_iters:
+            _log_losses(st, lr)
+        _evaluate_and_save(st)
 
 
-def _next_batch(batches, step: int, cfg: DictConfig, dist: DistInfo, ckpt_dir, hooks: Hooks):
-    """-> images (B,3,H,W), cls_label (B,K) float, both on the device, and the largest number of
-    classes in one image (read on the host, so PAR needs no device sync)."""
+def _next_batch(st: TrainState, batches) -> Batch:
+    """The next (micro-)batch from the loader, on the device."""
     try:
         _, images, cls_label = next(batches)
     except SampleError as exc:
-        raise SampleError(f"{exc}; stopped at step {step}, last checkpoint: "
-                          f"{run.last_good(ckpt_dir)}; replace the file or remove it from the "
-                          f"split list, then resume=auto") from None
-    if hooks.batch is not None:
-        hooks.batch(step, dist)
-    num_present = int(cls_label.sum(1).max())  # CPU tensor from the loader: no device sync
-    images = images.to(dist.device, non_blocking=True)
-    cls_label = cls_label.to(dist.device, non_blocking=True).float()
-    if cfg.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, cls_label, num_present
+        raise SampleError(f"{exc}; stopped at step {st.step}, last checkpoint: "
+                          f"{run.last_good(st.ckpt_dir, st.saved_step)}; replace the file or "
+                          f"remove it from the split list, then resume=auto") from None
+    return to_device(images, cls_label, st.dist.device, st.cfg.channels_last)
 
 
-def _on_nonfinite(nonfinite: list[bool], step: int, cfg: DictConfig, dist: DistInfo, logger,
-                  ckpt_dir) -> None:
+def _on_nonfinite(st: TrainState, nonfinite: list[bool]) -> None:
     """nan_policy=stop: raise, naming the terms; skip: warn (the step made no update)."""
     names = [k for k, b in zip(("total",) + LOSS_TERMS, nonfinite) if b]
     names = ", ".join(n for n in names if n != "total" or len(names) == 1)
-    if cfg.nan_policy == "stop":
+    if st.cfg.nan_policy == "stop":
         raise NonFiniteLossError(
-            f"non-finite loss ({names}) at step {step}; last good checkpoint: "
-            f"{run.last_good(ckpt_dir)}; lower optim.lr or check the data, then resume=auto (or "
-            f"nan_policy=skip)", all_ranks=True)
-    if dist.is_main:
-        logger.warning(f"step {step}: non-finite loss ({names}); step skipped on all "
-                       f"{dist.world_size} process(es) (nan_policy=skip)")
+            f"non-finite loss ({names}) at step {st.step}; last good checkpoint: "
+            f"{run.last_good(st.ckpt_dir, st.saved_step)}; lower optim.lr or check the data, then "
+            f"resume=auto (or nan_policy=skip)", all_ranks=True)
+    if st.dist.is_main:
+        st.logger.warning(f"step {st.step}: non-finite loss ({names}); step skipped on all "
+                         f"{st.dist.world_size} process(es) (nan_policy=skip)")
 
 
-def _log_losses(state: _Progress, lr: float, cfg: DictConfig, dist: DistInfo, logger,
-                metrics: ScalarLog, progress) -> None:
+def _log_losses(st: TrainState, lr: float) -> None:
     """Mean losses over every rank's steps since the last line, and the images per second over
     all ranks -> train.log, metrics.jsonl and TensorBoard."""
-    avg = dist_utils.all_reduce_sum(state.loss_sum.clone()) / (
-        max(state.loss_count, 1) * dist.world_size)
+    cfg, dist = st.cfg, st.dist
+    avg = dist_utils.all_reduce_sum(st.loss_sum.clone()) / (max(st.loss_count, 1) * dist.world_size)
     avg = dict(zip(("total",) + LOSS_TERMS, avg.tolist()))
-    state.loss_sum.zero_()
-    state.loss_count = 0
+    st.loss_sum.zero_()
+    st.loss_count = 0
     now = time.time()
-    elapsed = now - state.t0
-    eta = elapsed / max(state.step - state.step0, 1) * (cfg.max_iters - state.step)
-    speed = ((state.step - state.step_log) * cfg.batch_size * dist.world_size
-             / max(now - state.t_log, 1e-9))
-    state.t_log, state.step_log = now, state.step
+    elapsed = now - st.t0
+    eta = elapsed / max(st.step - st.step0, 1) * (cfg.max_iters - st.step)
+    speed = ((st.step - st.step_log) * cfg.batch_size * dist.world_size * st.accum
+             / max(now - st.t_log, 1e-9))
+    st.t_log, st.step_log = now, st.step
     if dist.is_main:
         msg = " ".join(f"{k} {v:.4f}" for k, v in avg.items())
-        logger.info(f"step {state.step}/{cfg.max_iters} lr {lr:.3e} | {msg} | "
-                    f"{speed:.1f} img/s | elapsed {format_eta(elapsed)} eta {format_eta(eta)}")
-        metrics.write(step=state.step, lr=lr, **{f"loss/{k}": v for k, v in avg.items()},
-                      **{"speed/images_per_s": speed})
-        if progress is not None:
-            progress.set_postfix(loss=f"{avg['total']:.3f}")
+        st.logger.info(f"step {st.step}/{cfg.max_iters} lr {lr:.3e} | {msg} | "
+                      f"{speed:.1f} img/s | elapsed {format_eta(elapsed)} eta {format_eta(eta)}")
+        st.metrics.write(step=st.step, lr=lr, **{f"loss/{k}": v for k, v in avg.items()},
+                        **{"speed/images_per_s": speed})
+        if st.progress is not None:
+            st.progress.set_postfix(loss=f"{avg['total']:.3f}")
 
 
-def _evaluate_and_save(state: _Progress, t: Training, cfg: DictConfig, dist: DistInfo, logger,
-                       val_loader: DataLoader, metrics: ScalarLog, progress, ckpt_dir) -> None:
-    """Validation on its schedule (best.pth when Seg mIoU improves; overlays of rank 0's first
-    val images to TensorBoard), then the checkpoints due."""
-    step = state.step
+def _evaluate_and_save(st: TrainState) -> None:
+    """Validation on its schedule (best.pth when Seg mIoU improves), then the checkpoints due."""
+    cfg, step = st.cfg, st.step
     evaluate = should_eval(step, cfg) or step == cfg.max_iters
     save = step % cfg.save_every == 0 or step == cfg.max_iters or evaluate
-    extra = {"best_miou": state.best}
+    extra = {"best_miou": st.best}
     if evaluate:
-        result = state.last_result = validate(t.model, val_loader, cfg, dist,
-                                              progress=progress is not None)
-        if dist.is_main:
-            line = " ".join(f"{k}={result[k]['miou'] * 100:.2f}" for k in ("cam", "lam", "fused", "seg"))
-            logger.info(f"val step {step}: mIoU {line} | cls F1 {result['f1'] * 100:.2f} "
-                        f"({result['images']} images)")
-            metrics.write(step=step, **{f"val/{k}_miou": result[k]["miou"]
-                                        for k in ("cam", "lam", "fused", "seg")},
-                          **{"val/f1": result["f1"]})
-            if metrics.tb.enabled and cfg.log.images > 0:
-                metrics.tb.images(step, "val", val_overlays(t.model, val_loader.dataset, cfg,
-                                                            dist.device, cfg.log.images))
-        if result["seg"]["miou"] > state.best:
-            state.best = extra["best_miou"] = result["seg"]["miou"]
-            if dist.is_main:
-                run.save_checkpoint(ckpt_dir / "best.pth", t.model, None, None, step, cfg,
-                                    {**extra, "val": result}, None)
+        result = st.last_result = _validate(st)
+        if result["seg"]["miou"] > st.best:
+            st.best = extra["best_miou"] = result["seg"]["miou"]
+            if st.dist.is_main:
+                run.save_checkpoint(st.ckpt_dir / "best.pth", st.t, step, cfg,
+                                    {**extra, "val": result})
     if save:
-        ranks = run.gather_rank_state(dist, state.loss_sum, state.loss_count)
-        if dist.is_main:
-            run.save_checkpoint(ckpt_dir / "last.pth", t.model, t.optimizer, t.scaler, step, cfg,
-                                extra, ranks)
+        ranks = run.gather_rank_state(st.dist, st.loss_sum, st.loss_count)
+        if st.dist.is_main:
+            run.save_checkpoint(st.ckpt_dir / "last.pth", st.t, step, cfg, extra, ranks)
             if step % cfg.save_every == 0:
-                run.save_checkpoint(ckpt_dir / f"iter_{step}.pth", t.model, None, None, step, cfg,
-                                    extra, None)
+                run.save_checkpoint(st.ckpt_dir / f"iter_{step}.pth", st.t, step, cfg, extra)
+        st.saved_step = step
         dist_utils.barrier()
+
+
+def _validate(st: TrainState) -> dict:
+    """wetr.validate.validate -> train.log, metrics.jsonl and TensorBoard (scores; overlays of
+    rank 0's first val images)."""
+    cfg, step = st.cfg, st.step
+    result = validate(st.t.model, st.val_loader, cfg, st.dist, progress=st.progress is not None)
+    if st.dist.is_main:
+        line = " ".join(f"{k}={result[k]['miou'] * 100:.2f}" for k in ("cam", "lam", "fused", "seg"))
+        st.logger.info(f"val step {step}: mIoU {line} | cls F1 {result['f1'] * 100:.2f} "
+                      f"({result['images']} images)")
+        st.metrics.write(step=step, **{f"val/{k}_miou": result[k]["miou"]
+                                      for k in ("cam", "lam", "fused", "seg")},
+                        **{"val/f1": result["f1"]})
+        if st.metrics.tb.enabled and cfg.log.images > 0:
+            st.metrics.tb.images(step, "val", val_overlays(st.t.model, st.val_loader.dataset, cfg,
+                                                          st.dist.device, cfg.log.images))
+    return result
 
 
 # ----------------------------------------------------------------------------- entry point
 def _printed_by_rank_0(exc: BaseException) -> bool:
-    return int(os.environ.get("RANK", 0)) != 0 and getattr(exc, "all_ranks", False)
+    """Whether rank 0 prints this error for every rank: it said so (`all_ranks`), or it is a
+    config error, which every rank finds alike in the same arguments."""
+    return int(os.environ.get("RANK", 0)) != 0 and (getattr(exc, "all_ranks", False)
+                                                    or isinstance(exc, ConfigError))
 
 
-def main(cfg: DictConfig, hooks: Hooks | None = None) -> None:
+def main(cfg: DictConfig) -> None:
     """Entry point of the training scripts, given their parsed config (tools.cli.train_entry).
 
-    With MORE_PREFLIGHT=1 only the checks run (used by run_train.sh before torchrun starts, so a
-    bad input is one line instead of one traceback per process). A bad input exits with code 2
-    after one `error: ...` line on stderr (printed once, by rank 0, when every rank hit it).
-    hooks: see `Hooks` (tests only).
+    A bad input exits with code 2 after one `error: ...` line on stderr (printed once, by rank 0,
+    when every rank hit it).
     """
     try:
         with user_errors(USER_ERRORS, if_one_line=(ValueError,), silent=_printed_by_rank_0,
                          cleanup=dist_utils.cleanup):
             if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0 and not cfg.resume:
                 cfg.resume = "auto"  # a worker restarted by torchrun continues its run
-            if os.environ.get("MORE_PREFLIGHT") == "1":
-                run.preflight(cfg)
-                return
-            train(cfg, hooks)
+            train(cfg)
     except RuntimeError as exc:
         if not dist_utils.peer_failed(exc):
             raise

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,12 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 from datasets.layout import LayoutError, check_layout
 from utils import dist as dist_utils
 from utils.checkpoint import load_file, remove_stale_tmp, rng_state, save_atomic, set_rng_state
-from utils.config import to_container
+from utils.config import ConfigError, to_container
 from utils.dist import DistInfo
+from utils.errors import first_line
 from utils.io import write_text_atomic
 
 from .factory import check_resume_checkpoint, load_weights, model_from_config, spec_dict
-from .model import MoRe
 from .step import LOSS_TERMS, Training
 
 
@@ -36,6 +37,13 @@ class RunError(RuntimeError):
 
 class NonFiniteLossError(RunError):
     """A loss term became NaN/inf (nan_policy=stop)."""
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a run resumes from, read once: its path and its contents."""
+    path: Path
+    ckpt: dict
 
 
 # ----------------------------------------------------------------------------- folder & checks
@@ -65,21 +73,41 @@ def check_run_dir(cfg: DictConfig) -> None:
                        f"overwrite=true to replace it, or another tag")
 
 
-def preflight(cfg: DictConfig) -> None:
-    """Every check that needs no process group: run folder, model shape, dataset layout, resume
-    checkpoint."""
+def accumulation(cfg: DictConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step that reach `global_batch` images with `batch_size` per
+    process on `world_size` processes (1 for global_batch=0, today's batch_size x processes)."""
+    per_pass = cfg.batch_size * world_size
+    if cfg.global_batch == 0:
+        return 1
+    if cfg.global_batch < 0 or cfg.global_batch % per_pass:
+        raise ConfigError(f"global_batch={cfg.global_batch} is not a positive multiple of batch_size "
+                          f"{cfg.batch_size} x {world_size} process(es) = {per_pass}; change "
+                          f"batch_size or the process count so that it divides global_batch")
+    return cfg.global_batch // per_pass
+
+
+def preflight(cfg: DictConfig, world_size: int) -> ResumePoint | None:
+    """Every check that needs no process group: run folder, model shape, global batch, dataset
+    layout, resume checkpoint. Returns the checkpoint to resume from (read here, once), or None."""
     check_run_dir(cfg)
     with torch.device("meta"):  # builds no weights: only the configuration is checked
         model_from_config(cfg, pretrained=False)
+    accumulation(cfg, world_size)
     if cfg.data.check_layout:
         try:
             check_layout(cfg.data, [cfg.data.train_split, cfg.data.val_split])
         except OSError as exc:  # e.g. an image header PIL cannot read (not always naming it)
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise LayoutError(f"{first} (while checking the dataset in {cfg.data.root})") from None
+            raise LayoutError(f"{first_line(exc)} (while checking the dataset in "
+                              f"{cfg.data.root})") from None
+    resume = read_resume(cfg)
+    if resume is not None:
+        check_resume_checkpoint(resume.ckpt, cfg, resume.path)
+    return resume
+
+
+def read_resume(cfg: DictConfig) -> ResumePoint | None:
     path = find_resume(cfg)
-    if path is not None:
-        check_resume_checkpoint(load_file(path), cfg, path)
+    return None if path is None else ResumePoint(path, load_file(path))
 
 
 def open_run_dir(cfg: DictConfig, dist: DistInfo) -> Path:
@@ -101,17 +129,16 @@ def write_config(cfg: DictConfig, out_dir: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: Path, model: MoRe, optimizer, scaler, step: int, cfg: DictConfig,
-                    extra: dict, ranks: dict | None) -> None:
-    """Weights-only (optimizer None: iter_N.pth, best.pth) or training checkpoint (last.pth).
-
-    ranks: {"rng": per-rank RNG states, "sums": per-rank loss sums, "count": steps in the sums}.
-    """
-    obj = {"model": model.state_dict(), "step": step, "config": to_container(cfg),
-           "spec": spec_dict(model), "meta": extra}
-    if optimizer is not None:
-        obj["optimizer"] = optimizer.state_dict()
-        obj["scaler"] = scaler.state_dict() if scaler is not None else {}
+def save_checkpoint(path: Path, t: Training, step: int, cfg: DictConfig, extra: dict,
+                    ranks: dict | None = None) -> None:
+    """Weights-only (ranks None: iter_N.pth, best.pth) or training checkpoint (last.pth: with
+    t's optimizer and scaler, and ranks = {"rng": per-rank RNG states, "sums": per-rank loss
+    sums, "count": steps in the sums})."""
+    obj = {"model": t.model.state_dict(), "step": step, "config": to_container(cfg),
+           "spec": spec_dict(t.model), "meta": extra}
+    if ranks is not None:
+        obj["optimizer"] = t.optimizer.state_dict()
+        obj["scaler"] = t.scaler.state_dict() if t.scaler is not None else {}
         obj["rng"] = ranks["rng"]
         obj["log"] = {"count": ranks["count"], "sums": ranks["sums"]}
     save_atomic(obj, path)
@@ -132,12 +159,12 @@ def new_loss_sums(device: torch.device) -> torch.Tensor:
     return torch.zeros(len(LOSS_TERMS) + 1, device=device)
 
 
-def restore(path: Path, t: Training, dist: DistInfo, loss_sum: torch.Tensor, logger
+def restore(resume: ResumePoint, t: Training, dist: DistInfo, loss_sum: torch.Tensor, logger
             ) -> tuple[int, float, int]:
     """Load a training checkpoint into `t` (weights, optimizer, scaler) and, when it was saved by
     as many processes as now run, this rank's RNG streams and loss sums (into `loss_sum`).
     Returns (step, best validation mIoU, steps in the restored loss sums)."""
-    ckpt = load_file(path)
+    ckpt = resume.ckpt
     load_weights(t.model, ckpt)
     t.optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler"):
@@ -156,14 +183,17 @@ def restore(path: Path, t: Training, dist: DistInfo, loss_sum: torch.Tensor, log
     elif dist.is_main:
         logger.warning(f"resuming on {dist.world_size} processes from a run on {len(rngs)}: "
                        f"data order and random streams differ from an uninterrupted run")
-    logger.info(f"resumed from {path} at step {step}")
+    logger.info(f"resumed from {resume.path} at step {step}")
     return step, best, count
 
 
-def last_good(ckpt_dir: Path) -> str:
-    """The checkpoint a failed run can resume from, for its error message."""
+def last_good(ckpt_dir: Path, saved_step: int | None) -> str:
+    """The checkpoint a failed run can resume from, for its error message; saved_step: the step
+    of the last.pth this run wrote or resumed from (None: not known, the file is not read)."""
     last = ckpt_dir / "last.pth"
-    return f"{last} (step {int(load_file(last)['step'])})" if last.is_file() else "none"
+    if not last.is_file():
+        return "none"
+    return f"{last}" if saved_step is None else f"{last} (step {saved_step})"
 
 
 # ----------------------------------------------------------------------------- logs

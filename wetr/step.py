@@ -1,28 +1,33 @@
 """One training step (SPEC 4-6), used by the engine, the benchmark and the tests.
 
-    lr schedule -> forward (+ its own CAMs) -> multi-scale CAMs (no grad) -> refined pseudo labels
-    (PAR) and token-grid labels -> cls, cls_aux, class-token, CLE, UNE, PTC, seg and dense-energy
-    losses on the iteration schedule of the config -> finite check (all ranks) -> backward -> AdamW
+    lr schedule -> per micro-batch: forward (+ its own CAMs) -> multi-scale CAMs (no grad) ->
+    refined pseudo labels (PAR) and token-grid labels -> cls, cls_aux, class-token, CLE, UNE, PTC,
+    seg and dense-energy losses on the iteration schedule of the config -> finite check (all
+    ranks) -> backward -> AdamW
 
-`train_step` runs it; `compute_losses` is the loss part. Both take `span`, a function of a stage
-name returning a context manager entered around that stage (STAGES; the default does nothing),
-through which tools/benchmark.py times the stages.
+`build_training` makes what the step works on (`Training`), `train_step` runs it on `Batch`es,
+`compute_losses` is the loss part. Both take `span`, a function of a stage name returning a
+context manager entered around that stage (STAGES; the default does nothing), through which
+tools/benchmark.py times the stages.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
+from torch.nn.parallel import DistributedDataParallel
 
 from utils import dist as dist_utils
+from utils.dist import DistInfo
 
 from . import losses as L
 from .cam import cam_to_label, denormalise, denormalise_255, multi_scale_cam, refine_label
+from .compile import compile_regions
 from .factory import model_from_config
 from .model import MoRe
 from .optim import build_optimizer, set_lr
@@ -66,29 +71,92 @@ def active_terms(step: int, cfg: DictConfig) -> dict[str, bool]:
     return on
 
 
-def compute_losses(model: torch.nn.Module, cam_model: MoRe, par: PAR, images: torch.Tensor,
-                   cls_label: torch.Tensor, step: int, cfg: DictConfig,
-                   amp_dtype: torch.dtype | None = None, num_present: int | None = None,
-                   span: Span = no_span) -> tuple[torch.Tensor, dict]:
-    """Total loss and its (unweighted) terms for one batch.
+# ----------------------------------------------------------------------------- what a step uses
+@dataclass(frozen=True)
+class Training:
+    """What the step works on, as `build_training` makes it.
 
-    model: the trained module (maybe DDP-wrapped); cam_model: the bare module for the no-grad
-    CAM passes. images: (B,3,H,W) normalised; cls_label: (B,K) 0/1. num_present: the largest
-    number of classes in one image of the batch (known on the host from the loader), so PAR
-    refines only those channels without a device sync.
+    model: the bare MoRe (checkpoints, validation, the no-grad CAM passes); train_model: the
+    module the training forward and backward run through (model itself, or DDP around it).
     """
+    model: MoRe
+    train_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer | None
+    scaler: torch.amp.GradScaler | None
+    par: PAR
+    amp_dtype: torch.dtype | None = None
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One (micro-)batch on the device: images (B,3,H,W) normalised, cls_label (B,K) 0/1 float;
+    num_present: the largest number of classes in one image, read on the host from the loader's
+    labels, so PAR refines only those channels without a device sync (None: all K)."""
+    images: torch.Tensor
+    cls_label: torch.Tensor
+    num_present: int | None = None
+
+
+def to_device(images: torch.Tensor, cls_label: torch.Tensor, device: torch.device,
+              channels_last: bool = False) -> Batch:
+    """A loader batch (CPU tensors) -> Batch on `device`."""
+    num_present = int(cls_label.sum(1).max())  # CPU tensor from the loader: no device sync
+    images = images.to(device, non_blocking=True)
+    cls_label = cls_label.to(device, non_blocking=True).float()
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return Batch(images, cls_label, num_present)
+
+
+def build_par(cfg: DictConfig) -> PAR:
+    """The pseudo-label refinement of the config (`par.num_iter`, `par.dilations`, `par.sparse`;
+    SPEC 4)."""
+    return PAR(num_iter=cfg.par.num_iter, dilations=tuple(cfg.par.dilations), sparse=cfg.par.sparse)
+
+
+def build_training(cfg: DictConfig, dist: DistInfo) -> Training:
+    """Model, optimizer, GradScaler, PAR and autocast dtype of the config on `dist.device`; the
+    model compiled in place with cfg.compile (`wetr.compile.compile_regions`, so the no-grad CAM
+    passes, which call the bare model, run compiled too) and wrapped in DDP over several
+    processes."""
+    model = model_from_config(cfg).to(dist.device)
+    # Reference weights that never receive gradients (ViT head, GCR's _fc1) are frozen so DDP
+    # needs no unused-parameter search; AdamW skipped them anyway (grad None).
+    model.encoder.head.requires_grad_(False)
+    model.graph_layer._fc1.requires_grad_(False)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model.param_groups(), cfg)
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.amp == "fp16")
+    par = build_par(cfg).to(dist.device)
+    if cfg.compile:
+        compile_regions(model)
+    train_model = model
+    if dist.distributed:
+        # oneDNN returns 1x1-conv weight grads in a channels-last layout; DDP copies them into
+        # its buckets correctly but warns once per run. Harmless, so keep the log readable.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        train_model = DistributedDataParallel(
+            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    return Training(model, train_model, optimizer, scaler, par, amp_dtype)
+
+
+# ----------------------------------------------------------------------------- the losses
+def compute_losses(t: Training, batch: Batch, step: int, cfg: DictConfig, span: Span = no_span
+                   ) -> tuple[torch.Tensor, dict]:
+    """Total loss and its (unweighted) terms for one batch: the forward through t.train_model,
+    the no-grad CAM passes through t.model."""
     on = active_terms(step, cfg)
-    autocast = partial(torch.autocast, images.device.type, dtype=amp_dtype,
-                       enabled=amp_dtype is not None)
+    images, cls_label = batch.images, batch.cls_label
     # The training forward runs first and hands over its own (detached) CAMs as the unflipped
     # half of the scale-1.0 CAM pass: the same weights and images, so the same maps, B images
     # fewer through the network (the no-grad CAM passes now run while the forward's activations
     # are held). Not with stochastic depth, whose training passes differ from each other.
     reuse = cfg.cam.reuse_forward and cfg.model.drop_path_rate == 0
-    with span("forward"), autocast():
-        out = model(images, with_gcr=cfg.model.with_gcr, with_cams=reuse)
-    cam, aux_cam, refined = _pseudo_labels(cam_model, par, images, cls_label, out.cams,
-                                           on["seg"] or on["reg"], cfg, autocast, num_present, span)
+    with span("forward"), _autocast(t, images):
+        out = t.train_model(images, with_gcr=cfg.model.with_gcr, with_cams=reuse)
+    cam, aux_cam, refined = _pseudo_labels(t, batch, out.cams, on["seg"] or on["reg"], cfg, span)
     patch_map = out.patch_map.float()
     tokens = out.class_tokens.float()
     with span("token labels"), torch.no_grad():
@@ -118,17 +186,7 @@ def compute_losses(model: torch.nn.Module, cam_model: MoRe, par: PAR, images: to
             terms["ptc"] = L.ptc_loss(patch_map, labels["aux"])
     seg_logits = out.seg_logits.float()
     if refined is not None:
-        segs = F.interpolate(seg_logits, size=refined.shape[-2:], mode="bilinear",
-                             align_corners=False)
-        if on["seg"]:
-            with span(LOSS_SPANS["seg"]):
-                terms["seg"] = L.seg_loss(segs, refined)
-        if on["reg"]:
-            r = cfg.reg
-            with span(LOSS_SPANS["reg"]):
-                terms["reg"] = L.dense_energy_loss(
-                    denormalise_255(images), segs, refined, weight=r.weight, sigma_rgb=r.sigma_rgb,
-                    sigma_xy=r.sigma_xy, scale=r.scale, filter=r.filter, exact_scale=r.exact_scale)
+        terms.update(_seg_terms(seg_logits, refined, images, on, cfg, span))
     w = cfg.loss.weights
     total = sum(w[k] * terms[k] for k in LOSS_TERMS if on[k])
     # The reference always adds 0 * seg_loss, so the decoder gets zero gradients (and AdamW's
@@ -137,98 +195,89 @@ def compute_losses(model: torch.nn.Module, cam_model: MoRe, par: PAR, images: to
     return total, terms
 
 
+def _autocast(t: Training, images: torch.Tensor):
+    return torch.autocast(images.device.type, dtype=t.amp_dtype, enabled=t.amp_dtype is not None)
+
+
+def _seg_terms(seg_logits: torch.Tensor, refined: torch.Tensor, images: torch.Tensor, on: dict,
+               cfg: DictConfig, span: Span) -> dict[str, torch.Tensor]:
+    """The seg and reg terms that are on, from seg_logits (B,K+1,h,w) upsampled to the refined
+    label (B,H,W)."""
+    terms = {}
+    segs = F.interpolate(seg_logits, size=refined.shape[-2:], mode="bilinear", align_corners=False)
+    if on["seg"]:
+        with span(LOSS_SPANS["seg"]):
+            terms["seg"] = L.seg_loss(segs, refined)
+    if on["reg"]:
+        r = cfg.reg
+        with span(LOSS_SPANS["reg"]):
+            terms["reg"] = L.dense_energy_loss(
+                denormalise_255(images), segs, refined, weight=r.weight, sigma_rgb=r.sigma_rgb,
+                sigma_xy=r.sigma_xy, scale=r.scale, filter=r.filter, exact_scale=r.exact_scale)
+    return terms
+
+
 @torch.no_grad()
-def _pseudo_labels(cam_model: MoRe, par: PAR, images: torch.Tensor, cls_label: torch.Tensor,
-                   first, refine: bool, cfg: DictConfig, autocast, num_present: int | None,
-                   span: Span) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _pseudo_labels(t: Training, batch: Batch, first, refine: bool, cfg: DictConfig, span: Span
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """-> cam, aux_cam (B,K,H,W) float, multi-scale + flip (SPEC 4), and, when `refine`, the
     PAR-refined pseudo label (B,H,W) (else None). first: the forward's own (cam, aux_cam)."""
-    with span("multi-scale CAM"), autocast():
+    images = batch.images
+    with span("multi-scale CAM"), _autocast(t, images):
         # first is None without reuse; DDP with find_unused_parameters or static_graph would
         # also rebuild the forward's output without it: then the scale-1.0 pass simply runs again.
-        cam, aux_cam = multi_scale_cam(cam_model, images, cfg.cam.scales, first=first)
+        cam, aux_cam = multi_scale_cam(t.model, images, cfg.cam.scales, first=first)
     cam, aux_cam = cam.float(), aux_cam.float()
-    valid_cam = cam * cls_label[:, :, None, None]
+    valid_cam = cam * batch.cls_label[:, :, None, None]
     refined = None
     if refine:
         with span("refined labels (PAR)"):
-            refined = refine_label(par, denormalise(images), valid_cam, cls_label,
-                                   high=cfg.cam.high, low=cfg.cam.low, num_present=num_present)
+            refined = refine_label(t.par, denormalise(images), valid_cam, batch.cls_label,
+                                   high=cfg.cam.high, low=cfg.cam.low,
+                                   num_present=batch.num_present)
     return cam, aux_cam, refined
 
 
 # ----------------------------------------------------------------------------- the whole step
-@dataclass
-class Training:
-    """What the step works on, as `build_training` makes it.
+def train_step(t: Training, batches: Sequence[Batch], step: int, cfg: DictConfig,
+               span: Span = no_span) -> tuple[float, torch.Tensor, list[bool]]:
+    """One optimizer step over the micro-batches of one global batch (one, unless the run
+    accumulates gradients: `global_batch`).
 
-    model: the bare MoRe (checkpoints, validation); train_model: the module the forward runs
-    through (model itself, or wrapped in DDP / torch.compile by the caller); cam_model: what the
-    no-grad CAM passes call (model itself unless a caller wraps it, e.g. to time it).
+    Each micro-batch's loss is divided by their number, so the summed gradient is their mean;
+    DDP all-reduces once, in the last backward (the others run under `no_sync`). Returns
+    (backbone lr, values, nonfinite): values (1 + len(LOSS_TERMS),) is the detached total then
+    each term, averaged over the micro-batches; nonfinite says, for each, whether it was NaN/inf
+    in any micro-batch on any rank (one host sync). When any is, the update is skipped on every
+    rank alike.
     """
-    model: MoRe
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    par: PAR
-    amp_dtype: torch.dtype | None
-    train_model: torch.nn.Module | None = None
-    cam_model: Callable | None = None
-
-    def __post_init__(self):
-        self.train_model = self.model if self.train_model is None else self.train_model
-        self.cam_model = self.model if self.cam_model is None else self.cam_model
-
-
-def build_par(cfg: DictConfig) -> PAR:
-    """The pseudo-label refinement of the config (`par.num_iter`, `par.dilations`, `par.sparse`;
-    SPEC 4)."""
-    return PAR(num_iter=cfg.par.num_iter, dilations=tuple(cfg.par.dilations), sparse=cfg.par.sparse)
-
-
-def build_training(cfg: DictConfig, device: torch.device) -> Training:
-    """Model, optimizer, GradScaler, PAR and autocast dtype of the config, on `device`."""
-    model = model_from_config(cfg).to(device)
-    # Reference weights that never receive gradients (ViT head, GCR's _fc1) are frozen so DDP
-    # needs no unused-parameter search; AdamW skipped them anyway (grad None).
-    model.encoder.head.requires_grad_(False)
-    model.graph_layer._fc1.requires_grad_(False)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model.param_groups(), cfg)
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    return Training(model, optimizer, scaler, build_par(cfg).to(device), amp_dtype)
-
-
-LossHook = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
-
-
-def train_step(t: Training, images: torch.Tensor, cls_label: torch.Tensor, step: int,
-               cfg: DictConfig, num_present: int | None = None, span: Span = no_span,
-               on_losses: LossHook | None = None) -> tuple[float, torch.Tensor, list[bool]]:
-    """One optimisation step on a batch already on the device (images (B,3,H,W), cls_label (B,K)).
-
-    Returns (backbone lr, values, nonfinite): values (1 + len(LOSS_TERMS),) is the detached
-    total then each term; nonfinite says, for each of them, whether it was NaN/inf on any rank
-    (one host sync). When any is, the update is skipped on every rank alike. on_losses(total,
-    terms) -> (total, terms): a test hook that may change the losses before the check.
-    """
+    n = len(batches)
     with span("optimizer"):
         lr = set_lr(t.optimizer, step, cfg)
-    with span("compute_losses"):
-        total, terms = compute_losses(t.train_model, t.cam_model, t.par, images, cls_label, step,
-                                      cfg, t.amp_dtype, num_present, span)
-    if on_losses is not None:
-        total, terms = on_losses(total, terms)
-    with span("finite check (1 sync)"):
-        values = torch.stack([total.detach()] + [terms[k].detach().float() for k in LOSS_TERMS])
-        # Every rank learns which terms were non-finite anywhere, so all skip or stop together.
-        nonfinite = dist_utils.all_reduce_max((~torch.isfinite(values)).float()).tolist()
+        t.optimizer.zero_grad(set_to_none=True)
+    values, bad = None, None
+    for i, batch in enumerate(batches):
+        last = i == n - 1
+        with nullcontext() if last else _no_sync(t.train_model):
+            with span("compute_losses"):
+                total, terms = compute_losses(t, batch, step, cfg, span)
+            v = torch.stack([total.detach()] + [terms[k].detach().float() for k in LOSS_TERMS])
+            values, bad = (v, ~torch.isfinite(v)) if i == 0 else (values + v, bad | ~torch.isfinite(v))
+            if last:
+                with span("finite check (1 sync)"):
+                    # Every rank learns which terms were non-finite anywhere: all skip or stop together.
+                    nonfinite = dist_utils.all_reduce_max(bad.float()).tolist()
+                if any(nonfinite):
+                    break
+            with span("backward"):
+                t.scaler.scale(total / n).backward()
     if not any(nonfinite):
-        with span("backward"):
-            t.optimizer.zero_grad(set_to_none=True)
-            t.scaler.scale(total).backward()
         with span("optimizer"):
             t.scaler.step(t.optimizer)
             t.scaler.update()
-    return lr, values, [bool(b) for b in nonfinite]
+    return lr, values / n, [bool(b) for b in nonfinite]
+
+
+def _no_sync(module: torch.nn.Module):
+    """DDP's no_sync (gradients accumulate locally, no all-reduce); nothing for a bare module."""
+    return module.no_sync() if isinstance(module, DistributedDataParallel) else nullcontext()

@@ -1,5 +1,6 @@
 """The training step, timed stage by stage: `wetr.step.train_step` itself, given a StageTimer's
-`stage` as its span, so the breakdown cannot drift from the engine.
+`stage` as its span (and forward hooks on the model for its CAM passes), so the breakdown cannot
+drift from the engine.
 
 Network time = the model calls (CAM passes and the training forward) + backward; the share outside
 it covers CAM resizing/normalisation, PAR, labels, losses, the finite check and AdamW.
@@ -15,10 +16,10 @@ import torch
 from omegaconf import DictConfig
 
 from datasets.synthetic import MAX_CLASSES, render
+from utils.dist import DistInfo
 from utils.profiling import PeakMemory, StageTimer, sync
 from wetr.cam import IMAGENET_MEAN_255, IMAGENET_STD_255
-from wetr.compile import compile_regions
-from wetr.step import LOSS_SPANS, LOSS_TERMS, Training, build_training, train_step
+from wetr.step import LOSS_SPANS, LOSS_TERMS, Batch, Training, build_training, to_device, train_step
 
 NETWORK_STAGES = ("network passes (CAM)", "forward", "backward")
 # The spans inside compute_losses; what they leave out of it is its glue.
@@ -45,35 +46,27 @@ def synthetic_batch(batch: int, size: int, num_fg: int, seed: int) -> tuple[torc
     return (x - mean) / std, labels
 
 
-class TimedCalls:
-    """A module whose calls (`m(...)`, `m.cams(...)`) run inside `span(name)`: handed to the step
-    as its CAM model, it times the network passes of the multi-scale CAM."""
+def time_cam_passes(model: torch.nn.Module, timer: StageTimer, name: str) -> list:
+    """Forward hooks on `model` that time its no-grad calls (the CAM passes of the step, which
+    call the bare model; the training forward runs with grad) as the stage `name`; returns their
+    handles."""
+    open_stage = []
 
-    def __init__(self, module: torch.nn.Module, span: Callable, name: str):
-        self.module, self.span, self.name = module, span, name
+    def before(module, args, kwargs):
+        if not torch.is_grad_enabled():
+            open_stage.append(timer.stage(name))
+            open_stage[-1].__enter__()
 
-    def __call__(self, *args, **kwargs):
-        with self.span(self.name):
-            return self.module(*args, **kwargs)
+    def after(module, args, kwargs, output):
+        if not torch.is_grad_enabled():
+            open_stage.pop().__exit__(None, None, None)
 
-    def cams(self, x: torch.Tensor):
-        with self.span(self.name):
-            return self.module.cams(x)
-
-
-def build_timed_training(cfg: DictConfig, device: torch.device, timer: StageTimer) -> Training:
-    """What `wetr.engine.train` builds before its loop (one process: no DDP), the CAM passes timed."""
-    t = build_training(cfg, device)
-    if cfg.compile:
-        compile_regions(t.model)   # in place, as the engine: the CAM passes run compiled too
-    t.cam_model = TimedCalls(t.model, timer.stage, "network passes (CAM)")
-    t.model.train()
-    return t
+    return [model.register_forward_pre_hook(before, with_kwargs=True),
+            model.register_forward_hook(after, with_kwargs=True)]
 
 
-def _step(t: Training, images, cls_label, step: int, cfg: DictConfig, num_present: int,
-          timer: StageTimer) -> torch.Tensor:
-    _, values, nonfinite = train_step(t, images, cls_label, step, cfg, num_present, span=timer.stage)
+def _step(t: Training, batch: Batch, step: int, cfg: DictConfig, timer: StageTimer) -> torch.Tensor:
+    _, values, nonfinite = train_step(t, [batch], step, cfg, span=timer.stage)
     if any(nonfinite):
         raise FloatingPointError(f"non-finite loss in the benchmark step: {values.tolist()}")
     return values
@@ -96,20 +89,20 @@ def _count_flops(fn: Callable[[], object]) -> int:
 
 def bench_step(cfg: DictConfig, device: torch.device) -> tuple[dict, Training]:
     b = cfg.bench
-    images, cls_label = synthetic_batch(cfg.batch_size, cfg.data.crop_size, cfg.data.num_classes - 1, b.seed)
-    # As a training loop would: the bound on present classes comes from the loader's CPU labels.
-    num_present = int(cls_label.sum(dim=1).max())
-    images, cls_label = images.to(device), cls_label.to(device)
-    if cfg.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+    # As the training loop: the bound on present classes comes from the loader's CPU labels.
+    batch = to_device(*synthetic_batch(cfg.batch_size, cfg.data.crop_size, cfg.data.num_classes - 1,
+                                       b.seed), device, cfg.channels_last)
     step = b.step if b.step >= 0 else max(cfg.loss.after.values()) + 1
     mem = PeakMemory(device)
     mem_before = mem.current()
     timer = StageTimer(device)
     timer.enabled = False
-    t = build_timed_training(cfg, device, timer)
+    # What `wetr.engine.train` builds before its loop (one process: no DDP), the CAM passes timed.
+    t = build_training(cfg, DistInfo(rank=0, local_rank=0, world_size=1, device=device))
+    hooks = time_cam_passes(t.model, timer, "network passes (CAM)")
+    t.model.train()
     params = sum(p.numel() for p in t.model.parameters())
-    run = lambda: _step(t, images, cls_label, step, cfg, num_present, timer)  # noqa: E731
+    run = lambda: _step(t, batch, step, cfg, timer)  # noqa: E731
 
     timer.new_step()
     for _ in range(b.warmup):
@@ -141,6 +134,8 @@ def bench_step(cfg: DictConfig, device: torch.device) -> tuple[dict, Training]:
 
     timer.enabled = False
     flops = _count_flops(run) if b.flops and not cfg.compile else None
+    for h in hooks:
+        h.remove()
 
     step_s = stages["step"]
     # Throughput figures use the un-instrumented step where there is one (CUDA).
@@ -149,7 +144,7 @@ def bench_step(cfg: DictConfig, device: torch.device) -> tuple[dict, Training]:
     # Medians are taken per stage, so the rows need not add up exactly to the median step.
     return {
         "iteration": step,
-        "compute_losses_extra": {"num_present": num_present},
+        "compute_losses_extra": {"num_present": batch.num_present},
         "params_M": params / 1e6,
         "step_s": step_s,
         "step_s_all": [st["step"] for st in steps],
