@@ -29,7 +29,7 @@ class DataConfig:
     metrics): the K foreground classes plus background. Code that counts the K foreground
     classes alone (class tokens, image-label vectors, the synthetic data) names it
     `num_fg_classes`."""
-    name: str = "voc"                   # voc | coco
+    name: str = "voc"                   # voc | coco | tags (your own images: tools/prepare_tags.py)
     root: str = "data/VOCdevkit/VOC2012"  # dataset folder (images, masks, lists)
     list_dir: str | None = None         # split lists + cls_labels.npz; default <root>/ImageSets/Segmentation
     train_split: str = "train_aug"      # split list of the training images
@@ -193,7 +193,7 @@ class TrainConfig:
 
 
 _CHOICES = {
-    "data.name": ("voc", "coco"),
+    "data.name": ("voc", "coco", "tags"),
     "data.aug": ("voc", "coco"),
     "device": ("auto", "cpu", "cuda"),
     "amp": ("none", "bf16", "fp16"),

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from datasets import build_dataset, build_train_loader
+from datasets import build_dataset, build_train_loader, resolve_classes
 from datasets.layout import LayoutError
 from datasets.sampler import CheckedDataset, SampleError
 from utils import dist as dist_utils
@@ -41,7 +41,7 @@ from . import run
 from .compile import compile_regions
 from .run import NonFiniteLossError, RunError
 from .step import LOSS_TERMS, Training, build_training, train_step
-from .validate import build_val_loader, val_overlays, validate
+from .validate import build_val_loader, val_overlays, val_scalars, validate
 
 USER_ERRORS = (ConfigError, RunError, LayoutError, CheckpointError, DeviceError,
                NonFiniteLossError, SampleError, FileNotFoundError)
@@ -284,7 +284,7 @@ def _evaluate_and_save(state: _Progress, t: Training, cfg: DictConfig, dist: Dis
                         f"({result['images']} images)")
             metrics.write(step=step, **{f"val/{k}_miou": result[k]["miou"]
                                         for k in ("cam", "lam", "fused", "seg")},
-                          **{"val/f1": result["f1"]})
+                          **{"val/f1": result["f1"]}, **val_scalars(result, cfg))
             if metrics.tb.enabled and cfg.log.images > 0:
                 metrics.tb.images(step, "val", val_overlays(t.model, val_loader.dataset, cfg,
                                                             dist.device, cfg.log.images))
@@ -322,6 +322,7 @@ def main(overrides: dict, argv: list[str] | None = None, hooks: Hooks | None = N
         with user_errors(USER_ERRORS, if_one_line=(ValueError,), silent=_printed_by_rank_0,
                          cleanup=dist_utils.cleanup):
             cfg = parse_cli(argv, TrainConfig, overrides)
+            resolve_classes(cfg.data)   # data.name=tags: K + 1 from the dataset's class_names.txt
             if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0 and not cfg.resume:
                 cfg.resume = "auto"  # a worker restarted by torchrun continues its run
             if os.environ.get("MORE_PREFLIGHT") == "1":
