@@ -210,8 +210,9 @@ def _check_tags(cfg_data: Any, splits: Sequence[str], max_masks: int | None) -> 
         _fail(path, str(exc).split(": ", 1)[-1], fix)
     num_fg = int(cfg_data.num_classes) - 1
     if k != num_fg:
-        _fail(path, f"lists {k} classes but data.num_classes={num_fg + 1} means {num_fg}",
-              "leave data.num_classes out (it is read from this file)")
+        _fail(path, f"lists {k} classes but data.num_classes={num_fg + 1} (a checkpoint's K + 1 "
+                    f"when evaluating) means {num_fg}", "train without data.num_classes (it is "
+                    "read from this file); evaluate on the data.root the checkpoint was trained on")
     lists = _read_lists(TagDataset, root, list_dir, splits, fix)
     _read_labels(list_dir, lists, num_fg, fix, False)
     seen: dict[str, set[str]] = {}

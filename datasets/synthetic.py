@@ -325,7 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     state = "wrote" if wrote else "up to date:"
     how = (f"data.name=tags data.root={args.out}" if args.format == "tags" else
            f"data.root={args.out} data.num_classes={args.num_fg_classes + 1}")
-    print(f"{state} {args.out} ({args.train} train / {args.val} val, K={args.num_fg_classes}, "
+    train = "train_aug" if args.format == "voc" else "train"
+    print(f"{state} {args.out} ({args.train} {train} / {args.val} val, K={args.num_fg_classes}, "
           f"{args.size}px, {args.format} format); train with {how}")
 
 

@@ -15,7 +15,7 @@ from utils.io import atomic_open, write_atomic
 from .tag_import import (ImageIndex, Imported, Source, Split, TagImportError, class_list,
                          folder_rows, image_size, read_csv, read_json, resolve_rows, scan_images,
                          tag_labels)
-from .tags import CLASS_FILE, FORMAT, MASK_FOLDER, META_FILE
+from .tags import CLASS_FILE, FORMAT, MASK_FOLDER, META_FILE, read_class_file
 from .voc import LABEL_FILE, default_list_dir, read_mask, read_name_list
 from .voc_lists import write_cls_labels, write_name_list
 
@@ -104,7 +104,7 @@ def read_source(images: str, source: Source, out: str) -> tuple[ImageIndex, list
     if sum(x is not None and x is not False for x in (source.csv, source.json, source.folders)) != 1:
         raise TagImportError("give the tags once: --csv FILE, --json FILE or --folders")
     if source.csv:
-        rows = read_csv(source.csv)
+        rows = read_csv(source.csv, read_class_file(source.classes) if source.classes else ())
     elif source.json:
         rows = read_json(source.json)
     else:

@@ -113,10 +113,10 @@ def split_cell(cell: str, semicolons: bool | None = None) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def read_csv(path: str) -> list[tuple[str, str, list[str]]]:
+def read_csv(path: str, known: Sequence[str] = ()) -> list[tuple[str, str, list[str]]]:
     """-> (where, image key, tags) per row; a first row `image,...` is a header. When any tag
     cell holds a `;`, `;` separates the tags of every row (so `big dog` stays one name), else
-    blanks do."""
+    blanks do, except in a cell that is one of the `known` class names as a whole."""
     rows = []
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -133,7 +133,9 @@ def read_csv(path: str) -> list[tuple[str, str, list[str]]]:
     except (UnicodeDecodeError, csv.Error) as exc:
         raise TagImportError(f"{path}: not a UTF-8 CSV ({exc}); fix: save it as UTF-8 CSV") from None
     semicolons = any(";" in c for _, _, cells in rows for c in cells)
-    return [(w, key, [t for c in cells for t in split_cell(c, semicolons)])
+    known = set(known)
+    return [(w, key, [t for c in cells for t in
+                      ([c.strip()] if c.strip() in known else split_cell(c, semicolons))])
             for w, key, cells in rows]
 
 

@@ -7,7 +7,8 @@
 
 Images: every .jpg / .jpeg / .png under --images (sub-folders too, any file name, any size);
 they are not copied: the split lists hold paths relative to that folder. Tags: a CSV
-`image,tags` (tags separated by `;`, or by spaces when no `;`; class names or indices 1..K), a
+`image,tags` (tags separated by `;`, or by spaces when the file has no `;` — a cell that is
+one --classes name stays whole; class names or indices 1..K), a
 JSON {"image": ["tag", ...]}, or one sub-folder per class (--folders). An image with an empty
 tag cell is kept as background only; an image without a row is not imported. Masks (optional,
 --masks): palette or grey index PNGs named like their image (`sub/name.png` or
