@@ -265,3 +265,39 @@ def test_validate_without_masks_scores_the_classifier(caplog, monkeypatch):
     assert all(same(mixed[k], alone[k]) for k in ("cam", "lam", "fused", "seg"))
     # the masked image's classifier output is the same forward as without its mask
     assert mixed["f1"] == res[0]["f1"] and same(mixed["cls"], res[0]["cls"])
+
+
+def test_csv_cell_that_is_a_known_class_stays_whole(tmp_path):
+    from datasets.tag_import import read_csv
+    (tmp_path / "t.csv").write_text("a.jpg,traffic light\nb.jpg,cat dog\n")
+    rows = read_csv(str(tmp_path / "t.csv"), known=["traffic light", "cat", "dog"])
+    assert [r[2] for r in rows] == [["traffic light"], ["cat", "dog"]]
+    assert read_csv(str(tmp_path / "t.csv"))[0][2] == ["traffic", "light"]
+
+
+def test_synthetic_tags_format_is_the_voc_set_renamed(tmp_path):
+    """Same seed: the tag-format images and labels are the VOC-format ones under odd names; the
+    val masks come through the import; a second call is a no-op."""
+    from datasets.synthetic import make_synthetic, tag_file_name
+    voc, tags = tmp_path / "voc", tmp_path / "tags"
+    for root, fmt in ((voc, "voc"), (tags, "tags")):
+        assert make_synthetic(str(root), num_fg_classes=3, num_train=8, num_val=4, size=48,
+                              progress=False, fmt=fmt)
+    assert not make_synthetic(str(tags), num_fg_classes=3, num_train=8, num_val=4, size=48,
+                              progress=False, fmt="tags")
+    vn, vl = read_cls_labels(str(voc / "ImageSets/Segmentation/cls_labels.npz"))
+    tn, tl = read_cls_labels(str(tags / "ImageSets/Segmentation/cls_labels.npz"))
+    by_tag = dict(zip(tn, tl.tolist()))
+    for n, row in zip(vn, vl.tolist()):
+        split, i = n.split("_")
+        rel = tag_file_name("train" if split == "train" else "val", int(i))
+        assert by_tag[rel] == row, n
+        if split == "val":
+            assert (tags / "masks" / (rel + ".png")).read_bytes() == \
+                (voc / "SegmentationClassAug" / (n + ".png")).read_bytes()
+        if rel.endswith(".jpg"):
+            assert (tags / "photos" / rel).read_bytes() == (voc / "JPEGImages" / (n + ".jpg")).read_bytes()
+    cfg = _cfg(tags)
+    resolve_classes(cfg)
+    check_layout(cfg, ["train", "val"])
+    assert class_names(cfg)[1:] == (tags / "classes.txt").read_text().split()
