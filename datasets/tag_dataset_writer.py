@@ -23,14 +23,16 @@ VERSION = 1
 
 
 def find_masks(mask_dir: str, index: ImageIndex, labels: dict[str, np.ndarray],
-               sizes: dict[str, tuple[int, int]]) -> dict[str, str]:
+               sizes: dict[str, tuple[int, int]]) -> tuple[dict[str, str], list[str]]:
     """{image entry: mask path} of the PNGs under mask_dir, each checked: an index PNG (L or P)
     of values 0..K and 255, its image's size (`sizes`: entry -> (H, W)), an image that has a
-    row."""
+    row; and the entries whose mask shows other classes than their tags (not an error: a tiny
+    object may be untagged, but worth a look)."""
     if not os.path.isdir(mask_dir):
         raise TagImportError(f"{mask_dir}: masks folder not found; fix: pass --masks DIR")
     k = len(next(iter(labels.values())))
     found: dict[str, str] = {}
+    differ: list[str] = []
     for rel in scan_images(mask_dir):
         if not rel.lower().endswith(".png"):
             continue
@@ -57,7 +59,10 @@ def find_masks(mask_dir: str, index: ImageIndex, labels: dict[str, np.ndarray],
                                  f"image {name} is {w}x{h}; fix: save the mask at the image's "
                                  f"size")
         found[name] = path
-    return found
+        shown = [v for v in np.unique(mask).tolist() if 0 < v <= k]
+        if shown != [c + 1 for c in np.flatnonzero(labels[name])]:
+            differ.append(name)
+    return found, differ
 
 
 def split_names(names: Sequence[str], masked: Sequence[str], split: Split,
@@ -126,13 +131,13 @@ def import_tags(images: str, source: Source, out: str, split: Split | None = Non
     for name, (where, _, _) in zip(names, rows):   # every listed image must open
         sizes[name] = image_size(os.path.join(images, name), where)
     by_name = dict(zip(names, labels))
-    found = find_masks(masks, index, by_name, sizes) if masks else {}
+    found, differ = find_masks(masks, index, by_name, sizes) if masks else ({}, [])
     lists = split_names(names, sorted(found), split, index)
     order = np.argsort(np.asarray(names, dtype=str), kind="stable")
     result = Imported(classes=classes, lists=lists, labels=labels[order],
                       names=[names[i] for i in order], masks=found,
                       unlisted=len(index.paths) - len(names),
-                      untagged=int((labels.sum(1) == 0).sum()))
+                      untagged=int((labels.sum(1) == 0).sum()), differ=differ)
     write_layout(out, images, result, {"source": _describe(source), "val_fraction":
                                        split.val_fraction, "val_list": split.val_list,
                                        "seed": split.seed})

@@ -58,6 +58,7 @@ class Imported:
     masks: dict[str, str] = field(default_factory=dict)   # image entry -> source mask path
     unlisted: int = 0                   # images under the folder without a row
     untagged: int = 0                   # listed images without any tag (background only)
+    differ: list[str] = field(default_factory=list)      # masks showing other classes than tags
 
 
 def scan_images(folder: str, skip: str | None = None) -> list[str]:

@@ -114,11 +114,12 @@ def resolve_classes(cfg_data: Any) -> None:
 def class_names(data: Any) -> list[str]:
     """Names of the K + 1 classes (background first) of a dataset config (name, root, list_dir,
     num_classes): VOC's / COCO's, a tag dataset's class_names.txt, the synthetic set's, or
-    generic ones. A tag dataset whose file disagrees with num_classes (a checkpoint's K) raises
-    CheckpointError naming both."""
+    generic ones (a tag dataset no longer on disk, e.g. predicting elsewhere). A tag dataset
+    whose file disagrees with num_classes (a checkpoint's K) raises CheckpointError naming
+    both."""
     from . import coco, synthetic, voc
 
-    if data.name == "tags":
+    if data.name == "tags" and os.path.isfile(class_file(data)):
         path = class_file(data)
         names = ["background"] + read_class_file(path)
         if len(names) != int(data.num_classes):

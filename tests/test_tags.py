@@ -62,7 +62,7 @@ def _files(root: Path) -> dict:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_csv_import_layout_labels_and_rerun(src):
+def test_csv_import_layout_labels_and_rerun(src, capsys):
     out = _run(src, "--masks", str(src / "masks"), "--val-fraction", "0.34", "--seed", "3")
     lists = out / "ImageSets" / "Segmentation"
     assert (lists / "class_names.txt").read_text() == "big dog\ncat\n"   # sorted tag names
@@ -74,6 +74,8 @@ def test_csv_import_layout_labels_and_rerun(src):
             "z.jpg": [1, 1], "z.png": [1, 0], "deep/er/w.jpg": [0, 1]}
     assert {n: row.tolist() for n, row in zip(names, labels)} == want
     assert (out / "masks" / "z.png.png").read_bytes() == (src / "masks" / "z.png.png").read_bytes()
+    # z.png is tagged "big dog" (class 1) and its mask shows class 1 only: no note
+    assert "other classes" not in capsys.readouterr().out
     meta = json.loads((out / "tags.json").read_text())
     assert meta["counts"] == {"train": 4, "val": 2, "masks": 1, "untagged": 1}
     before = _files(out)
@@ -82,6 +84,10 @@ def test_csv_import_layout_labels_and_rerun(src):
     assert not [p for p in out.rglob(".*") if p.is_file()]   # no temp files left
     _run(src, "--val-fraction", "0.34", "--seed", "3")       # without masks: the old one goes
     assert not list((out / "masks").rglob("*.png"))
+    Image.fromarray(np.full(SIZES["z.png"], 2, np.uint8)).save(src / "masks" / "z.png.png")
+    _run(src, "--masks", str(src / "masks"))
+    assert "1 mask(s) show other classes than their image's tags (first: z.png)" in \
+        capsys.readouterr().out
 
 
 def test_val_draw_is_seeded_and_val_list_wins(src):
@@ -192,6 +198,8 @@ def test_dataset_resolution_names_and_val_labels(src):
         class_names(SimpleNamespace(**{**vars(cfg), "num_classes": 5}))
     with pytest.raises(LayoutError, match="class_names.txt: lists 2 classes"):
         check_layout(SimpleNamespace(**{**vars(cfg), "num_classes": 5}), ["val"])
+    gone = SimpleNamespace(**{**vars(cfg), "root": str(out) + "_moved"})   # predict elsewhere
+    assert class_names(gone) == ["background", "class_1", "class_2"]
     voc = SimpleNamespace(name="voc", root="x", list_dir=None, num_classes=21,
                           train_split="train_aug")
     resolve_classes(voc)

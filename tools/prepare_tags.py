@@ -70,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{len(res.masks)} with masks")
     if res.untagged:
         print(f"note: {res.untagged} image(s) without tags kept as background only")
+    if res.differ:
+        print(f"note: {len(res.differ)} mask(s) show other classes than their image's tags "
+              f"(first: {res.differ[0]}); validation labels the maps with the tags")
     if res.unlisted:
         print(f"note: {res.unlisted} image(s) under {args.images} have no row; not imported")
     if not any(n in res.masks for n in res.lists["val"]):
