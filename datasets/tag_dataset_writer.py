@@ -101,7 +101,7 @@ def split_names(names: Sequence[str], masked: Sequence[str], split: Split,
 
 def read_source(images: str, source: Source, out: str) -> tuple[ImageIndex, list, str]:
     """-> the image index, the rows (where, key, tags) and the class-list description."""
-    paths = scan_images(images, skip=out)
+    paths = scan_images(images, skip=(out, os.path.join(out, MASK_FOLDER)))
     if not paths:
         raise TagImportError(f"{images}: no .jpg, .jpeg or .png images; fix: pass the folder "
                              f"that holds them (sub-folders are searched too)")

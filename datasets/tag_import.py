@@ -61,16 +61,16 @@ class Imported:
     differ: list[str] = field(default_factory=list)      # masks showing other classes than tags
 
 
-def scan_images(folder: str, skip: str | None = None) -> list[str]:
+def scan_images(folder: str, skip: Sequence[str] = ()) -> list[str]:
     """Sorted paths (relative, `/`-separated) of the JPEG / PNG files under `folder`, hidden
-    folders and `skip` (the output root, when inside) left out."""
+    folders and the `skip` folders (the output root and its masks, when inside) left out."""
     if not os.path.isdir(folder):
         raise TagImportError(f"{folder}: images folder not found; fix: pass --images DIR")
-    skip = os.path.realpath(skip) if skip else None
+    skip = {os.path.realpath(s) for s in skip}
     found = []
     for d, dirs, files in os.walk(folder):
         dirs[:] = [x for x in dirs if not x.startswith(".")
-                   and os.path.realpath(os.path.join(d, x)) != skip]
+                   and os.path.realpath(os.path.join(d, x)) not in skip]
         rel = os.path.relpath(d, folder).replace(os.sep, "/")
         for f in files:
             if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith("."):

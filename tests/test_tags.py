@@ -90,6 +90,18 @@ def test_csv_import_layout_labels_and_rerun(src, capsys):
         capsys.readouterr().out
 
 
+def test_output_inside_the_images_folder(src):
+    """--out inside --images (or equal to it): its masks are not taken for images on a rerun."""
+    import shutil
+    for case, sub in ((1, "out"), (2, "")):
+        images = src / f"imgs{case}"
+        shutil.copytree(src / "imgs", images)
+        for _ in range(2):
+            res = import_tags(str(images), Source(csv=str(src / "tags.csv")), str(images / sub),
+                              Split(0.34), str(src / "masks"))
+            assert res.unlisted == 0 and sorted(res.names) == sorted(NAMES)
+
+
 def test_val_draw_is_seeded_and_val_list_wins(src):
     a = read_name_list(str(_run(src, "--seed", "1", "--val-fraction", "0.5", out="a")
                            / "ImageSets/Segmentation/val.txt"))
