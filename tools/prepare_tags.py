@@ -25,14 +25,13 @@ import argparse
 import time
 from typing import Sequence
 
-from datasets.tag_dataset_writer import import_tags
-from datasets.tag_import import Source, Split, TagImportError
 from utils.errors import user_errors
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python tools/prepare_tags.py", description=__doc__.split("\n")[0],
+        prog="python tools/prepare_tags.py", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="More: docs/OWN_DATASET.md.")
     parser.add_argument("--images", required=True, help="folder of the images (searched "
                         "recursively; list entries are paths relative to it)")
@@ -57,6 +56,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    # imported after the arguments: --help and usage errors do not wait for torch
+    from datasets.tag_dataset_writer import import_tags
+    from datasets.tag_import import Source, Split, TagImportError
+
     source = Source(csv=args.csv, json=args.json, folders=args.folders, classes=args.classes,
                     index_base=args.index_base)
     split = Split(val_fraction=args.val_fraction, val_list=args.val_list, seed=args.seed)
