@@ -321,3 +321,15 @@ def test_synthetic_tags_format_is_the_voc_set_renamed(tmp_path):
     resolve_classes(cfg)
     check_layout(cfg, ["train", "val"])
     assert class_names(cfg)[1:] == (tags / "classes.txt").read_text().split()
+
+
+def test_val_scalars_are_named_by_class_on_tag_datasets_only(src):
+    from wetr.validate import val_scalars
+    cfg = _cfg(_run(src))
+    resolve_classes(cfg)
+    result = {"cls": {"precision": [0.5, float("nan")], "recall": [1.0, 0.25]}}
+    assert val_scalars(result, SimpleNamespace(data=cfg)) == {
+        "val/cls_precision/big_dog": 0.5, "val/cls_precision/cat": result["cls"]["precision"][1],
+        "val/cls_recall/big_dog": 1.0, "val/cls_recall/cat": 0.25}
+    voc = SimpleNamespace(name="voc", root="x", list_dir=None, num_classes=3)
+    assert val_scalars(result, SimpleNamespace(data=voc)) == {}

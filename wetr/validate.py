@@ -6,8 +6,9 @@ do not depend on the number of processes. The maps come from `wetr.infer.validat
 An image without a mask (label all 255: a tag dataset's val image, datasets/tags.py) only goes
 through the classifier's forward: its maps would add nothing to the confusion matrices. The
 classifier is always scored per class too (precision / recall / F1 of logits > 0 against the
-image labels, `result["cls"]`); when no val image has a mask, the mIoUs are NaN, the log says
-once that mIoU needs masks, and each validation logs the classifier's per-class figures.
+image labels, `result["cls"]`); when no val image has a mask, the mIoUs are NaN and the log
+says once that mIoU needs masks. On a tag dataset, or without masks, each validation logs the
+classifier's per-class figures with the class names (`val_scalars`: the same for TensorBoard).
 """
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ def validate(model: torch.nn.Module, loader: DataLoader, cfg, dist: DistInfo,
     result["images"] = int(f1_sum[1])
     result["masked_images"] = int(f1_sum[2])
     result["cls"] = classifier_scores(counts.cpu())
-    if result["masked_images"] == 0 and dist.is_main:
+    tags = getattr(cfg.data, "name", None) == "tags"
+    if (result["masked_images"] == 0 or tags) and dist.is_main:
         _log_classifier(result, cfg)
     return result
 
@@ -106,8 +108,11 @@ def classifier_scores(counts: torch.Tensor) -> dict:
 def val_scalars(result: dict, cfg) -> dict:
     """Per-class classifier precision / recall as metrics.jsonl / TensorBoard scalars, named by
     class: {"val/cls_precision/<class>": p, "val/cls_recall/<class>": r} (NaN ones are left out
-    of TensorBoard by `utils.tensorboard_log`)."""
+    of TensorBoard by `utils.tensorboard_log`); a tag dataset's only, so VOC / COCO records stay
+    as they were."""
     from datasets import class_names
+    if getattr(cfg.data, "name", None) != "tags":
+        return {}
     names = [n.replace(" ", "_") for n in class_names(cfg.data)[1:]]
     out = {}
     for key in ("precision", "recall"):
@@ -119,10 +124,11 @@ _NOTED: set[str] = set()   # runs whose log already says that mIoU needs masks
 
 
 def _log_classifier(result: dict, cfg) -> None:
-    """Maskless validation: the note (once a run) and the per-class classifier figures."""
+    """The per-class classifier figures (a tag dataset, or no val masks) and, without masks,
+    the note that mIoU needs them (once a run)."""
     from datasets import class_names
     log = get_logger()
-    if cfg.tag not in _NOTED:
+    if result["masked_images"] == 0 and cfg.tag not in _NOTED:
         _NOTED.add(cfg.tag)
         log.info("val: no val image has a mask, so validation scores the classifier (F1, "
                  "per-class precision / recall); mIoU needs masks (tools/prepare_tags.py --masks)")
