@@ -143,3 +143,22 @@ def test_class_list_that_disagrees_with_the_checkpoint(tmp_path):
     assert len(err) == 1 and "class_names.txt" in err[0] and "3 classes" in err[0], err
     r = train_1(small, tmp_path / "logs", "u", "data.num_classes=5")
     assert r.returncode == 2 and "data.num_classes=5" in r.stderr and "lists 2" in r.stderr
+
+
+def test_untagged_images_train_as_background_only(tmp_path):
+    """Images with an empty tag cell are kept as background only: batches without any class
+    train with finite losses (PAR, the token labels and the losses see zero present classes)."""
+    data = random_tags(tmp_path, 2, 12, 0)
+    csv = (tmp_path / "tags.csv").read_text().splitlines()
+    (tmp_path / "tags.csv").write_text("\n".join([csv[0]] + [r.split(",")[0] + "," for r in csv[1:]])
+                                       + "\n")
+    prepare_tags.main(["--images", str(tmp_path / "imgs"), "--csv", str(tmp_path / "tags.csv"),
+                       "--classes", str(tmp_path / "classes.txt"), "--out", str(data)])
+    meta = json.loads((data / "tags.json").read_text())
+    assert meta["counts"]["untagged"] == 12
+    r = train_1(data, tmp_path / "logs", "t", "max_iters=4", "eval_every=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = [json.loads(x) for x in (tmp_path / "logs" / "t" / "metrics.jsonl").read_text()
+               .splitlines()]
+    losses = [x["loss/total"] for x in records if "loss/total" in x]
+    assert losses and all(np.isfinite(losses))
