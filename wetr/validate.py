@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from datasets import class_names
 from utils.dist import DistInfo, all_reduce_sum
 from utils.logger import get_logger
 from utils.metrics import confusion_matrix, multilabel_f1, scores
@@ -110,7 +111,6 @@ def val_scalars(result: dict, cfg) -> dict:
     class: {"val/cls_precision/<class>": p, "val/cls_recall/<class>": r} (NaN ones are left out
     of TensorBoard by `utils.tensorboard_log`); a tag dataset's only, so VOC / COCO records stay
     as they were."""
-    from datasets import class_names
     if getattr(cfg.data, "name", None) != "tags":
         return {}
     names = [n.replace(" ", "_") for n in class_names(cfg.data)[1:]]
@@ -126,7 +126,6 @@ _NOTED: set[str] = set()   # runs whose log already says that mIoU needs masks
 def _log_classifier(result: dict, cfg) -> None:
     """The per-class classifier figures (a tag dataset, or no val masks) and, without masks,
     the note that mIoU needs them (once a run)."""
-    from datasets import class_names
     log = get_logger()
     if result["masked_images"] == 0 and cfg.tag not in _NOTED:
         _NOTED.add(cfg.tag)
