@@ -1,4 +1,5 @@
-"""Datasets (VOC, COCO, synthetic VOC-layout), augmentations and layout checks."""
+"""Datasets (VOC, COCO, your own tagged images, synthetic VOC-layout), augmentations and layout
+checks."""
 from __future__ import annotations
 
 import random
@@ -10,18 +11,19 @@ from torch.utils.data import DataLoader
 
 from .coco import COCODataset
 from .sampler import ResumableSampler, SeededDataset
+from .tags import TagDataset, class_names, resolve_classes
 from .transforms import JITTER, RESCALE
 from .voc import VOCDataset
 
-DATASETS = {"voc": VOCDataset, "coco": COCODataset}
+DATASETS = {"voc": VOCDataset, "coco": COCODataset, "tags": TagDataset}
 
-__all__ = ["VOCDataset", "COCODataset", "DATASETS", "build_dataset", "build_train_loader",
-           "seed_worker"]
+__all__ = ["VOCDataset", "COCODataset", "TagDataset", "DATASETS", "build_dataset",
+           "build_train_loader", "seed_worker", "class_names", "resolve_classes"]
 
 
 def build_dataset(cfg_data: Any, split: str, stage: str) -> VOCDataset:
     """Dataset from a config node (attribute access: OmegaConf node or SimpleNamespace) with
-    fields name (voc|coco), root, list_dir, num_classes, crop_size, rescale, jitter_p, jitter,
+    fields name (voc|coco|tags), root, list_dir, num_classes, crop_size, rescale, jitter_p, jitter,
     aug."""
     name = cfg_data.name
     if name not in DATASETS:

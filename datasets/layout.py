@@ -6,8 +6,11 @@ a row for every listed name); that every listed image and mask exists (all names
 listing, cheap even for COCO); and for the first `max_masks` names of each split (default 1500:
 all of VOC val and of the synthetic set, a prefix of VOC train_aug and COCO; None checks all) that
 the mask decodes, holds only 0..K and 255, has its image's size, and agrees with its image label.
-The "test" split needs neither masks nor labels. Each problem raises `LayoutError` with one line:
-the path, what is wrong, and the command that fixes it.
+The "test" split needs neither masks nor labels. A tag dataset (data.name=tags, datasets/tags.py)
+is checked by `_check_tags`: tags.json, its image folder, class_names.txt against
+data.num_classes, the lists and labels as above, every listed image, and the masks it has
+(optional; values and size, not their agreement with the tags). Each problem raises
+`LayoutError` with one line: the path, what is wrong, and the command that fixes it.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from PIL import Image
 
 from .coco import COCODataset
 from .synthetic import read_params
+from .tags import META_FILE, TagDataset, class_file, image_root, read_class_file, read_meta
 from .voc import (LABEL_FILE, VOCDataset, default_list_dir, read_cls_labels, read_mask,
                   read_name_list)
 
@@ -62,8 +66,10 @@ def _fail(path: str, problem: str, how: str) -> NoReturn:
 def check_layout(cfg_data: Any, splits: Sequence[str], max_masks: int | None = 1500) -> None:
     """cfg_data: attribute access to name, root, list_dir, num_classes (K + 1)."""
     name, root = cfg_data.name, str(cfg_data.root)
+    if name == "tags":
+        return _check_tags(cfg_data, splits, max_masks)
     if name not in _CLASSES:
-        raise LayoutError(f"unknown dataset {name!r}; fix: set data.name to voc or coco")
+        raise LayoutError(f"unknown dataset {name!r}; fix: set data.name to voc, coco or tags")
     dataset = _CLASSES[name]
     given_list_dir = getattr(cfg_data, "list_dir", None) or None
     list_dir = given_list_dir or default_list_dir(root)
@@ -182,3 +188,62 @@ def _check_mask(dataset, root: str, list_dir: str, n: str, row, num_fg: int, fix
     if present != labelled_as:
         _fail(os.path.join(list_dir, LABEL_FILE), f"labels of {n} {labelled_as} differ from "
               f"the classes in its mask {present}; the file is stale", fix)
+
+
+def _check_tags(cfg_data: Any, splits: Sequence[str], max_masks: int | None) -> None:
+    """The tag layout (datasets/tags.py): one-line LayoutErrors naming the fix."""
+    root = str(cfg_data.root)
+    list_dir = getattr(cfg_data, "list_dir", None) or default_list_dir(root)
+    fix = ("run: python tools/prepare_tags.py --images DIR --csv FILE --out " + root
+           + " (docs/OWN_DATASET.md)")
+    meta = os.path.join(root, META_FILE)
+    if read_meta(root) is None:
+        _fail(meta, "not found or not written by prepare_tags (an import that did not finish)",
+              fix)
+    images = image_root(root)
+    if not os.path.isdir(images):
+        _fail(images, f"image folder of {meta} not found (moved?)", f"rerun the import; {fix}")
+    path = class_file(cfg_data)
+    try:
+        k = len(read_class_file(path))
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(path, str(exc).split(": ", 1)[-1], fix)
+    num_fg = int(cfg_data.num_classes) - 1
+    if k != num_fg:
+        _fail(path, f"lists {k} classes but data.num_classes={num_fg + 1} (a checkpoint's K + 1 "
+                    f"when evaluating) means {num_fg}", "train without data.num_classes (it is "
+                    "read from this file); evaluate on the data.root the checkpoint was trained on")
+    lists = _read_lists(TagDataset, root, list_dir, splits, fix)
+    _read_labels(list_dir, lists, num_fg, fix, False)
+    seen: dict[str, set[str]] = {}
+    for split, names in lists.items():
+        checked = 0
+        for n in names:
+            image = os.path.join(images, n)
+            folder, base = os.path.split(image)
+            if folder not in seen:
+                seen[folder] = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+            if base not in seen[folder]:
+                _fail(image, f"image listed in {split}.txt not found", f"restore it or {fix}")
+            mask = TagDataset.mask_path(root, n)
+            if (max_masks is None or checked < max_masks) and os.path.isfile(mask):
+                checked += 1
+                _check_tag_mask(mask, image, num_fg, fix)
+
+
+def _check_tag_mask(path: str, image: str, num_fg: int, fix: str) -> None:
+    try:
+        mask = read_mask(path)
+    except ValueError as exc:
+        _fail(path, str(exc).replace(f" {path}", ""), fix)
+    bad = sorted(set(np.unique(mask).tolist()) - set(range(num_fg + 1)) - {255})
+    if bad:
+        _fail(path, f"mask values {bad[:5]} outside 0..{num_fg} and 255", fix)
+    try:
+        with Image.open(image) as img:  # header only
+            size = (img.height, img.width)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        _fail(image, f"cannot read image ({exc})", "replace the file or remove it from the lists")
+    if mask.shape != size:
+        _fail(path, f"mask is {mask.shape[0]}x{mask.shape[1]} but its image is "
+                    f"{size[0]}x{size[1]}", f"save the mask at the image's size, then {fix}")

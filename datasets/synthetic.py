@@ -8,6 +8,12 @@ and cls_labels.npz (through `tools.prepare_voc`, the code used for the real data
 <out>/synthetic.json with the parameters, last: a run with the same parameters finds it and
 skips. Train with `data.root=<out> data.num_classes=K+1`.
 
+    python -m datasets.synthetic --out data/synthetic_tags --format tags
+
+writes the same images as a user's own data would come (photos/ with odd, nested names, JPEG
+and PNG, tags.csv, classes.txt, val_masks/, val_list.txt) and imports them with the code of
+tools/prepare_tags.py: train with `data.name=tags data.root=<out>` (K read from the import).
+
 Class c is a shape family (ellipse, box, triangle, cross) combined with a texture (checker,
 stripes, dots, rings). Each object's two texture colours are a light and a dark shade of one hue
 drawn around the class's hue with a Gaussian jitter of half the hue spacing, with random
@@ -38,6 +44,8 @@ TEXTURES = ("checker", "stripes", "dots", "rings")
 MAX_CLASSES = len(SHAPES) * len(TEXTURES)
 PARAMS_FILE = "synthetic.json"
 VERSION = 2
+FORMATS = ("voc", "tags")
+TAG_SOURCES = ("photos", "val_masks", "tags.csv", "classes.txt", "val_list.txt")
 
 
 def class_recipe(c: int) -> tuple[str, str]:
@@ -178,9 +186,13 @@ def render(rng: np.random.Generator, num_fg_classes: int, size: int) -> tuple[np
     return np.clip(img, 0, 255).astype(np.uint8), label
 
 
-def _params(num_fg_classes: int, num_train: int, num_val: int, size: int, seed: int) -> dict:
-    return dict(version=VERSION, num_fg_classes=num_fg_classes, num_train=num_train, num_val=num_val,
-                size=size, seed=seed, class_names=class_names(num_fg_classes))
+def _params(num_fg_classes: int, num_train: int, num_val: int, size: int, seed: int,
+            fmt: str = "voc") -> dict:
+    params = dict(version=VERSION, num_fg_classes=num_fg_classes, num_train=num_train,
+                  num_val=num_val, size=size, seed=seed, class_names=class_names(num_fg_classes))
+    if fmt != "voc":   # VOC-layout sets keep the parameters (and the files) they always had
+        params["format"] = fmt
+    return params
 
 
 def read_params(out_dir: str) -> dict | None:
@@ -191,39 +203,108 @@ def read_params(out_dir: str) -> dict | None:
         return None
 
 
+def tag_file_name(split: str, i: int) -> str:
+    """Relative path of a tags-format image: nested folders, spaces, non-ASCII, both suffixes."""
+    folder = "nested dir/ünïcode" if i % 3 == 0 else ("flat" if i % 3 == 1 else "")
+    name = f"{split} Ünïcode #{i:04d} (copy).{'png' if i % 4 == 0 else 'jpg'}"
+    return f"{folder}/{name}" if folder else name
+
+
 def make_synthetic(out_dir: str, num_fg_classes: int = 4, num_train: int = 600, num_val: int = 100,
                    size: int = 128, seed: int = 0, force: bool = False,
-                   progress: bool = True) -> bool:
+                   progress: bool = True, fmt: str = "voc") -> bool:
     """Write the dataset (num_fg_classes = K foreground classes). -> False when an identical one
-    already exists (nothing written; `force` rewrites it), True otherwise."""
+    already exists (nothing written; `force` rewrites it), True otherwise. fmt "voc": the VOC
+    layout; "tags": `write_tag_sources` then the tag import (datasets/tags.py; train with
+    data.name=tags data.root=out_dir)."""
     if not 1 <= num_fg_classes <= MAX_CLASSES:
         raise ValueError(f"num_fg_classes must be in 1..{MAX_CLASSES}; got {num_fg_classes}")
-    params = _params(num_fg_classes, num_train, num_val, size, seed)
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    params = _params(num_fg_classes, num_train, num_val, size, seed, fmt)
     old = read_params(out_dir)
     if old == params and not force:
         return False
     if old is not None:  # our own dataset with other parameters: start clean, no stale files
         os.remove(os.path.join(out_dir, PARAMS_FILE))
-        for sub in ("JPEGImages", "SegmentationClassAug", "ImageSets"):
-            shutil.rmtree(os.path.join(out_dir, sub), ignore_errors=True)
+        for sub in ("JPEGImages", "SegmentationClassAug", "ImageSets", "masks", "tags.json",
+                    *TAG_SOURCES):
+            path = os.path.join(out_dir, sub)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.isfile(path):
+                os.remove(path)
+    names = {split: [f"{split}_{i:05d}" for i in range(n)]
+             for split, n in (("train", num_train), ("val", num_val))}
+    if fmt == "tags":
+        write_tag_sources(out_dir, num_fg_classes, names, size, seed, progress)
+    else:
+        _write_voc(out_dir, num_fg_classes, names, size, seed, progress)
+    with atomic_open(os.path.join(out_dir, PARAMS_FILE), "w") as f:
+        json.dump(params, f, indent=1)
+    return True
+
+
+def _samples(names: dict[str, list[str]], num_fg_classes: int, size: int, seed: int,
+             progress: bool):
+    """Yields (split, index, name, image (S, S, 3) RGB, mask (S, S)); a pure function of
+    (seed, split, index)."""
+    jobs = [(s, i, n) for s, (split, ns) in enumerate(names.items()) for i, n in enumerate(ns)]
+    for split_id, i, name in tqdm(jobs, desc="synthetic", disable=not progress, unit="img"):
+        image, mask = render(np.random.default_rng([seed, split_id, i]), num_fg_classes, size)
+        yield list(names)[split_id], i, name, image, mask
+
+
+def _write_voc(out_dir: str, num_fg_classes: int, names: dict[str, list[str]], size: int,
+               seed: int, progress: bool) -> None:
     img_dir = os.path.join(out_dir, "JPEGImages")
     mask_dir = os.path.join(out_dir, "SegmentationClassAug")
     os.makedirs(img_dir, exist_ok=True)
     os.makedirs(mask_dir, exist_ok=True)
-    names = {split: [f"{split}_{i:05d}" for i in range(n)]
-             for split, n in (("train", num_train), ("val", num_val))}
-    jobs = [(s, i, n) for s, (split, ns) in enumerate(names.items()) for i, n in enumerate(ns)]
-    for split_id, i, name in tqdm(jobs, desc="synthetic", disable=not progress, unit="img"):
-        image, mask = render(np.random.default_rng([seed, split_id, i]), num_fg_classes, size)
+    for _, _, name, image, mask in _samples(names, num_fg_classes, size, seed, progress):
         cv2.imwrite(os.path.join(img_dir, name + ".jpg"), image[:, :, ::-1],
                     [cv2.IMWRITE_JPEG_QUALITY, 90])
         cv2.imwrite(os.path.join(mask_dir, name + ".png"), mask)
     # the "official" val list, from which prepare_voc derives train_aug exactly as for VOC
     write_name_list(os.path.join(out_dir, "ImageSets", "Segmentation", "val.txt"), names["val"])
     prepare_voc(out_dir, num_fg_classes=num_fg_classes, progress=False)
-    with atomic_open(os.path.join(out_dir, PARAMS_FILE), "w") as f:
-        json.dump(params, f, indent=1)
-    return True
+
+
+def write_tag_sources(out_dir: str, num_fg_classes: int, names: dict[str, list[str]], size: int,
+                      seed: int, progress: bool) -> None:
+    """What a user brings, then the import: photos/ (odd names, nested, JPEG and PNG),
+    tags.csv (`image,tags`, names joined by `;`), classes.txt, val_masks/ (a palette-free index
+    PNG per val image, named like its image), val_list.txt; then `import_tags` into out_dir."""
+    from .tag_dataset_writer import import_tags
+    from .tag_import import Source, Split
+
+    photos, masks = (os.path.join(out_dir, d) for d in ("photos", "val_masks"))
+    classes = class_names(num_fg_classes)[1:]
+    rows, val = [], []
+    for split, i, _, image, mask in _samples(names, num_fg_classes, size, seed, progress):
+        rel = tag_file_name(split, i)
+        path = os.path.join(photos, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        suffix = os.path.splitext(rel)[1]
+        _, data = cv2.imencode(suffix, image[:, :, ::-1],
+                               [cv2.IMWRITE_JPEG_QUALITY, 90] if suffix == ".jpg" else [])
+        with atomic_open(path, "wb") as f:
+            f.write(data.tobytes())
+        present = [classes[c - 1] for c in np.unique(mask) if 0 < c <= num_fg_classes]
+        rows.append(f'"{rel}",{";".join(present)}\n')
+        if split == "val":
+            val.append(rel)
+            _, data = cv2.imencode(".png", mask)
+            with atomic_open(os.path.join(masks, rel + ".png"), "wb") as f:
+                f.write(data.tobytes())
+    with atomic_open(os.path.join(out_dir, "tags.csv"), "w") as f:
+        f.write("image,tags\n" + "".join(rows))
+    with atomic_open(os.path.join(out_dir, "classes.txt"), "w") as f:
+        f.write("".join(f"{c}\n" for c in classes))
+    write_name_list(os.path.join(out_dir, "val_list.txt"), val)
+    import_tags(photos, Source(csv=os.path.join(out_dir, "tags.csv"),
+                               classes=os.path.join(out_dir, "classes.txt")),
+                out_dir, Split(val_list=os.path.join(out_dir, "val_list.txt")), masks)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -234,14 +315,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val", type=int, default=100)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--format", choices=FORMATS, default="voc",
+                        help="voc: the VOC layout; tags: images with odd names + tags.csv + val "
+                        "masks, imported as data.name=tags (tools/prepare_tags.py)")
     parser.add_argument("--force", action="store_true", help="rewrite even if up to date")
     args = parser.parse_args(argv)
     wrote = make_synthetic(args.out, args.num_fg_classes, args.train, args.val, args.size, args.seed,
-                           args.force)
+                           args.force, fmt=args.format)
     state = "wrote" if wrote else "up to date:"
-    print(f"{state} {args.out} ({args.train} train_aug / {args.val} val, K={args.num_fg_classes}, "
-          f"{args.size}px); train with data.root={args.out} "
-          f"data.num_classes={args.num_fg_classes + 1}")
+    how = (f"data.name=tags data.root={args.out}" if args.format == "tags" else
+           f"data.root={args.out} data.num_classes={args.num_fg_classes + 1}")
+    train = "train_aug" if args.format == "voc" else "train"
+    print(f"{state} {args.out} ({args.train} {train} / {args.val} val, K={args.num_fg_classes}, "
+          f"{args.size}px, {args.format} format); train with {how}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def lin(layer: torch.nn.Linear, v: torch.Tensor) -> torch.Tensor:
 
 
 def gcr_loop(m: GraphCategoryRepresentation, z: torch.Tensor, p: torch.Tensor, gate_score: str) -> torch.Tensor:
-    k = int(0.5 * z.shape[1])
+    k = max(1, int(0.5 * z.shape[1]))  # SPEC 3's int(0.5 K), at least one neighbour (K = 1)
     out = torch.zeros_like(z)
     for b in range(z.shape[0]):
         x = torch.cat([z[b], p[b]])
@@ -58,10 +58,11 @@ def make(gate_score: str = "reference") -> GraphCategoryRepresentation:
     return m
 
 
-@pytest.mark.parametrize("gate_score", ["reference", "dot"])
-def test_matches_loop(gate_score):
+@pytest.mark.parametrize("gate_score,k", [("reference", K), ("dot", K), ("reference", 1),
+                                          ("reference", 2), ("dot", 1)])
+def test_matches_loop(gate_score, k):
     m = make(gate_score)
-    z, p = torch.randn(B, K, D), torch.randn(B, N, D)
+    z, p = torch.randn(B, k, D), torch.randn(B, N, D)
     with torch.no_grad():
         got = m(z, p)
         want = gcr_loop(copy.deepcopy(m).double(), z.double(), p.double(), gate_score)
@@ -89,3 +90,13 @@ def test_structure_and_gradients():
 def test_bad_gate_score():
     with pytest.raises(ValueError, match="gate_score"):
         GraphCategoryRepresentation(D, gate_score="mean")
+
+
+@pytest.mark.parametrize("num_fg,k", [(1, 1), (2, 1), (3, 1), (20, 10), (80, 40)])
+def test_topk_count(num_fg, k, monkeypatch):
+    """k = int(0.5 K) (VOC 10, COCO 40 unchanged), at least 1 (K = 1 keeps one neighbour)."""
+    seen = []
+    real = torch.Tensor.topk
+    monkeypatch.setattr(torch.Tensor, "topk", lambda t, n, **kw: seen.append(n) or real(t, n, **kw))
+    out = make()(torch.randn(1, num_fg, D), torch.randn(1, N, D))
+    assert seen == [k] and torch.isfinite(out).all()

@@ -69,16 +69,9 @@ def build_dataset_for(data: SimpleNamespace, split: str, check: bool):
 
 
 def class_names(data: SimpleNamespace) -> list[str]:
-    """Names of the K+1 classes: the dataset's own, the synthetic dataset's (synthetic.json), or
-    generic ones."""
-    from datasets import coco, synthetic, voc
-
-    names = {"voc": voc.CLASS_NAMES, "coco": coco.CLASS_NAMES}.get(data.name)
-    if names is None or len(names) != data.num_classes:
-        names = (synthetic.read_params(data.root) or {}).get("class_names")
-    if names is None or len(names) != data.num_classes:
-        names = ["background"] + [f"class_{c}" for c in range(1, data.num_classes)]
-    return list(names)
+    """Names of the K+1 classes (`datasets.class_names`: VOC / COCO / tags / synthetic / generic)."""
+    from datasets import class_names as dataset_class_names
+    return dataset_class_names(data)
 
 
 def default_out_dir(ckpt: str, tool: str, split: str, suffix: str) -> Path:

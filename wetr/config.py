@@ -29,7 +29,8 @@ class DataConfig:
     metrics): the K foreground classes plus background. Code that counts the K foreground
     classes alone (class tokens, image-label vectors, the synthetic data) names it
     `num_fg_classes`."""
-    name: str = option("voc", "dataset", choices=("voc", "coco"))
+    name: str = option("voc", "dataset (tags: your own images, tools/prepare_tags.py)",
+                      choices=("voc", "coco", "tags"))
     root: str = option("data/VOCdevkit/VOC2012", "dataset folder (images, masks, lists)")
     list_dir: str | None = option(None, "split lists + cls_labels.npz; default "
                                         "<root>/ImageSets/Segmentation")

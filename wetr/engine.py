@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from datasets import build_dataset, build_train_loader
+from datasets import build_dataset, build_train_loader, resolve_classes
 from datasets.layout import LayoutError
 from datasets.sampler import SampleError
 from utils import dist as dist_utils
@@ -41,7 +41,7 @@ from utils.tensorboard_log import ScalarLog, TBWriter
 from . import run
 from .run import NonFiniteLossError, ResumePoint, RunError
 from .step import LOSS_TERMS, Batch, Training, build_training, to_device, train_step
-from .validate import build_val_loader, val_overlays, validate
+from .validate import build_val_loader, val_overlays, val_scalars, validate
 
 USER_ERRORS = (ConfigError, RunError, LayoutError, CheckpointError, DeviceError,
                NonFiniteLossError, SampleError, FileNotFoundError)
@@ -295,7 +295,7 @@ def _validate(st: TrainState) -> dict:
                       f"({result['images']} images)")
         st.metrics.write(step=step, **{f"val/{k}_miou": result[k]["miou"]
                                       for k in ("cam", "lam", "fused", "seg")},
-                        **{"val/f1": result["f1"]})
+                        **{"val/f1": result["f1"]}, **val_scalars(result, cfg))
         if st.metrics.tb.enabled and cfg.log.images > 0:
             st.metrics.tb.images(step, "val", val_overlays(st.t.model, st.val_loader.dataset, cfg,
                                                           st.dist.device, cfg.log.images))
@@ -319,6 +319,7 @@ def main(cfg: DictConfig) -> None:
     try:
         with user_errors(USER_ERRORS, if_one_line=(ValueError,), silent=_printed_by_rank_0,
                          cleanup=dist_utils.cleanup):
+            resolve_classes(cfg.data)   # data.name=tags: K + 1 from the dataset's class_names.txt
             if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0 and not cfg.resume:
                 cfg.resume = "auto"  # a worker restarted by torchrun continues its run
             train(cfg)

@@ -13,7 +13,9 @@ class GraphCategoryRepresentation(nn.Module):
 
     Args:
         dim: token width D.
-        topk_ratio: k = int(topk_ratio * K), the ratio applies to the number of class tokens.
+        topk_ratio: k = max(1, int(topk_ratio * K)), the ratio applies to the number of class
+            tokens (SPEC 3: VOC 10, COCO 40); at least one neighbour, so K = 1 (k = int(0.5) = 0
+            would leave an empty softmax, NaN) keeps a graph of one edge a class.
         dropout: dropout before the final LayerNorm (reference: 0).
         gate_score: how a neighbour's gate score s is formed from neighbour Nb and gate g.
             "reference" (default): (sum_D Nb) * (sum_D g), what the reference computes with
@@ -42,7 +44,7 @@ class GraphCategoryRepresentation(nn.Module):
     def forward(self, class_tokens: torch.Tensor, patch_tokens: torch.Tensor) -> torch.Tensor:
         """class_tokens: (B, K, D), patch_tokens: (B, N, D) (detached here) -> (B, K, D)."""
         B, K, D = class_tokens.shape
-        k = int(self.topk_ratio * K)
+        k = max(1, int(self.topk_ratio * K))
         e_h = self.head_proj(class_tokens)  # (B, K, D)
         e_t = self.tail_proj(torch.cat([class_tokens, patch_tokens.detach()], dim=1))  # (B, K+N, D)
 
