@@ -25,7 +25,8 @@ import torch
 
 from datasets.synthetic import make_synthetic
 from tools.bench.step import synthetic_batch
-from utils.config import ConfigError, make_config
+from utils.config import ConfigError
+from wetr.config import make_config
 from utils.dist import DistInfo
 from utils.checkpoint import load_file
 from wetr import step as wstep
@@ -157,6 +158,7 @@ import os, sys
 from torch.nn.parallel import DistributedDataParallel
 from scripts.train_voc import VOC
 from wetr import engine
+from wetr.config import make_config
 
 build, calls = engine.build_training, [0]
 
@@ -171,7 +173,7 @@ def counted(cfg, dist):  # count DDP's bucket all-reduces through a comm hook
     return t
 
 engine.build_training = counted
-engine.main(VOC)
+engine.main(make_config(VOC, sys.argv[1:]))
 with open(os.path.join({out!r}, f"allreduce_rank{{os.environ.get('RANK', 0)}}.txt"), "w") as f:
     f.write(str(calls[0]))
 """
