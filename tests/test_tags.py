@@ -263,6 +263,9 @@ def test_validate_without_masks_scores_the_classifier(caplog, monkeypatch):
     dist = DistInfo(0, 0, 1, torch.device("cpu"))
     import logging
     caplog.set_level(logging.INFO, logger="more")
+    # the logger as a fresh process has it (a training run earlier in this process gave it
+    # handlers of its own)
+    monkeypatch.setattr(logging.getLogger("more"), "handlers", [])
     monkeypatch.setattr(logging.getLogger("more"), "propagate", True)
     res = [validate(model, blank, cfg, dist) for _ in range(2)]
     assert res[0]["masked_images"] == 0 and np.isnan(res[0]["seg"]["miou"])

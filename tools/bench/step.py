@@ -47,9 +47,9 @@ def synthetic_batch(batch: int, size: int, num_fg: int, seed: int) -> tuple[torc
 
 
 def time_cam_passes(model: torch.nn.Module, timer: StageTimer, name: str) -> list:
-    """Forward hooks on `model` that time its no-grad calls (the CAM passes of the step, which
-    call the bare model; the training forward runs with grad) as the stage `name`; returns their
-    handles."""
+    """Forward hooks on `model` (the bare model's encoder) that time its no-grad calls (the CAM
+    passes of the step, `model.cams`; the training forward runs with grad) as the stage `name`;
+    returns their handles."""
     open_stage = []
 
     def before(module, args, kwargs):
@@ -99,7 +99,7 @@ def bench_step(cfg: DictConfig, device: torch.device) -> tuple[dict, Training]:
     timer.enabled = False
     # What `wetr.engine.train` builds before its loop (one process: no DDP), the CAM passes timed.
     t = build_training(cfg, DistInfo(rank=0, local_rank=0, world_size=1, device=device))
-    hooks = time_cam_passes(t.model, timer, "network passes (CAM)")
+    hooks = time_cam_passes(t.model.encoder, timer, "network passes (CAM)")
     t.model.train()
     params = sum(p.numel() for p in t.model.parameters())
     run = lambda: _step(t, batch, step, cfg, timer)  # noqa: E731
