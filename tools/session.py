@@ -2,7 +2,8 @@
 Context` (processes, model, data split, output folder, logger, route parameters), and this
 rank's images (`Context.items`). `run` turns user errors into one line and exit status 2.
 
-Images are sharded by global rank (rank::world_size); `tools.evaluation` runs the loop.
+Images are sharded by global rank (`utils.dist.rank_shard`); `tools.evaluation` runs the
+loop.
 """
 from __future__ import annotations
 
@@ -34,11 +35,6 @@ from .data import build_dataset_for, class_names, default_out_dir, resolve_data,
 from .routes import Item, RouteParams
 
 
-def rank_shard(n: int, dist: DistInfo) -> range:
-    """The indices of n items this rank takes (rank::world_size)."""
-    return range(dist.rank, n, dist.world_size)
-
-
 @dataclass(frozen=True)
 class Context:
     """One tool run, resolved: config, processes, checkpoint info, data, split, dataset, output
@@ -67,7 +63,7 @@ class Context:
 
     def shard(self) -> list[int]:
         """This rank's dataset indices."""
-        return list(rank_shard(self.num_images(), self.dist))
+        return list(udist.rank_shard(self.num_images(), self.dist))
 
     def items(self, indices: Sequence[int]) -> Iterator[Item]:
         """Item(name, image (1, 3, H, W), label (1, H, W) long, cls_label (1, K) float) of each

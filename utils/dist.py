@@ -76,6 +76,12 @@ def init_distributed(device: str = "auto", timeout_min: int = 30) -> DistInfo:
     return DistInfo(rank, local_rank, world_size, dev)
 
 
+def rank_shard(n: int, dist: DistInfo) -> range:
+    """The indices of n items this rank takes (rank::world_size): evaluation and validation
+    shard their images so; the ranks' confusion matrices are then summed (`all_reduce_sum`)."""
+    return range(dist.rank, n, dist.world_size)
+
+
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
