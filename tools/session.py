@@ -7,6 +7,7 @@ loop.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,13 +27,16 @@ from utils.checkpoint import CheckpointError
 from utils.config import ConfigError
 from utils.crf import CRFMissingError
 from utils.dist import DeviceError, DistInfo
-from utils.errors import user_errors
+from utils.errors import first_line, user_errors
 from utils.logger import git_revision, setup_logger
 from wetr.factory import model_from_checkpoint
 
 from .config import InferError, ToolSpec, resolve_scales
 from .data import build_dataset_for, class_names, default_out_dir, resolve_data, seed_split
 from .routes import Item, RouteParams
+
+USER_ERRORS = (ConfigError, CheckpointError, InferError, DeviceError, SampleError,
+               CRFMissingError)
 
 
 @dataclass(frozen=True)
@@ -96,10 +100,27 @@ def route_params(spec: ToolSpec, cfg: DictConfig, model: torch.nn.Module, names:
 
 
 def open_context(spec: ToolSpec, cfg: DictConfig) -> Context:
-    """Start the processes (torchrun environment), load the model, resolve and check the data;
-    every user error here is one line. The output folder is created by the caller."""
+    """Start the processes (torchrun environment), load the model, resolve and check the data
+    (the layout on rank 0); every user error here is one line. Under torchrun every rank stops
+    together on the first error any rank found (`utils.dist.GroupError`, printed by rank 0
+    alone), so the launchers need no check of their own before torchrun. The output folder is
+    created by the caller."""
     t0 = time.time()
     dist = udist.init_distributed(cfg.device)
+    ctx, err = None, None
+    try:
+        ctx = _resolve(spec, cfg, dist, t0)
+    except USER_ERRORS as exc:
+        if not dist.distributed:
+            raise
+        err = first_line(exc)
+    err = udist.first_error(err)
+    if err is not None:
+        raise udist.GroupError(err)
+    return ctx
+
+
+def _resolve(spec: ToolSpec, cfg: DictConfig, dist: DistInfo, t0: float) -> Context:
     model, info = model_from_checkpoint(cfg.ckpt, dist.device, cfg.data.num_classes, cfg.model)
     data = resolve_data(cfg, info)
     split = cfg.infer_set or (seed_split(data) if spec.seed_split else data.val_split)
@@ -131,8 +152,14 @@ def with_log(ctx: Context) -> Context:
     return replace(ctx, log=log)
 
 
+def _printed_by_rank_0(exc: BaseException) -> bool:
+    """Whether rank 0 prints this error for every rank: all ranks stopped on it together, or
+    it is a config error, which every rank finds alike in the same arguments."""
+    return int(os.environ.get("RANK", 0)) != 0 and isinstance(exc, (udist.GroupError, ConfigError))
+
+
 def run(main: Callable[[Sequence[str]], Any], argv: Sequence[str] | None = None) -> Any:
-    """Entry point wrapper: user errors become one line on stderr and exit status 2."""
-    with user_errors((ConfigError, CheckpointError, InferError, DeviceError, SampleError,
-                      CRFMissingError)):
+    """Entry point wrapper: user errors become one line on stderr (once for all ranks) and exit
+    status 2."""
+    with user_errors((*USER_ERRORS, udist.GroupError), silent=_printed_by_rank_0):
         return main(sys.argv[1:] if argv is None else argv)
