@@ -14,6 +14,7 @@ small synthetic trees, so a checker that finds nothing because it reads nothing 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -245,3 +246,125 @@ def test_relative_imports_resolve(tmp_path):
     assert graph["wetr"] == {"wetr.m", "wetr.n"}
     assert graph["wetr.m"] == {"wetr.n", "utils.dist"}
     assert graph["wetr.n"] == set()
+
+
+# ----------------------------------------------------------------------------- docs/DESIGN.md
+DOC_FILE_SUFFIXES = ("json", "jsonl", "log", "md", "gz", "png", "npz", "npy", "txt", "pth", "yaml",
+                     "sh", "jpg", "csv", "tar")
+
+
+def symbols(files: dict[str, Path]) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """({module: its top-level names}, {class name: its members}): defs, classes, assignments
+    and imports at the top; a class's methods, class-level names and `self.x =` attributes."""
+    modules, classes = {}, {}
+    for module, path in files.items():
+        names = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names.update(t.id for t in targets if isinstance(t, ast.Name))
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names.update((a.asname or a.name).split(".")[0] for a in node.names)
+            if isinstance(node, ast.ClassDef):
+                members = classes.setdefault(node.name, set())
+                for sub in ast.walk(node):
+                    if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                        members.add(sub.name)
+                    elif isinstance(sub, ast.AnnAssign) and isinstance(sub.target, ast.Name):
+                        members.add(sub.target.id)
+                    elif isinstance(sub, ast.Attribute) and isinstance(sub.ctx, ast.Store) \
+                            and isinstance(sub.value, ast.Name) and sub.value.id == "self":
+                        members.add(sub.attr)
+        modules[module] = names
+    return modules, classes
+
+
+def config_keys() -> set[str]:
+    """Every key and section of the training and tool schemas (`data.num_classes`, `cam`)."""
+    from tools.config import InferConfig
+    from utils.config import leaf_fields
+    from wetr.config import TrainConfig
+
+    keys = set()
+    for schema in (TrainConfig, InferConfig):
+        for key, _ in leaf_fields(schema):
+            parts = key.split(".")
+            keys.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return keys
+
+
+def _expand(token: str) -> list[str]:
+    """`tools/infer_{cam,lam}.py` -> both names."""
+    m = re.search(r"\{([^{}]*)\}", token)
+    if not m:
+        return [token]
+    return [x for alt in m.group(1).split(",")
+            for x in _expand(token[:m.start()] + alt + token[m.end():])]
+
+
+def unresolved_names(text: str, root: Path, files: dict[str, Path]) -> list[str]:
+    """The code names in `text`'s backticks that do not exist in the tree: `path/file.py` and
+    `file.py`; dotted names whose head is a package, a module's short name or a class
+    (`wetr.cam.multi_scale_cam`, `run.preflight`, `CRFStep.label_map`), unless a config key;
+    a name called or mapped (`train_step(...)`, `open_context -> Context`) or private
+    (`_loop`): a def, class or class member somewhere."""
+    modules, classes = symbols(files)
+    short = {}
+    for m in modules:
+        short.setdefault(m.rpartition(".")[2], []).append(m)
+    defined = set(classes).union(*modules.values(), *classes.values())
+    basenames = {p.name for p in files.values()}
+    keys = config_keys()
+    bad = []
+    for span in re.findall(r"`([^`\n]+)`", text):
+        for path in re.findall(r"[\w./{},-]+\.py\b", span):
+            for p in _expand(path):
+                if not ((root / p).is_file() if "/" in p else p in basenames):
+                    bad.append(p)
+        rest = re.sub(r"[\w./{},-]+\.py\b", " ", span)
+        for name in re.findall(r"(?<![\w.])[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+", rest):
+            head, *tail = name.split(".")
+            if tail[-1] in DOC_FILE_SUFFIXES or name in keys:
+                continue
+            if head in PACKAGES or head in short or head in classes:
+                if not _resolves(name, modules, classes, short):
+                    bad.append(name)
+        lead = re.match(r"\s*([A-Za-z_]\w*)(\(|\s*->|$)", rest)
+        if lead and (lead.group(2) or lead.group(1).startswith("_")) \
+                and lead.group(1) not in defined:
+            bad.append(lead.group(1))
+    return sorted(set(bad))
+
+
+def _resolves(name: str, modules, classes, short) -> bool:
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):   # the longest module prefix, full or short
+        head = ".".join(parts[:i])
+        for module in ([head] if head in modules else short.get(head, []) if i == 1 else []):
+            rest = parts[i:]
+            if not rest:
+                return True
+            if rest[0] in modules[module] and (
+                    len(rest) == 1 or (len(rest) == 2 and rest[1] in classes.get(rest[0], ()))):
+                return True
+    return len(parts) == 2 and parts[1] in classes.get(parts[0], ())
+
+
+def test_design_names_exist(tree):
+    files, _ = tree
+    bad = unresolved_names((ROOT / "docs" / "DESIGN.md").read_text(), ROOT, files)
+    assert not bad, "docs/DESIGN.md names what the code does not have:\n  " + "\n  ".join(bad)
+
+
+def test_design_name_checker(tree):
+    files, _ = tree
+    text = ("`wetr.cam.multi_scale_cam` `run.preflight` `CRFStep.label_map` `data.num_classes` "
+            "`tools/infer_{cam,lam}.py` `session.py` `scores.json` `train_step(t, b)` "
+            "`open_context -> Context` `_loop` `torch.unique` "
+            "`wetr.cam.no_such` `run.no_such` `CRFStep.no_such` `tools/no_such.py` "
+            "`no_such.py` `no_such(x)` `_no_such` `no_such -> X`")
+    assert unresolved_names(text, ROOT, files) == sorted(
+        ["wetr.cam.no_such", "run.no_such", "CRFStep.no_such", "tools/no_such.py", "no_such.py",
+         "no_such", "_no_such"])
