@@ -7,7 +7,6 @@ loop.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,7 +26,7 @@ from utils.checkpoint import CheckpointError
 from utils.config import ConfigError
 from utils.crf import CRFMissingError
 from utils.dist import DeviceError, DistInfo
-from utils.errors import first_line, user_errors
+from utils.errors import first_line, not_rank_0, user_errors
 from utils.logger import git_revision, setup_logger
 from wetr.factory import model_from_checkpoint
 
@@ -155,7 +154,7 @@ def with_log(ctx: Context) -> Context:
 def _printed_by_rank_0(exc: BaseException) -> bool:
     """Whether rank 0 prints this error for every rank: all ranks stopped on it together, or
     it is a config error, which every rank finds alike in the same arguments."""
-    return int(os.environ.get("RANK", 0)) != 0 and isinstance(exc, (udist.GroupError, ConfigError))
+    return not_rank_0() and isinstance(exc, (udist.GroupError, ConfigError))
 
 
 def run(main: Callable[[Sequence[str]], Any], argv: Sequence[str] | None = None) -> Any:
