@@ -25,12 +25,10 @@ import json
 import os
 from typing import Any
 
-import numpy as np
 import torch
 
-
 from .transforms import normalise
-from .voc import LABEL_FILE, VOCDataset, default_list_dir, read_image, read_mask
+from .voc import LABEL_FILE, VOCDataset, default_list_dir, read_image, read_label
 
 META_FILE = "tags.json"
 CLASS_FILE = "class_names.txt"
@@ -137,11 +135,7 @@ class TagDataset(VOCDataset):
         image = read_image(os.path.join(self._image_root, name))
         mask_path = self.mask_path(self.root, name)
         if os.path.isfile(mask_path):
-            mask = read_mask(mask_path)
-            if mask.shape != (image.height, image.width):
-                raise ValueError(f"mask {mask_path} is {mask.shape}, image is "
-                                 f"{(image.height, image.width)}")
-            label = torch.from_numpy(mask.astype(np.int64))
+            label = read_label(mask_path, image)
         else:
             label = torch.full((image.height, image.width), 255, dtype=torch.long)
         return name, normalise(image), label, torch.from_numpy(self.labels[index])
