@@ -2,6 +2,7 @@
 checks."""
 from __future__ import annotations
 
+import os
 import random
 from typing import Any
 
@@ -9,9 +10,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from utils.checkpoint import CheckpointError
+
+from . import coco, voc
 from .coco import COCODataset
 from .sampler import ResumableSampler, SeededDataset
-from .tags import TagDataset, class_names, resolve_classes
+from .tags import TagDataset, class_file, read_class_file, resolve_classes
 from .transforms import JITTER, RESCALE
 from .voc import VOCDataset
 
@@ -66,3 +70,28 @@ def build_train_loader(cfg: Any, dist: Any, start_step: int) -> DataLoader:
         generator=torch.Generator().manual_seed(cfg.seed + dist.rank),
         persistent_workers=d.persistent_workers and workers > 0,
         prefetch_factor=d.prefetch_factor if workers > 0 else None)
+
+
+def class_names(data: Any) -> list[str]:
+    """Names of the K + 1 classes (background first) of a dataset config (name, root, list_dir,
+    num_classes): VOC's / COCO's, a tag dataset's class_names.txt, the synthetic set's, or
+    generic ones (a tag dataset no longer on disk, e.g. predicting elsewhere). A tag dataset
+    whose file disagrees with num_classes (a checkpoint's K) raises CheckpointError naming
+    both."""
+    from . import synthetic   # imports cv2: only when names are asked for
+
+    if data.name == "tags" and os.path.isfile(class_file(data)):
+        path = class_file(data)
+        names = ["background"] + read_class_file(path)
+        if len(names) != int(data.num_classes):
+            raise CheckpointError(
+                f"{path} lists {len(names) - 1} classes but the checkpoint has K = "
+                f"{int(data.num_classes) - 1}; evaluate with the data.root / data.list_dir the "
+                f"checkpoint was trained on")
+        return names
+    names = {"voc": voc.CLASS_NAMES, "coco": coco.CLASS_NAMES}.get(data.name)
+    if names is None or len(names) != data.num_classes:
+        names = (synthetic.read_params(data.root) or {}).get("class_names")
+    if names is None or len(names) != data.num_classes:
+        names = ["background"] + [f"class_{c}" for c in range(1, data.num_classes)]
+    return list(names)

@@ -15,6 +15,7 @@ data.num_classes, the lists and labels as above, every listed image, and the mas
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, NoReturn, Sequence
 
 import numpy as np
@@ -86,7 +87,19 @@ def check_layout(cfg_data: Any, splits: Sequence[str], max_masks: int | None = 1
                   fix if name == "coco" and folder == dataset.mask_folder else download)
     lists = _read_lists(dataset, root, list_dir, splits, fix)
     rows = _read_labels(list_dir, lists, num_fg, fix, read_params(root))
-    _check_files(dataset, root, list_dir, lists, rows, num_fg, max_masks, fix, download)
+    _check_files(_Place(dataset, root, list_dir, num_fg, fix, download), lists, rows, max_masks)
+
+
+@dataclass(frozen=True)
+class _Place:
+    """A VOC / COCO dataset on disk and what to tell its user: `fix`, the command that rebuilds
+    lists and labels; `download`, how to get missing images."""
+    dataset: Any   # the dataset class: image_path / mask_path
+    root: str
+    list_dir: str
+    num_fg: int
+    fix: str
+    download: str
 
 
 def _read_lists(dataset, root: str, list_dir: str, splits: Sequence[str],
@@ -134,36 +147,42 @@ def _read_labels(list_dir: str, lists: dict[str, list[str]], num_fg: int, fix: s
     return rows
 
 
-def _check_files(dataset, root: str, list_dir: str, lists: dict[str, list[str]],
-                 rows: dict[str, Any], num_fg: int, max_masks: int | None, fix: str,
-                 download: str) -> None:
+class _Listing:
+    """Whether a file exists, from one directory listing per folder (cheap even for COCO)."""
+
+    def __init__(self):
+        self.folders: dict[str, set[str]] = {}
+
+    def __call__(self, path: str) -> bool:
+        folder, base = os.path.split(path)
+        if folder not in self.folders:
+            self.folders[folder] = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+        return base in self.folders[folder]
+
+
+def _check_files(place: _Place, lists: dict[str, list[str]], rows: dict[str, Any],
+                 max_masks: int | None) -> None:
     """Every listed image (and mask) exists; the first `max_masks` masks of each labelled split
     hold class indices, match their image's size and agree with the image labels."""
-    listing: dict[str, set[str]] = {}
-
-    def exists(path: str) -> bool:
-        folder, base = os.path.split(path)
-        if folder not in listing:
-            listing[folder] = set(os.listdir(folder)) if os.path.isdir(folder) else set()
-        return base in listing[folder]
-
+    exists = _Listing()
+    dataset, root = place.dataset, place.root
     for split, names in lists.items():
-        list_path = os.path.join(list_dir, f"{split}.txt")
+        list_path = os.path.join(place.list_dir, f"{split}.txt")
         for n in names:
             image = dataset.image_path(root, n)
             if not exists(image):
-                _fail(image, f"image listed in {list_path} not found", download)
+                _fail(image, f"image listed in {list_path} not found", place.download)
             if split != "test" and not exists(dataset.mask_path(root, n)):
-                _fail(dataset.mask_path(root, n), f"mask listed in {list_path} not found", fix)
+                _fail(dataset.mask_path(root, n), f"mask listed in {list_path} not found",
+                      place.fix)
         if split == "test":
             continue
         for n in names[:max_masks]:
-            _check_mask(dataset, root, list_dir, n, rows[n], num_fg, fix, download)
+            _check_mask(place, n, rows[n])
 
 
-def _check_mask(dataset, root: str, list_dir: str, n: str, row, num_fg: int, fix: str,
-                download: str) -> None:
-    path = dataset.mask_path(root, n)
+def _mask_values(path: str, num_fg: int, fix: str, values_fix: str) -> tuple[np.ndarray, set[int]]:
+    """The mask at `path` and the values it holds, which must be 0..num_fg or 255."""
     try:
         mask = read_mask(path)
     except ValueError as exc:
@@ -171,23 +190,35 @@ def _check_mask(dataset, root: str, list_dir: str, n: str, row, num_fg: int, fix
     values = set(np.flatnonzero(np.bincount(mask.ravel(), minlength=256)).tolist())
     bad = sorted(v for v in values if v > num_fg and v != 255)
     if bad:
-        _fail(path, f"mask values {bad[:5]} outside 0..{num_fg} and 255",
-              f"masks must hold class indices (e.g. SegmentationClassAug, not RGB colour "
-              f"masks) and data.num_classes must be K+1; then {fix}")
-    image = dataset.image_path(root, n)
+        _fail(path, f"mask values {bad[:5]} outside 0..{num_fg} and 255", values_fix)
+    return mask, values
+
+
+def _check_size(mask: np.ndarray, path: str, image: str, fix: str, image_fix: str) -> None:
+    """The mask at `path` has the size of `image` (read from its header only)."""
     try:
-        with Image.open(image) as img:  # header only
+        with Image.open(image) as img:
             size = (img.height, img.width)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        _fail(image, f"cannot read image ({exc})", f"replace the file; {download}")
+        _fail(image, f"cannot read image ({exc})", image_fix)
     if mask.shape != size:
         _fail(path, f"mask is {mask.shape[0]}x{mask.shape[1]} but its image is "
                     f"{size[0]}x{size[1]}", fix)
-    present = [v for v in range(1, num_fg + 1) if v in values]
-    labelled_as = [i + 1 for i in range(num_fg) if row[i]]
+
+
+def _check_mask(place: _Place, n: str, row) -> None:
+    path = place.dataset.mask_path(place.root, n)
+    mask, values = _mask_values(
+        path, place.num_fg, place.fix,
+        f"masks must hold class indices (e.g. SegmentationClassAug, not RGB colour masks) and "
+        f"data.num_classes must be K+1; then {place.fix}")
+    _check_size(mask, path, place.dataset.image_path(place.root, n), place.fix,
+                f"replace the file; {place.download}")
+    present = [v for v in range(1, place.num_fg + 1) if v in values]
+    labelled_as = [i + 1 for i in range(place.num_fg) if row[i]]
     if present != labelled_as:
-        _fail(os.path.join(list_dir, LABEL_FILE), f"labels of {n} {labelled_as} differ from "
-              f"the classes in its mask {present}; the file is stale", fix)
+        _fail(os.path.join(place.list_dir, LABEL_FILE), f"labels of {n} {labelled_as} differ "
+              f"from the classes in its mask {present}; the file is stale", place.fix)
 
 
 def _check_tags(cfg_data: Any, splits: Sequence[str], max_masks: int | None) -> None:
@@ -215,15 +246,12 @@ def _check_tags(cfg_data: Any, splits: Sequence[str], max_masks: int | None) -> 
                     "read from this file); evaluate on the data.root the checkpoint was trained on")
     lists = _read_lists(TagDataset, root, list_dir, splits, fix)
     _read_labels(list_dir, lists, num_fg, fix, False)
-    seen: dict[str, set[str]] = {}
+    exists = _Listing()
     for split, names in lists.items():
         checked = 0
         for n in names:
             image = os.path.join(images, n)
-            folder, base = os.path.split(image)
-            if folder not in seen:
-                seen[folder] = set(os.listdir(folder)) if os.path.isdir(folder) else set()
-            if base not in seen[folder]:
+            if not exists(image):
                 _fail(image, f"image listed in {split}.txt not found", f"restore it or {fix}")
             mask = TagDataset.mask_path(root, n)
             if (max_masks is None or checked < max_masks) and os.path.isfile(mask):
@@ -232,18 +260,6 @@ def _check_tags(cfg_data: Any, splits: Sequence[str], max_masks: int | None) -> 
 
 
 def _check_tag_mask(path: str, image: str, num_fg: int, fix: str) -> None:
-    try:
-        mask = read_mask(path)
-    except ValueError as exc:
-        _fail(path, str(exc).replace(f" {path}", ""), fix)
-    bad = sorted(set(np.unique(mask).tolist()) - set(range(num_fg + 1)) - {255})
-    if bad:
-        _fail(path, f"mask values {bad[:5]} outside 0..{num_fg} and 255", fix)
-    try:
-        with Image.open(image) as img:  # header only
-            size = (img.height, img.width)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        _fail(image, f"cannot read image ({exc})", "replace the file or remove it from the lists")
-    if mask.shape != size:
-        _fail(path, f"mask is {mask.shape[0]}x{mask.shape[1]} but its image is "
-                    f"{size[0]}x{size[1]}", f"save the mask at the image's size, then {fix}")
+    mask, _ = _mask_values(path, num_fg, fix, fix)
+    _check_size(mask, path, image, f"save the mask at the image's size, then {fix}",
+                "replace the file or remove it from the lists")

@@ -25,13 +25,10 @@ import json
 import os
 from typing import Any
 
-import numpy as np
 import torch
 
-from utils.checkpoint import CheckpointError
-
 from .transforms import normalise
-from .voc import LABEL_FILE, VOCDataset, default_list_dir, read_image, read_mask
+from .voc import LABEL_FILE, VOCDataset, default_list_dir, read_image, read_label
 
 META_FILE = "tags.json"
 CLASS_FILE = "class_names.txt"
@@ -111,31 +108,6 @@ def resolve_classes(cfg_data: Any) -> None:
         cfg_data.train_split = TRAIN_SPLIT
 
 
-def class_names(data: Any) -> list[str]:
-    """Names of the K + 1 classes (background first) of a dataset config (name, root, list_dir,
-    num_classes): VOC's / COCO's, a tag dataset's class_names.txt, the synthetic set's, or
-    generic ones (a tag dataset no longer on disk, e.g. predicting elsewhere). A tag dataset
-    whose file disagrees with num_classes (a checkpoint's K) raises CheckpointError naming
-    both."""
-    from . import coco, synthetic, voc
-
-    if data.name == "tags" and os.path.isfile(class_file(data)):
-        path = class_file(data)
-        names = ["background"] + read_class_file(path)
-        if len(names) != int(data.num_classes):
-            raise CheckpointError(
-                f"{path} lists {len(names) - 1} classes but the checkpoint has K = "
-                f"{int(data.num_classes) - 1}; evaluate with the data.root / data.list_dir the "
-                f"checkpoint was trained on")
-        return names
-    names = {"voc": voc.CLASS_NAMES, "coco": coco.CLASS_NAMES}.get(data.name)
-    if names is None or len(names) != data.num_classes:
-        names = (synthetic.read_params(data.root) or {}).get("class_names")
-    if names is None or len(names) != data.num_classes:
-        names = ["background"] + [f"class_{c}" for c in range(1, data.num_classes)]
-    return list(names)
-
-
 class TagDataset(VOCDataset):
     """Same stages and return types as `VOCDataset`; names are paths relative to image_root;
     stage "val" labels an image without a mask all 255."""
@@ -163,15 +135,11 @@ class TagDataset(VOCDataset):
         image = read_image(os.path.join(self._image_root, name))
         mask_path = self.mask_path(self.root, name)
         if os.path.isfile(mask_path):
-            mask = read_mask(mask_path)
-            if mask.shape != (image.height, image.width):
-                raise ValueError(f"mask {mask_path} is {mask.shape}, image is "
-                                 f"{(image.height, image.width)}")
-            label = torch.from_numpy(mask.astype(np.int64))
+            label = read_label(mask_path, image)
         else:
             label = torch.full((image.height, image.width), 255, dtype=torch.long)
         return name, normalise(image), label, torch.from_numpy(self.labels[index])
 
 
-__all__ = ["TagDataset", "class_names", "resolve_classes", "read_class_file", "read_meta",
+__all__ = ["TagDataset", "class_file", "resolve_classes", "read_class_file", "read_meta",
            "image_root", "LABEL_FILE", "CLASS_FILE", "META_FILE", "MASK_FOLDER"]

@@ -56,6 +56,14 @@ def read_mask(path: str) -> np.ndarray:
         raise ValueError(f"cannot read mask {path}: {exc}") from None
 
 
+def read_label(path: str, image: Image.Image) -> torch.Tensor:
+    """The mask at `path` as a label (H, W) long; ValueError when its size is not the image's."""
+    mask = read_mask(path)
+    if mask.shape != (image.height, image.width):
+        raise ValueError(f"mask {path} is {mask.shape}, image is {(image.height, image.width)}")
+    return torch.from_numpy(mask.astype(np.int64))
+
+
 def read_name_list(path: str) -> list[str]:
     try:
         with open(path) as f:
@@ -150,11 +158,7 @@ class VOCDataset(Dataset):
         if self.stage == "train":
             return name, self.transform(image), torch.from_numpy(self.labels[index])
         if self.stage == "val":
-            mask = read_mask(self.mask_path(self.root, name))
-            if mask.shape != (image.height, image.width):
-                raise ValueError(f"mask {self.mask_path(self.root, name)} is {mask.shape}, "
-                                 f"image is {(image.height, image.width)}")
-            label = torch.from_numpy(mask.astype(np.int64))
+            label = read_label(self.mask_path(self.root, name), image)
             return name, normalise(image), label, torch.from_numpy(self.labels[index])
         label = torch.full((image.height, image.width), 255, dtype=torch.long)
         return name, normalise(image), label, torch.zeros(self.num_classes - 1)

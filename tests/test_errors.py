@@ -307,6 +307,14 @@ def test_more_processes_than_gpus(pristine, tmp_path):
     assert not (tmp_path / "logs").exists()
 
 
+def test_bad_key_through_run_train_sh_is_one_line(pristine, tmp_path):
+    """Every rank parses the same command line: rank 0 alone reports the mistyped key."""
+    line = one_line(launch("cpu", "2", free_port(), *argv(pristine, tmp_path / "logs"),
+                           "no_such_key=1"))
+    assert "unknown config key 'no_such_key'" in line
+    assert not (tmp_path / "logs").exists()
+
+
 def test_preflight_error_through_run_train_sh(tmp_path):
     line = one_line(launch("cpu", "2", free_port(), *argv(tmp_path / "nowhere", tmp_path / "logs")))
     assert "data root not found" in line

@@ -157,7 +157,7 @@ def test_archive_checks_count_and_palette(tmp_path):
 
 
 def test_preflight_checks_and_writes_nothing(setup, tmp_path, capsys):
-    """The launchers' preflight=true: config, checkpoint and data checked, nothing written."""
+    """preflight=true: config, checkpoint and data checked, nothing written."""
     root, ckpt = setup
     out = tmp_path / "out"
     assert infer_seg_voc.main([f"ckpt={ckpt}", f"out_dir={out}", "preflight=true", *FAST]) is None

@@ -439,6 +439,34 @@ def test_run_evaluate_voc_rejects_a_bad_cam2seg_value(run_dir):
     assert proc.stderr.strip() == "error: cam2seg must be true or false, got 'yes'"
 
 
+@pytest.mark.parametrize("case", ["bad_key", "rank_0_check"])
+def test_run_evaluate_voc_two_processes_one_line(run_dir, tmp_path, case):
+    """Two processes under torchrun, no check before it: a config error every rank meets and a
+    layout error that only rank 0 checks (a missing mask of train_aug, the first tool's seed
+    split) both end the run with exit 2 and one line, printed once; rank 1 does not go on
+    alone."""
+    import shutil
+
+    data = tmp_path / "syn"
+    shutil.copytree(run_dir.data, data)
+    extra = ["no_such_key=1"]
+    if case == "rank_0_check":
+        name = (data / "ImageSets" / "Segmentation" / "train_aug.txt").read_text().split()[1]
+        (data / "SegmentationClassAug" / f"{name}.png").unlink()
+        extra = []
+    proc = subprocess.run(["bash", "run_evaluate_voc.sh", "cpu", "2", str(run_dir.ckpt),
+                           f"data.root={data}", f"out_dir={tmp_path / 'out'}", "size=64", *extra],
+                          capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("*")
+             and "OMP_NUM_THREADS" not in ln]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    want = "unknown config key 'no_such_key'" if case == "bad_key" else f"{name}.png"
+    assert lines[0].startswith("error: ") and want in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_corrupt_image_in_evaluation_is_one_line_naming_it(run_dir, tmp_path, capsys):
     """A JPEG cut short after its header, met by an inference tool's loader: exit 2, one line with its path."""
     import shutil

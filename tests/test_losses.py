@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from wetr.config import UneConfig
 from wetr.losses import (_une_choose, class_token_loss, cle_loss, ptc_loss, seg_loss, une_loss,
                          une_token_indices, une_value)
 
@@ -168,7 +169,7 @@ def test_une_choice_matches_loop(true_position):
         probs = [(0.2, 0.3, 0.5), (0.1, 0.2, 0.7), (0.05, 0.05, 0.9), (0.9, 0.05, 0.05), (0.3, 0.1, 0.6)][seed % 5]
         label = random_token_label(gen, B, size, size, probs)
         keys = torch.rand(2, B, size - 6, size - 6, generator=gen)
-        index, valid = _une_choose(label, keys, true_position=true_position)
+        index, valid = _une_choose(label, keys, UneConfig(true_position=true_position))
         ref, br = une_choose_loop(label, keys, true_position=true_position)
         assert chosen_lists(index, valid) == ref
         branches.update(br)
@@ -181,7 +182,7 @@ def test_une_choice_generalises_to_other_window():
     keys = torch.rand(2, B, 11 - 4, 13 - 4, generator=gen)
     # windows run off the map (window > 2·border + 1); thresh·window² = 45 is reachable exactly
     kw = dict(num_tokens=5, window=6, border=2, thresh=1.25)
-    index, valid = _une_choose(label, keys, **kw)
+    index, valid = _une_choose(label, keys, UneConfig(**kw))
     assert chosen_lists(index, valid) == une_choose_loop(label, keys, **kw)[0]
 
 
@@ -190,8 +191,8 @@ def test_une_quirk_vs_true_position():
     label[0, 2:, 2:] = 1
     label[0, 4:, 4:] = 255  # an uncertain block inside a class region
     keys = torch.rand(2, 1, H - 6, W - 6, generator=torch.Generator().manual_seed(0))
-    quirk, vq = _une_choose(label, keys, thresh=0.9)
-    true, vt = _une_choose(label, keys, thresh=0.9, true_position=True)
+    quirk, vq = _une_choose(label, keys, UneConfig(thresh=0.9))
+    true, vt = _une_choose(label, keys, UneConfig(thresh=0.9, true_position=True))
     assert torch.equal(vq, vt) and vq.any()
     assert torch.equal(true[vt], quirk[vq] + 3 * W + 3)
     # every true-position token is uncertain; the quirk takes tokens 3 rows/cols up-left

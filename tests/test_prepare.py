@@ -72,7 +72,7 @@ def test_prepare_voc_list_dir_and_num_fg_classes(tmp_path):
     root = str(tmp_path / "VOC2012")
     masks = _fake_voc(root, k=5, seed=1)
     out = str(tmp_path / "lists")
-    counts = prepare_voc(root, list_dir=out, num_fg_classes=5, progress=False)
+    counts = prepare_voc(root, list_dir=out, num_fg_classes=5)
     assert counts == {"train_aug": 3, "val": 2, "test": 2}
     assert not os.path.exists(os.path.join(root, "ImageSets", "Segmentation", "train_aug.txt"))
     names, labels = read_cls_labels(os.path.join(out, "cls_labels.npz"))
@@ -85,7 +85,7 @@ def test_prepare_voc_without_val_list(tmp_path):
     root = str(tmp_path / "VOC2012")
     _fake_voc(root)
     os.remove(os.path.join(root, "ImageSets", "Segmentation", "val.txt"))
-    counts = prepare_voc(root, progress=False)
+    counts = prepare_voc(root)
     assert counts["train_aug"] == 5 and "val" not in counts
 
 
@@ -103,7 +103,7 @@ def test_prepare_voc_val_without_mask(tmp_path):
     _fake_voc(root)
     os.remove(os.path.join(root, "SegmentationClassAug", "2009_000010.png"))
     with pytest.raises(FileNotFoundError, match="2009_000010"):
-        prepare_voc(root, progress=False)
+        prepare_voc(root)
 
 
 def test_atomic_open_leaves_nothing_on_error(tmp_path):
@@ -228,7 +228,7 @@ def test_prepare_coco_masks_lists_labels(tmp_path, workers, rule):
     root = str(tmp_path / "COCO")
     _fake_coco(root)
     extra = {} if rule == "area" else {"rule": rule}   # area is the default
-    counts = prepare_coco(root, workers=workers, progress=False, **extra)
+    counts = prepare_coco(root, workers=workers, **extra)
     assert counts == {"train": 1, "val": 2, "val_part": 2}
     seg = os.path.join(root, "ImageSets", "Segmentation")
     assert read_name_list(os.path.join(seg, "val.txt")) == ["COCO_val2014_000000000007",
@@ -260,7 +260,7 @@ def test_prepare_coco_refuses_masks_of_another_rule(tmp_path, capsys):
     from tools.prepare_coco import main as prepare_coco_main
     root = str(tmp_path / "COCO")
     _fake_coco(root)
-    prepare_coco(root, progress=False, subsets=["val2014"])
+    prepare_coco(root, subsets=["val2014"])
     mask = os.path.join(root, "SegmentationClass", "val2014", "000000000042.png")
     before = open(mask, "rb").read()
     lists = os.path.join(root, "ImageSets", "Segmentation")
@@ -274,19 +274,19 @@ def test_prepare_coco_refuses_masks_of_another_rule(tmp_path, capsys):
     # masks of the tool before --rule (no .rule file) were strict
     os.remove(os.path.join(root, "SegmentationClass", "val2014", ".rule"))
     with pytest.raises(ValueError, match="--rule strict"):
-        prepare_coco(root, progress=False, subsets=["val2014"])
-    prepare_coco(root, progress=False, subsets=["val2014"], rule="strict")   # resumed as strict
+        prepare_coco(root, subsets=["val2014"])
+    prepare_coco(root, subsets=["val2014"], rule="strict")   # resumed as strict
 
 
 def test_prepare_coco_is_resumable(tmp_path):
     root = str(tmp_path / "COCO")
     _fake_coco(root)
-    prepare_coco(root, progress=False)
+    prepare_coco(root)
     mask_dir = os.path.join(root, "SegmentationClass", "val2014")
     paths = sorted(os.path.join(mask_dir, f) for f in os.listdir(mask_dir) if f.endswith(".png"))
     before = {p: (os.stat(p).st_mtime_ns, open(p, "rb").read()) for p in paths}
     os.remove(paths[0])
-    prepare_coco(root, progress=False)
+    prepare_coco(root)
     for p in paths[1:]:
         assert os.stat(p).st_mtime_ns == before[p][0]  # kept, not rewritten
     assert open(paths[0], "rb").read() == before[paths[0]][1]  # rewritten identically
@@ -294,6 +294,6 @@ def test_prepare_coco_is_resumable(tmp_path):
     names, _ = read_cls_labels(os.path.join(seg, "cls_labels.npz"))
     assert len(names) == 3
     # converting one subset again keeps the other subset's label rows
-    prepare_coco(root, subsets=["val2014"], progress=False)
+    prepare_coco(root, subsets=["val2014"])
     names2, _ = read_cls_labels(os.path.join(seg, "cls_labels.npz"))
     assert names2 == names

@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from utils.config import ConfigError, leaf_fields, merge_config
-from utils.errors import user_errors
+from utils.errors import not_rank_0, user_errors
 from wetr.config import TrainConfig
 from wetr.engine import main
 
@@ -79,7 +79,7 @@ def parse_cli(argv: Sequence[str], schema: type, defaults: dict | None = None,
 
 def train_entry(recipe: dict, argv: Sequence[str] | None = None) -> None:
     """A training script's entry: parse `recipe` <- the command line (a bad key is one line,
-    exit 2), then `wetr.engine.main(cfg)` (preflight or training)."""
-    with user_errors((ConfigError,)):
+    exit 2), then `wetr.engine.main(cfg)` (checks on rank 0, then training)."""
+    with user_errors((ConfigError,), silent=lambda exc: not_rank_0()):   # every rank alike
         cfg = parse_cli(sys.argv[1:] if argv is None else argv, TrainConfig, recipe)
     main(cfg)

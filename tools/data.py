@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from omegaconf import DictConfig
 
 from utils.config import ConfigError
+from utils.errors import first_line
 
 from .config import InferError
 
@@ -65,7 +66,7 @@ def build_dataset_for(data: SimpleNamespace, split: str, check: bool):
     try:
         return build_dataset(data, split, stage)
     except (FileNotFoundError, ValueError) as exc:
-        raise InferError(str(exc).splitlines()[0]) from None
+        raise InferError(first_line(exc)) from None
 
 
 def class_names(data: SimpleNamespace) -> list[str]:

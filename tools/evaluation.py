@@ -208,7 +208,7 @@ def evaluate(spec: ToolSpec, argv: Sequence[str]) -> dict | None:
     spec, cfg = parse_tool_config(argv, spec)
     try:
         ctx = open_context(spec, cfg)
-        if cfg.preflight:   # the launchers' one-process check before torchrun
+        if cfg.preflight:   # checks only (every rank, as in a run), nothing written
             return None
         return _evaluate(with_log(ctx))
     finally:

@@ -42,10 +42,11 @@ select_device() {
   fi
 }
 
-# launch_tool MODULE key=value ...: a one-process check of config, checkpoint and data first (one
-# error line instead of one traceback per rank), then torchrun on a free port (--standalone).
+# launch_tool MODULE key=value ...: torchrun on a free port (--standalone) through `python -m
+# utils.dist`, which leaves out torchrun's report after a one-line error. The tools check config,
+# checkpoint and data once, inside the run: every rank stops on the first error and rank 0
+# prints it (tools/session.py open_context).
 launch_tool() {
   local module=$1; shift
-  python -m "$module" device="$device" "$@" preflight=true
-  torchrun --standalone --nproc_per_node="$nproc" -m "$module" device="$device" "$@"
+  python -m utils.dist --standalone --nproc_per_node="$nproc" -m "$module" device="$device" "$@"
 }

@@ -32,9 +32,10 @@ from tools.data import class_names, default_out_dir, resolve_data
 from tools.evaluation import CRFStep, run_images
 from tools.outputs import PredictWriter
 from tools.routes import Item, Output, RouteParams, predict_route
-from tools.session import rank_shard, run
+from tools.session import run
 from utils import dist as udist
 from utils.config import ConfigError, option
+from utils.errors import first_line
 from wetr.factory import model_from_checkpoint
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -81,7 +82,7 @@ def read_rgb(path: Path) -> np.ndarray:
             img.load()
             return np.array(img.convert("RGB"), dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError((str(exc).strip().splitlines() or [type(exc).__name__])[0]) from None
+        raise ValueError(first_line(exc)) from None
 
 
 def _names_of(cfg, info: dict) -> list[str]:
@@ -131,7 +132,7 @@ def main(argv: Sequence[str]) -> int:
 
         skipped: list[Path] = []
         pairs = list(zip(files, output_names(files)))
-        shard = [pairs[i] for i in rank_shard(len(pairs), dist)]
+        shard = [pairs[i] for i in udist.rank_shard(len(pairs), dist)]
         run_images(_items(shard, dist.device, skipped), predict_route, params,
                    CRFStep(0 if cfg.crf else None), (writer.write, say))
         total = int(udist.all_reduce_sum(torch.tensor([len(skipped)], device=dist.device)).item())

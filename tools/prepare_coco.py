@@ -150,7 +150,7 @@ def _check_rule(mask_dir: str, rule: str) -> None:
 
 def prepare_coco(root: str, ann_dir: str | None = None, list_dir: str | None = None,
                  subsets: Sequence[str] = tuple(SUBSETS), workers: int = 1,
-                 progress: bool = True, rule: str = "area") -> dict[str, int]:
+                 rule: str = "area") -> dict[str, int]:
     """Masks (by `rule`, module docstring) + lists + cls_labels.npz. -> {list name: count}."""
     ann_dir = ann_dir or os.path.join(root, "annotations")
     list_dir = list_dir or default_list_dir(root)
@@ -171,7 +171,7 @@ def prepare_coco(root: str, ann_dir: str | None = None, list_dir: str | None = N
         os.makedirs(mask_dir, exist_ok=True)
         with atomic_open(os.path.join(mask_dir, RULE_FILE), "w") as f:
             f.write(rule + "\n")
-        bar = dict(total=len(tasks), desc=subset, disable=not progress, unit="img")
+        bar = dict(total=len(tasks), desc=subset, unit="img")
         if workers > 1:
             with Pool(workers) as pool:
                 labels = list(tqdm(pool.imap(_convert, tasks, chunksize=32), **bar))

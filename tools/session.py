@@ -2,7 +2,8 @@
 Context` (processes, model, data split, output folder, logger, route parameters), and this
 rank's images (`Context.items`). `run` turns user errors into one line and exit status 2.
 
-Images are sharded by global rank (rank::world_size); `tools.evaluation` runs the loop.
+Images are sharded by global rank (`utils.dist.rank_shard`); `tools.evaluation` runs the
+loop.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from utils.checkpoint import CheckpointError
 from utils.config import ConfigError
 from utils.crf import CRFMissingError
 from utils.dist import DeviceError, DistInfo
-from utils.errors import user_errors
+from utils.errors import first_line, not_rank_0, user_errors
 from utils.logger import git_revision, setup_logger
 from wetr.factory import model_from_checkpoint
 
@@ -33,10 +34,8 @@ from .config import InferError, ToolSpec, resolve_scales
 from .data import build_dataset_for, class_names, default_out_dir, resolve_data, seed_split
 from .routes import Item, RouteParams
 
-
-def rank_shard(n: int, dist: DistInfo) -> range:
-    """The indices of n items this rank takes (rank::world_size)."""
-    return range(dist.rank, n, dist.world_size)
+USER_ERRORS = (ConfigError, CheckpointError, InferError, DeviceError, SampleError,
+               CRFMissingError)
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,7 @@ class Context:
 
     def shard(self) -> list[int]:
         """This rank's dataset indices."""
-        return list(rank_shard(self.num_images(), self.dist))
+        return list(udist.rank_shard(self.num_images(), self.dist))
 
     def items(self, indices: Sequence[int]) -> Iterator[Item]:
         """Item(name, image (1, 3, H, W), label (1, H, W) long, cls_label (1, K) float) of each
@@ -100,10 +99,27 @@ def route_params(spec: ToolSpec, cfg: DictConfig, model: torch.nn.Module, names:
 
 
 def open_context(spec: ToolSpec, cfg: DictConfig) -> Context:
-    """Start the processes (torchrun environment), load the model, resolve and check the data;
-    every user error here is one line. The output folder is created by the caller."""
+    """Start the processes (torchrun environment), load the model, resolve and check the data
+    (the layout on rank 0); every user error here is one line. Under torchrun every rank stops
+    together on the first error any rank found (`utils.dist.GroupError`, printed by rank 0
+    alone), so the launchers need no check of their own before torchrun. The output folder is
+    created by the caller."""
     t0 = time.time()
     dist = udist.init_distributed(cfg.device)
+    ctx, err = None, None
+    try:
+        ctx = _resolve(spec, cfg, dist, t0)
+    except USER_ERRORS as exc:
+        if not dist.distributed:
+            raise
+        err = first_line(exc)
+    err = udist.first_error(err)
+    if err is not None:
+        raise udist.GroupError(err)
+    return ctx
+
+
+def _resolve(spec: ToolSpec, cfg: DictConfig, dist: DistInfo, t0: float) -> Context:
     model, info = model_from_checkpoint(cfg.ckpt, dist.device, cfg.data.num_classes, cfg.model)
     data = resolve_data(cfg, info)
     split = cfg.infer_set or (seed_split(data) if spec.seed_split else data.val_split)
@@ -135,8 +151,14 @@ def with_log(ctx: Context) -> Context:
     return replace(ctx, log=log)
 
 
+def _printed_by_rank_0(exc: BaseException) -> bool:
+    """Whether rank 0 prints this error for every rank: all ranks stopped on it together, or
+    it is a config error, which every rank finds alike in the same arguments."""
+    return not_rank_0() and isinstance(exc, (udist.GroupError, ConfigError))
+
+
 def run(main: Callable[[Sequence[str]], Any], argv: Sequence[str] | None = None) -> Any:
-    """Entry point wrapper: user errors become one line on stderr and exit status 2."""
-    with user_errors((ConfigError, CheckpointError, InferError, DeviceError, SampleError,
-                      CRFMissingError)):
+    """Entry point wrapper: user errors become one line on stderr (once for all ranks) and exit
+    status 2."""
+    with user_errors((*USER_ERRORS, udist.GroupError), silent=_printed_by_rank_0):
         return main(sys.argv[1:] if argv is None else argv)

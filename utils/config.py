@@ -17,6 +17,8 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from utils.errors import first_line
+
 
 class ConfigError(ValueError):
     """Bad configuration (unknown key, wrong type, invalid value); message is one line."""
@@ -54,7 +56,7 @@ def _near_key(key: str, schema: type) -> str:
 
 def _explain(exc: OmegaConfBaseException, schema: type) -> str:
     key = getattr(exc, "full_key", None) or ""
-    msg = str(exc).splitlines()[0]
+    msg = first_line(exc)
     if "not in struct" in msg or "Key '" in msg and "not" in msg:
         return f"unknown config key {key!r}{_near_key(key, schema)}"
     return f"bad value for config key {key!r}: {msg}"

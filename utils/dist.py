@@ -3,7 +3,7 @@
 Launch with torchrun; RANK / LOCAL_RANK / WORLD_SIZE come from the environment. A plain
 `python -m ...` run is a single process and needs no process group. NCCL on GPUs, gloo on CPU.
 `python -m utils.dist ARGS` is torchrun with the same ARGS and a one-line failure report (used by
-run_train.sh).
+run_train.sh and, through tools/launch.sh, by the run_evaluate_*.sh scripts).
 """
 from __future__ import annotations
 
@@ -30,6 +30,11 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+
+class GroupError(RuntimeError):
+    """A user error that a rank found, raised on every rank of the group (`first_error`) so that
+    all stop together; rank 0 alone prints it (one line)."""
 
 
 class DeviceError(RuntimeError):
@@ -76,6 +81,12 @@ def init_distributed(device: str = "auto", timeout_min: int = 30) -> DistInfo:
     return DistInfo(rank, local_rank, world_size, dev)
 
 
+def rank_shard(n: int, dist: DistInfo) -> range:
+    """The indices of n items this rank takes (rank::world_size): evaluation and validation
+    shard their images so; the ranks' confusion matrices are then summed (`all_reduce_sum`)."""
+    return range(dist.rank, n, dist.world_size)
+
+
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -100,6 +111,16 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def first_error(message: str | None) -> str | None:
+    """Each rank's error message (None: it found none) -> the lowest failing rank's message, on
+    every rank (None when no rank failed). A collective: every rank calls it."""
+    if not is_initialized():
+        return message
+    box: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(box, message)
+    return next((m for m in box if m is not None), None)
 
 
 def barrier() -> None:
@@ -146,8 +167,8 @@ class _QuietElastic:
 def launch(argv: list[str]) -> int:
     """torchrun (same arguments) with a short failure report; returns the exit code.
 
-    A worker that exits with code 2 has printed one `error: ...` line (a bad input found after
-    the preflight, a non-finite loss); torchrun's own report (a traceback and a 20-line failure
+    A worker that exits with code 2 has printed one `error: ...` line (a bad input, a non-finite
+    loss), or left it to rank 0; torchrun's own report (a traceback and a 20-line failure
     summary) would bury it, so it is left out, and replaced by one line for other failures.
     Elastic restarts (`--max-restarts`) behave exactly as with torchrun, with a one-line notice.
     """
@@ -174,7 +195,7 @@ def launch(argv: list[str]) -> int:
         code = failures[rank].exitcode
         how = f"was killed by {_signal_name(code)}" if code < 0 else f"exited with code {code}"
         hint = " (a SIGKILL with no message above is often the out-of-memory killer)" if code == -9 else ""
-        print(f"error: training process rank {rank} {how}; see its output above{hint}",
+        print(f"error: process rank {rank} {how}; see its output above{hint}",
               file=sys.stderr)
         return 128 - code if code < 0 else code
     return 0

@@ -1,6 +1,7 @@
 """User errors at an entry point: one `error: ...` line on stderr and exit status 2, no traceback."""
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -12,6 +13,13 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, or its type name when it has none."""
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
+
+
+def not_rank_0() -> bool:
+    """Whether this process is a torchrun worker other than rank 0 (RANK from the environment,
+    so also before the process group exists): it leaves an error that every rank meets alike
+    (a config error, one every rank stopped on) to rank 0 to print."""
+    return int(os.environ.get("RANK", 0)) != 0
 
 
 def one_line(exc: BaseException) -> bool:

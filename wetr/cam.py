@@ -45,14 +45,25 @@ def minmax_normalise(maps: torch.Tensor) -> torch.Tensor:
     return maps / (maps.amax(dim=(-2, -1), keepdim=True) + 1e-5)
 
 
-def _flip_max_upsample(maps: torch.Tensor, b: int, size: Sequence[int]) -> torch.Tensor:
-    """maps: (2B, C, h, w) for [images; flipped images] -> ReLU(max(map, flipped back)) (B, C, *size).
+def reference_scales(scales: Sequence[float]) -> list[float]:
+    """Seed scales in the reference's order: 1.0 first, other entries equal to 1.0 skipped."""
+    return [1.0] + [s for s in scales if s != 1.0]
 
-    Max and ReLU in place on the upsampled maps: one (2B, C, *size) allocation for the chain.
-    """
-    maps = resize_bilinear(maps, size)
-    both = torch.maximum(maps[:b], maps[b:].flip(-1), out=maps[:b])
-    return both.clamp_(min=0)
+
+def unflip(maps: torch.Tensor, out_size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """maps: (2B, C, h, w) of [images; mirrored images] -> (maps of the images, maps of the
+    mirrored ones flipped back), both (B, C, *out_size): resized bilinearly
+    (align_corners=False) before the flip is undone. The first is a view of the resized buffer."""
+    b = maps.shape[0] // 2
+    maps = resize_bilinear(maps, out_size)
+    return maps[:b], maps[b:].flip(-1)
+
+
+def flip_pass(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+              out_size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fn` on x (B, 3, h, w) and its mirror image in one batch of 2B, then `unflip`: (maps of
+    x, maps of the mirror image flipped back), both (B, C, *out_size)."""
+    return unflip(fn(torch.cat([x, x.flip(-1)], dim=0)), out_size)
 
 
 def cam_pass(model: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
@@ -77,20 +88,22 @@ def multi_scale_cam(model: nn.Module, images: torch.Tensor, scales: Sequence[flo
     first: (cam, aux_cam) of `images` themselves at scale 1.0 when the caller already has them
     (the training forward, same weights): then only their flips go through the network there.
     """
-    b, _, h, w = images.shape
+    h, w = images.shape[-2:]
     cams = cam_pass(model)
     total = None
-    for s in [1.0] + [s for s in scales if s != 1.0]:
+    for s in reference_scales(scales):
         size = (int(s * h), int(s * w))
         x = images if size == (h, w) else resize_bilinear(images, size)
         if first is not None and size == (h, w):
-            flipped = cams(x.flip(-1))
-            cam, aux_cam = (torch.cat([a, f], dim=0) for a, f in zip(first, flipped))
+            mirrored = cams(x.flip(-1))
+            cam, aux_cam = (torch.cat([a, m], dim=0) for a, m in zip(first, mirrored))
         else:
             cam, aux_cam = cams(torch.cat([x, x.flip(-1)], dim=0))
         # One resize for both maps (channels are independent), in float32 even under autocast:
         # half-precision sums would quantise the maps the thresholds act on.
-        both = _flip_max_upsample(torch.cat([cam, aux_cam], dim=1).float(), b, (h, w))
+        own, flipped = unflip(torch.cat([cam, aux_cam], dim=1).float(), (h, w))
+        # Max and ReLU in place on the upsampled maps: one (2B, 2K, H, W) buffer for the chain.
+        both = torch.maximum(own, flipped, out=own).clamp_(min=0)
         total = both if total is None else total.add_(both)
     # minmax_normalise in place, both stacks at once (it is per image and channel); the two
     # results are views of that one buffer.

@@ -34,7 +34,7 @@ from utils import dist as dist_utils
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigError
 from utils.dist import DeviceError, DistInfo
-from utils.errors import first_line, one_line, user_errors
+from utils.errors import first_line, not_rank_0, one_line, user_errors
 from utils.logger import JsonlWriter, format_eta, git_revision, setup_logger
 from utils.tensorboard_log import ScalarLog, TBWriter
 
@@ -306,8 +306,7 @@ def _validate(st: TrainState) -> dict:
 def _printed_by_rank_0(exc: BaseException) -> bool:
     """Whether rank 0 prints this error for every rank: it said so (`all_ranks`), or it is a
     config error, which every rank finds alike in the same arguments."""
-    return int(os.environ.get("RANK", 0)) != 0 and (getattr(exc, "all_ranks", False)
-                                                    or isinstance(exc, ConfigError))
+    return not_rank_0() and (getattr(exc, "all_ranks", False) or isinstance(exc, ConfigError))
 
 
 def main(cfg: DictConfig) -> None:

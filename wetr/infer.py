@@ -3,18 +3,20 @@
 - `seed_maps` / `multi_scale_lam`: multi-scale + flip CAM (`wetr.cam.multi_scale_cam`) or LAM
   seeds, min-max normalised;
 - `multi_scale_seg`: multi-scale + flip segmentation logits;
-- `validation_maps`: the single-pass CAM / LAM / fused / seg maps validated during training;
+- `validation_maps`: the maps validated during training (multi-scale CAM; LAM, fused, seg and
+  classifier of one forward);
 - `classifier_first_labels` / `seg_first_labels`: image labels from the network in the
   reference's val / test order (LAM as segmentation, `cam2seg`), both with its first-class quirk
   (`seg_argmax_labels`); `seed_crf_stack`: the CRF input of the seeds.
 
-The multi-scale + flip passes run an image and its mirror image as one batch (`flip_pass`); the
-three kinds combine the pair and the scales as their reference does (CAM: max, ReLU, sum; LAM:
-max, sum, no ReLU; seg: sum, then max over scales).
+The multi-scale + flip passes run an image and its mirror image as one batch
+(`wetr.cam.flip_pass`, scales in `wetr.cam.reference_scales` order for the seeds); the three kinds
+combine the pair and the scales as their reference does (CAM: max, ReLU, sum; LAM: max, sum, no
+ReLU; seg: sum, then max over scales).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,26 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cam import fused_map, lam, minmax_normalise, multi_scale_cam, resize_bilinear
+from .cam import (flip_pass, fused_map, lam, minmax_normalise, multi_scale_cam, reference_scales,
+                  resize_bilinear)
 
 SEED_KINDS = ("cam", "lam")
-
-
-def reference_scales(scales: Sequence[float]) -> list[float]:
-    """Seed scales in the reference's order: 1.0 first, other entries equal to 1.0 skipped."""
-    return [1.0] + [s for s in scales if s != 1.0]
-
-
-def flip_pass(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-              out_size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`fn` on x (B, 3, h, w) and its mirror image in one batch of 2B.
-
-    Returns (maps of x, maps of the mirror image flipped back), both (B, C, *out_size): `fn`'s
-    (2B, C, h', w') output resized bilinearly (align_corners=False) before the flip is undone.
-    """
-    b = x.shape[0]
-    maps = resize_bilinear(fn(torch.cat([x, x.flip(-1)], dim=0)), out_size)
-    return maps[:b], maps[b:].flip(-1)
 
 
 @torch.no_grad()

@@ -10,6 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .config import UneConfig
+
+UNE = UneConfig()  # the defaults (read only)
+
 IGNORE = 255
 
 
@@ -51,16 +55,18 @@ def cle_loss(class_tokens: Tensor, patch_map: Tensor, token_label: Tensor, cls_l
     return (present * term).sum() / b
 
 
-def _une_choose(token_label: Tensor, keys: Tensor, num_tokens: int = 8, window: int = 6, border: int = 3,
-                thresh: float = 1.2, true_position: bool = False) -> tuple[Tensor, Tensor]:
+def _une_choose(token_label: Tensor, keys: Tensor, une: UneConfig = UNE) -> tuple[Tensor, Tensor]:
     """UNE token choice given the random keys (deterministic part of `une_token_indices`).
 
+    une: num_tokens, window, border, thresh, true_position (`wetr.config.UneConfig`, or the
+    run config's `une` node).
     token_label: (B, h, w); keys: (2, B, h − 2·border, w − 2·border) uniform in [0, 1): keys[0]
     orders the uncertain candidates, keys[1] the extra positions (lowest keys are taken, which
     is a uniform random subset like the reference's randperm).
     Returns index (B, S) into the flattened h·w grid and valid (B, S) bool, S = num_tokens +
     num_tokens // 4 (at most num_tokens are valid per image).
     """
+    num_tokens, window, border, thresh = une.num_tokens, une.window, une.border, une.thresh
     b, h, w = token_label.shape
     hi, wi = h - 2 * border, w - 2 * border
     if hi <= 0 or wi <= 0:  # no inner grid: nothing to choose (the reference crashes here)
@@ -93,22 +99,21 @@ def _une_choose(token_label: Tensor, keys: Tensor, num_tokens: int = 8, window: 
     chosen = torch.cat([order1, order2], dim=1)
     # The reference takes the token at the inner coordinates (i, j) (a quirk); its window
     # roi[i:i+6, j:j+6] is already centred on the true position (i + border, j + border).
-    offset = border if true_position else 0
+    offset = border if une.true_position else 0
     index = (chosen // wi + offset) * w + chosen % wi + offset
     return index, torch.cat([valid1, valid2], dim=1)
 
 
-def une_token_indices(token_label: Tensor, num_tokens: int = 8, window: int = 6, border: int = 3,
-                      thresh: float = 1.2, true_position: bool = False,
+def une_token_indices(token_label: Tensor, une: UneConfig = UNE,
                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Random UNE token choice (SPEC 5). token_label: (B, h, w).
+    """Random UNE token choice (SPEC 5). token_label: (B, h, w); une: as `_une_choose`.
 
     Returns index (B, S) into the flattened h·w grid and valid (B, S) bool.
     """
     b, h, w = token_label.shape
-    shape = (2, b, max(h - 2 * border, 0), max(w - 2 * border, 0))
+    shape = (2, b, max(h - 2 * une.border, 0), max(w - 2 * une.border, 0))
     keys = torch.rand(shape, generator=generator, device=token_label.device)
-    return _une_choose(token_label, keys, num_tokens, window, border, thresh, true_position)
+    return _une_choose(token_label, keys, une)
 
 
 def une_value(class_tokens: Tensor, patch_map: Tensor, cls_label: Tensor, index: Tensor,
@@ -133,16 +138,14 @@ def une_value(class_tokens: Tensor, patch_map: Tensor, cls_label: Tensor, index:
 
 
 def une_loss(class_tokens: Tensor, patch_map: Tensor, token_label: Tensor, cls_label: Tensor,
-             num_tokens: int = 8, window: int = 6, border: int = 3, thresh: float = 1.2,
-             true_position: bool = False, generator: torch.Generator | None = None) -> Tensor:
-    """UNE on up to `num_tokens` random uncertain tokens per image (SPEC 5).
+             une: UneConfig = UNE, generator: torch.Generator | None = None) -> Tensor:
+    """UNE on up to `une.num_tokens` random uncertain tokens per image (SPEC 5).
 
     class_tokens: (B, K, D); patch_map: (B, D, h, w); token_label: (B, h, w); cls_label: (B, K).
-    `true_position=True` takes the token at the true position instead of the reference's
-    inner coordinates.
+    une: as `_une_choose`; `une.true_position=True` takes the token at the true position instead
+    of the reference's inner coordinates.
     """
-    index, valid = une_token_indices(token_label, num_tokens, window, border, thresh, true_position,
-                                     generator)
+    index, valid = une_token_indices(token_label, une, generator)
     return une_value(class_tokens, patch_map, cls_label, index, valid)
 
 

@@ -176,11 +176,8 @@ def compute_losses(t: Training, batch: Batch, step: int, cfg: DictConfig, span: 
         with span(LOSS_SPANS["cle"]):
             terms["cle"] = L.cle_loss(tokens, patch_map, mask_cle, cls_label, cfg.loss.cle_temp)
     if on["une"]:
-        u = cfg.une
         with span(LOSS_SPANS["une"]):
-            terms["une"] = L.une_loss(tokens, patch_map, mask_une, cls_label,
-                                      num_tokens=u.num_tokens, window=u.window, border=u.border,
-                                      thresh=u.thresh, true_position=u.true_position)
+            terms["une"] = L.une_loss(tokens, patch_map, mask_une, cls_label, cfg.une)
     if on["ptc"]:
         with span(LOSS_SPANS["ptc"]):
             terms["ptc"] = L.ptc_loss(patch_map, labels["aux"])

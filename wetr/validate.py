@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from datasets import class_names
-from utils.dist import DistInfo, all_reduce_sum
+from utils.dist import DistInfo, all_reduce_sum, rank_shard
 from utils.logger import get_logger
 from utils.metrics import confusion_matrix, multilabel_f1, scores
 from utils.tensorboard_log import val_overlay
@@ -29,7 +29,7 @@ MAP_NAMES = ("cam", "lam", "fused", "seg")
 
 def build_val_loader(dataset, dist: DistInfo, num_workers: int, max_images: int = 0) -> DataLoader:
     n = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
-    shard = Subset(dataset, list(range(dist.rank, n, dist.world_size)))
+    shard = Subset(dataset, list(rank_shard(n, dist)))
     return DataLoader(shard, batch_size=1, shuffle=False, num_workers=num_workers,
                       pin_memory=dist.device.type == "cuda")
 
