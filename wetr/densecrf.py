@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from utils.crf import CRFParams, crf_label as pydensecrf_label
+from utils.crf import CRFParams, check_available, crf_label as pydensecrf_label
 from wetr.permutohedral import PermutohedralLattice
 
 __all__ = ["BACKENDS", "resolve_backend", "pydensecrf_installed", "unary_from_probs", "mean_field",
@@ -52,12 +52,16 @@ Kernel = Callable[[Tensor], Tensor]
 
 
 def resolve_backend(name: str, device: torch.device | str) -> str:
-    """crf.backend -> "torch" or "pydensecrf".
+    """crf_backend (alias crf.backend) -> "torch" or "pydensecrf".
 
     auto: torch on an accelerator; on the CPU pydensecrf2 if it is installed, else torch.
+    "pydensecrf" without pydensecrf2 installed raises `utils.crf.CRFMissingError` (one line
+    naming the install), so a run fails before its first image.
     """
     if name not in BACKENDS:
-        raise ValueError(f"crf.backend={name!r} is not one of {'|'.join(BACKENDS)}")
+        raise ValueError(f"crf_backend={name!r} is not one of {'|'.join(BACKENDS)}")
+    if name == "pydensecrf":
+        check_available()
     if name != "auto":
         return name
     if torch.device(device).type != "cpu":
