@@ -149,3 +149,23 @@ def test_torch_and_pydensecrf_backends_agree_through_the_tools(run_dir, tool, va
         assert (read_label_png(png) == ref).mean() >= 0.999, png.name
         changed += (ref != read_label_png(outs["pydensecrf"] / variant / png.name)).mean()
     assert changed > 0   # the CRF moved labels, so agreeing is not trivial
+
+
+def test_benchmark_times_the_seg_route_with_each_backend(tmp_path):
+    from tools import benchmark
+
+    res = benchmark.run(["model.embed_dim=32", "model.depth=3", "model.num_heads=2",
+                         "data.crop_size=32", "batch_size=2", "data.num_classes=4",
+                         "bench.warmup=0", "bench.steps=1", "bench.flops=false",
+                         "bench.infer=false", "bench.energy=false", "bench.crf=false",
+                         "bench.crf_size=[30,40]", "bench.route_images=2",
+                         f"bench.out_dir={tmp_path}", "bench.name=route", "device=cpu"])
+    route = res["seg_route"]
+    backends = ["torch"] + (["pydensecrf"] if densecrf.pydensecrf_installed() else [])
+    assert list(route["backends"]) == backends and route["size"] == "40x30"
+    for r in route["backends"].values():
+        assert r["route_s"] > 0 and r["crf_s"] > 0
+        assert r["total_s"] == pytest.approx(r["route_s"] + r["crf_s"])
+        assert r["coco_val_h"] == pytest.approx(40137 * r["total_s"] / 3600)
+    text = (tmp_path / "route.md").read_text()
+    assert "## Segmentation route per image" in text and "a CPU figure" in text
