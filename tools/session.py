@@ -130,9 +130,9 @@ def with_log(ctx: Context) -> Context:
     log = setup_logger(ctx.out_dir / f"{ctx.spec.name}.log", ctx.dist.is_main)
     log.info(f"{ctx.spec.name} | git {git_revision()} | {ctx.dist.world_size} process(es) on "
              f"{ctx.dist.device} | checkpoint {ctx.cfg.ckpt} (step {ctx.info['step']})")
+    backend = f" ({ctx.cfg.crf_backend} backend)" if ctx.cfg.crf else ""
     log.info(f"data {ctx.data.name} {ctx.data.root} split {ctx.split} ({len(ctx.dataset)} images)"
-             f" | scales {list(ctx.params.scales)} | crf {ctx.cfg.crf}"
-             + (f" ({ctx.cfg.crf_backend} backend)" if ctx.cfg.crf else "") + f" | out {ctx.out_dir}")
+             f" | scales {list(ctx.params.scales)} | crf {ctx.cfg.crf}{backend} | out {ctx.out_dir}")
     return replace(ctx, log=log)
 
 

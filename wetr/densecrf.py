@@ -27,8 +27,9 @@ Measured (tests/test_densecrf.py and issue 29's checks): 100 % label agreement w
 pydensecrf2 on demo-like and 500x375 natural-like images for CAM, LAM and segmentation stacks,
 marginals within 1e-5; on the demo checkpoint's evaluation (60 val images) the CRF label maps of
 CAM, LAM and Seg are identical to pydensecrf2's on every image
-(logs/benchmarks/2026-12-04_crf_backend_demo.md). CPU, 1 thread, 500x375, 21 channels: 2-3.5 s per image vs 0.8-2.5 s for
-pydensecrf2 (logs/benchmarks/cpu_crf_voc_500x375_k20.md); the lattice build is ~0.5 s of it.
+(logs/benchmarks/2026-12-04_crf_backend_demo.md). CPU, 1 thread, 500x375, 21 channels: 1.4-2.5x
+pydensecrf2's time per image (logs/benchmarks/cpu_crf_voc_500x375_k20.md and
+2026-12-04_cpu_crf_seg_route_vitb448_k20.md); the lattice build is ~0.5 s of it.
 
 `crf_label` is the entry point for one image, with the backend chosen by `resolve_backend`:
 "pydensecrf" calls `utils.crf.crf_label` (figures to the digit), "torch" this module. The
