@@ -56,6 +56,7 @@ def test_missing_pydensecrf_is_one_line_error(monkeypatch):
     image, probs, _ = toy_problem()
     with pytest.raises(RuntimeError) as info:
         crf.crf_inference(image, probs)
-    assert str(info.value) == "CRF needs pydensecrf2: pip install pydensecrf2"
+    assert str(info.value) == ("crf_backend=pydensecrf needs pydensecrf2: pip install pydensecrf2, "
+                               "or use crf_backend=torch (no extra package)")
     with pytest.raises(RuntimeError):
         crf.CRFPool(0)

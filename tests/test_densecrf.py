@@ -111,14 +111,17 @@ def test_batch_equals_one_image_at_a_time():
 def test_backend_choice_and_torch_route_without_pydensecrf(monkeypatch):
     assert densecrf.resolve_backend("torch", "cpu") == "torch"
     assert densecrf.resolve_backend("auto", "cuda") == "torch"
-    assert densecrf.resolve_backend("pydensecrf", "cuda") == "pydensecrf"
-    with pytest.raises(ValueError, match="crf.backend='cuda' is not one of auto|torch|pydensecrf"):
+    with pytest.raises(ValueError, match="crf_backend='cuda' is not one of auto|torch|pydensecrf"):
         densecrf.resolve_backend("cuda", "cpu")
     installed = densecrf.pydensecrf_installed()
     assert densecrf.resolve_backend("auto", "cpu") == ("pydensecrf" if installed else "torch")
+    if installed:
+        assert densecrf.resolve_backend("pydensecrf", "cuda") == "pydensecrf"
     monkeypatch.setitem(sys.modules, "pydensecrf", None)  # makes the import fail
     monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
     assert densecrf.resolve_backend("auto", "cpu") == "torch"
+    with pytest.raises(crf.CRFMissingError, match="pip install pydensecrf2"):
+        densecrf.resolve_backend("pydensecrf", "cuda")
     image, probs, truth = _two_regions()
     keys = np.array([0, 7])
     label = densecrf.crf_label(image, probs, keys, "auto")

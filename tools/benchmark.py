@@ -20,7 +20,8 @@ The training step is the engine's: `wetr.step.train_step` itself runs, timed thr
 spans it takes (tools/bench/step.py), so the breakdown cannot drift from the engine. On CUDA every
 stage boundary synchronises; the un-instrumented step time (one sync per step) is reported too.
 Inference: tools/bench/infer.py; dense energy filters: tools/bench/energy.py; DenseCRF, torch vs
-pydensecrf2 (1 and 2 processes, and the device): tools/bench/crf.py; timers and peak
+pydensecrf2 (1 and 2 processes, and the device), and the tools' segmentation route per image
+with each CRF backend and its COCO val projection: tools/bench/crf.py; timers and peak
 memory: utils/profiling.py. Results go to `<bench.out_dir>/<name>.json` and `<name>.md`.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any
 
 import torch
 
-from tools.bench.crf import bench_crf, crf_markdown
+from tools.bench.crf import bench_crf, bench_seg_route, crf_markdown, seg_route_markdown
 from tools.bench.energy import bench_energy
 from tools.bench.infer import bench_infer
 from tools.bench.report import default_name, device_name, markdown
@@ -68,6 +69,9 @@ class BenchOptions:
     crf_images: int = option(4, "images per CRF measurement (>= 2)")
     crf_size: list[int] = option([375, 500], "(H, W): VOC size")
     crf_processes: list[int] = option([1, 2], "CPU processes")
+    seg_route: bool = option(True, "the tools' segmentation route per image (multi-scale + CRF, "
+                                   "each backend) and the COCO val time it projects")
+    route_images: int = option(2, "timed images of the segmentation route (after one warm-up)")
     out_dir: str = option("logs/benchmarks", "where <name>.json and <name>.md go")
     name: str = option("", "file stem; default from device and config")
     threads: int = option(0, "CPU threads (torch.set_num_threads); 0: torch's default. On a "
@@ -120,6 +124,8 @@ def run(argv: list[str]) -> dict:
           f"{step_res['outside_network_share'] * 100:.1f} %", file=sys.stderr)
     if b.infer:
         res["infer"] = bench_infer(cfg, trainer.model, device)
+    if b.seg_route:
+        res["seg_route"] = bench_seg_route(cfg, trainer.model, device)
     del trainer
     if b.energy:
         res["energy"] = bench_energy(cfg, device)
@@ -128,7 +134,8 @@ def run(argv: list[str]) -> dict:
     res["load_after"] = [round(v, 2) for v in os.getloadavg()]
     out = Path(b.out_dir)
     write_text_atomic(out / f"{name}.json", json.dumps(res, indent=1, default=float) + "\n")
-    text = markdown(res) + (crf_markdown(res["crf"]) if "crf" in res else "")
+    text = (markdown(res) + (crf_markdown(res["crf"]) if "crf" in res else "")
+            + (seg_route_markdown(res["seg_route"]) if "seg_route" in res else ""))
     write_text_atomic(out / f"{name}.md", text)
     print(text)
     return res

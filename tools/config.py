@@ -13,10 +13,14 @@ from omegaconf import DictConfig
 
 from tools.cli import parse_cli
 from utils.config import ConfigError, option
+from wetr.densecrf import BACKENDS as CRF_BACKENDS
 
 SEED_SCALES = (1.0, 0.5, 0.75, 1.25, 1.5, 1.75, 2.0)   # SPEC 8 "multi-scale" seeds
 SEG_SCALES = (1.0, 1.25, 1.5)                           # SPEC 8 segmentation
 SINGLE_SCALE = (1.0,)                                   # multi_scale=false, every tool
+CRF_BACKEND_HELP = ("auto | torch | pydensecrf (alias crf.backend=X); auto: torch on a GPU, on "
+                    "a CPU pydensecrf2 where installed, else torch; resolved once per run, the "
+                    "log and scores.json's config name the backend used")
 
 
 @dataclass
@@ -61,8 +65,10 @@ class InferConfig:
     cls_labels: str = option("gt", "seeds: gt image labels | pred (classifier, seg fallback)",
                              choices=("gt", "pred"))
     cam2seg: bool = option(False, "infer_lam: LAM as segmentation on val / test (SPEC 8)")
-    crf: bool = option(False, "DenseCRF post-processing (needs pydensecrf2)")
-    crf_workers: int = option(-1, "CRF processes per rank; -1 auto, 0 in-process")
+    crf: bool = option(False, "DenseCRF post-processing (SPEC 8), with crf_backend")
+    crf_backend: str = option("auto", CRF_BACKEND_HELP, choices=CRF_BACKENDS)
+    crf_workers: int = option(-1, "pydensecrf processes per rank; -1 auto, 0 in-process (the "
+                                  "torch backend always runs in-process)")
     save_labels: bool = option(True, "palette PNGs of the predictions")
     save_overlays: bool = option(False, "jet overlays (seeds) / colour blends (segmentation)")
     save_arrays: bool = option(False, ".npz maps (seeds: present-class maps; seg: logits)")
@@ -102,9 +108,19 @@ class InferError(RuntimeError):
     """A problem the user can fix (message is one line)."""
 
 
+def crf_backend_alias(argv: Sequence[str]) -> list[str]:
+    """Issue 29's spelling `crf.backend=X` -> `crf_backend=X` (`crf` is a boolean key, so the
+    dotted form cannot merge); every other argument as it is."""
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        out.append(f"crf_backend={value}" if eq and key.lstrip("+") == "crf.backend" else arg)
+    return out
+
+
 def parse_config(argv: Sequence[str], defaults: dict | None = None) -> DictConfig:
-    """defaults <- `defaults` <- `key=value` arguments, checked."""
-    cfg = parse_cli(argv, InferConfig, defaults)
+    """defaults <- `defaults` <- `key=value` arguments (`crf_backend_alias` applied), checked."""
+    cfg = parse_cli(crf_backend_alias(argv), InferConfig, defaults)
     if not cfg.ckpt:
         raise ConfigError("ckpt=<path to checkpoint .pth> is required")
     return cfg
@@ -113,6 +129,7 @@ def parse_config(argv: Sequence[str], defaults: dict | None = None) -> DictConfi
 def parse_tool_config(argv: Sequence[str], spec: ToolSpec) -> tuple[ToolSpec, DictConfig]:
     """The tool's config, parsed once, and its spec: a mode of `spec.modes` whose key is true
     brings its defaults for the keys the command line does not set."""
+    argv = crf_backend_alias(argv)
     cfg = parse_config(argv, spec.defaults)
     for key, mode in spec.modes.items():
         if cfg[key]:

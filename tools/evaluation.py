@@ -25,6 +25,7 @@ from utils.config import to_container
 from utils.io import remove_stale_tmp
 from utils.metrics import confusion_matrix, format_table, scores
 from utils.palette import read_label_png
+from wetr.densecrf import crf_label
 
 from .config import ToolSpec, parse_tool_config
 from .outputs import SERVER_DIR, EvalWriter, write_json_atomic
@@ -37,20 +38,32 @@ Sink = Callable[[Output], None]
 
 class CRFStep:
     """The CRF of every route: rgb (H, W, 3) uint8 + probs (C, H, W) -> label map (H, W) uint8
-    (channel c -> class keys[c]). `label_map` is the one place a CRF backend is chosen: today
-    pydensecrf (`utils.crf.crf_label`) in a process pool of `workers` (0: in this process).
+    (channel c -> class keys[c]). `label_map` is the one place the CRF backend acts, as resolved
+    once per run (`wetr.densecrf.resolve_backend`): "torch" runs `wetr.densecrf` in this process
+    on the probs' device (the route's tensor: no host round trip on a GPU); "pydensecrf" runs
+    `utils.crf.crf_label` in a process pool of `workers` (0: in this process); None: no CRF.
     Outputs come back in their input order once their CRF is done; at most 4 x workers wait."""
 
-    def __init__(self, workers: int | None):
+    def __init__(self, backend: str | None, workers: int = 0):
+        if backend not in (None, "torch", "pydensecrf"):
+            raise ValueError(f"CRFStep takes a resolved backend, got {backend!r}")
+        self.backend = backend
         self.pool = None
-        if workers is not None:
+        if backend == "pydensecrf":
             from utils.crf import CRFPool
             self.pool = CRFPool(workers)
-        self.limit = 4 * max(1, workers or 0)
+        self.limit = 4 * max(1, workers if self.pool is not None else 0)
         self.queue: deque[tuple[Output, Future | None]] = deque()
 
-    def label_map(self, rgb: np.ndarray, probs: np.ndarray, keys: np.ndarray) -> Future:
-        return self.pool.submit(rgb, probs, keys)
+    def label_map(self, rgb: np.ndarray, probs: torch.Tensor | np.ndarray,
+                  keys: np.ndarray) -> Future:
+        if self.pool is not None:
+            if isinstance(probs, torch.Tensor):   # the worker processes take host arrays
+                probs = np.ascontiguousarray(probs.cpu().numpy())
+            return self.pool.submit(rgb, probs, keys)
+        fut: Future = Future()
+        fut.set_result(crf_label(rgb, probs, keys, "torch"))
+        return fut
 
     def put(self, out: Output) -> list[Output]:
         """Queue `out` (its CRF started when it carries a CRF input); return the outputs done."""
@@ -183,7 +196,8 @@ def _evaluate(ctx: Context) -> dict | None:
     metrics = Metrics(variants, ctx.data.num_classes)
     todo = _resume(ctx, writer, metrics)
     tick, close = _progress(ctx, len(ctx.shard()), len(ctx.shard()) - len(todo))
-    crf = CRFStep(crf_workers(cfg.crf_workers, ctx.dist.world_size) if cfg.crf else None)
+    crf = CRFStep(cfg.crf_backend if cfg.crf else None,
+                  crf_workers(cfg.crf_workers, ctx.dist.world_size))
     try:
         run_images(ctx.items(todo), ROUTES[ctx.spec.route or variant], ctx.params, crf,
                    (metrics.add, writer.write, tick))

@@ -7,7 +7,8 @@
 Each image (grey, palette and RGBA converted to RGB) is resized to size x size (SPEC 8; any
 aspect), segmented at scale 1.0 with its flip (multi_scale=true: scales 1.0, 1.25, 1.5 with
 flip, max over scales), the logits upsampled to the original size, optionally refined by
-DenseCRF (crf=true). Writes under out_dir (default <run>/eval/<checkpoint>/predict_<input>):
+DenseCRF (crf=true; crf_backend=auto|torch|pydensecrf, see tools/config.py). Writes under
+out_dir (default <run>/eval/<checkpoint>/predict_<input>):
 seg/<name>.png (palette PNG of class indices, the image's size), overlay/<name>.jpg (palette
 colours over the image) and, with save_cam=true, cam/ and lam/<name>_<class>.jpg (jet overlays of
 the CAM and LAM of every predicted class). Class names are those of the checkpoint's dataset.
@@ -26,7 +27,8 @@ import torch
 from PIL import Image
 
 from datasets.transforms import normalise
-from tools.config import SEED_SCALES, SEG_SCALES, InferData, InferModel
+from tools.config import (CRF_BACKEND_HELP, CRF_BACKENDS, SEED_SCALES, SEG_SCALES, InferData,
+                          InferModel, crf_backend_alias)
 from tools.cli import parse_cli
 from tools.data import class_names, default_out_dir, resolve_data
 from tools.evaluation import CRFStep, run_images
@@ -36,6 +38,7 @@ from tools.session import run
 from utils import dist as udist
 from utils.config import ConfigError, option
 from utils.errors import first_line
+from wetr.densecrf import resolve_backend
 from wetr.factory import model_from_checkpoint
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -48,7 +51,8 @@ class PredictConfig:
     out_dir: str = option("", '"" = <run folder>/eval/<checkpoint>/predict_<input name>')
     multi_scale: bool = option(False, "segmentation scales 1.0, 1.25, 1.5 (with flip); false: 1.0")
     size: int = option(448, "images are resized to size x size (whatever the aspect)")
-    crf: bool = option(False, "DenseCRF on the segmentation (needs pydensecrf2)")
+    crf: bool = option(False, "DenseCRF on the segmentation, with crf_backend")
+    crf_backend: str = option("auto", CRF_BACKEND_HELP, choices=CRF_BACKENDS)
     save_cam: bool = option(False, "also CAM and LAM overlays of each predicted class")
     device: str = option("auto", "auto | cpu | cuda")
     data: InferData = field(default_factory=InferData)
@@ -107,17 +111,18 @@ def _items(shard: Sequence[tuple[Path, str]], device: torch.device, skipped: lis
 
 def main(argv: Sequence[str]) -> int:
     """-> the number of images skipped (over all ranks)."""
-    cfg = parse_cli(argv, PredictConfig)
+    cfg = parse_cli(crf_backend_alias(argv), PredictConfig)
     if not cfg.ckpt or not cfg.input:
         raise ConfigError("ckpt=<checkpoint .pth> and input=<image or folder> are required")
     files = list_images(cfg.input)
-    if cfg.crf:
-        from utils.crf import check_available
-        check_available()
     out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(
         cfg.ckpt, "predict", Path(cfg.input).stem or "input", "")
     dist = udist.init_distributed(cfg.device)
     try:
+        if cfg.crf:   # once per run; pydensecrf2 asked for but missing is one line
+            cfg.crf_backend = resolve_backend(cfg.crf_backend, dist.device)
+            if dist.is_main:
+                print(f"crf: {cfg.crf_backend} backend on {dist.device}", file=sys.stderr)
         model, info = model_from_checkpoint(cfg.ckpt, dist.device, cfg.data.num_classes, cfg.model)
         names = _names_of(cfg, info)
         params = RouteParams(model, "seg", cfg.size, SEG_SCALES if cfg.multi_scale else (1.0,),
@@ -134,7 +139,7 @@ def main(argv: Sequence[str]) -> int:
         pairs = list(zip(files, output_names(files)))
         shard = [pairs[i] for i in udist.rank_shard(len(pairs), dist)]
         run_images(_items(shard, dist.device, skipped), predict_route, params,
-                   CRFStep(0 if cfg.crf else None), (writer.write, say))
+                   CRFStep(cfg.crf_backend if cfg.crf else None), (writer.write, say))
         total = int(udist.all_reduce_sum(torch.tensor([len(skipped)], device=dist.device)).item())
         if dist.is_main:
             done = len(files) - total

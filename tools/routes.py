@@ -59,14 +59,15 @@ class Output:
 
     labels: variant -> (H, W) uint8 label map (the CRF step adds "<variant>_crf"); gt: (H, W)
     int64 ground truth or None; rgb: (H, W, 3) uint8 when CRF or overlays need it; crf: the CRF
-    input (probs (C, H, W) float32, keys (C,) class id per channel) until the CRF step has run;
+    input (probs (C, H, W) float32 tensor on the model's device, keys (C,) class id per channel)
+    until the CRF step has run;
     arrays: the .npz payload; images: (relative path, (H, W, 3) uint8) overlays; maps: predict's
     CAM / LAM (K, H, W) in [0, 1] for the overlays of the classes it finally predicts."""
     name: str
     labels: dict[str, np.ndarray]
     gt: np.ndarray | None = None
     rgb: np.ndarray | None = None
-    crf: tuple[np.ndarray, np.ndarray] | None = None
+    crf: tuple[torch.Tensor, np.ndarray] | None = None
     arrays: dict[str, np.ndarray] | None = None
     images: list[tuple[str, np.ndarray]] = field(default_factory=list)
     maps: dict[str, np.ndarray] = field(default_factory=dict)
@@ -114,7 +115,7 @@ def seed_route(p: RouteParams, item: Item) -> Output:
     out.labels[p.variant] = _uint8(maps_to_label(maps, cls_label, bkg=p.bkg))
     if p.crf:
         probs, keys = seed_crf_stack(maps, cls_label)
-        out.crf = (np.ascontiguousarray(probs.float().cpu().numpy()), keys.astype(np.int64))
+        out.crf = (probs.float(), keys.astype(np.int64))
     present = cls_label[0].nonzero()[:, 0]
     if p.arrays:
         out.arrays = {p.variant: maps[0, present].half().cpu().numpy(),
@@ -140,8 +141,7 @@ def seg_route(p: RouteParams, item: Item) -> Output:
     seg = multi_scale_seg(p.model, item.image, p.size, p.scales, item.image.shape[-2:])
     out.labels["seg"] = _uint8(seg.argmax(1))
     if p.crf:
-        out.crf = (np.ascontiguousarray(seg[0].softmax(0).float().cpu().numpy()),
-                   np.arange(seg.shape[1], dtype=np.int64))
+        out.crf = (seg[0].softmax(0).float(), np.arange(seg.shape[1], dtype=np.int64))
     if p.arrays:
         out.arrays = {"seg": seg[0].half().cpu().numpy()}
     if p.overlays:

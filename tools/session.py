@@ -28,6 +28,7 @@ from utils.crf import CRFMissingError
 from utils.dist import DeviceError, DistInfo
 from utils.errors import first_line, not_rank_0, user_errors
 from utils.logger import git_revision, setup_logger
+from wetr.densecrf import resolve_backend
 from wetr.factory import model_from_checkpoint
 
 from .config import InferError, ToolSpec, resolve_scales
@@ -130,9 +131,8 @@ def _resolve(spec: ToolSpec, cfg: DictConfig, dist: DistInfo, t0: float) -> Cont
         raise ConfigError("resume=true rebuilds the scores from the saved label PNGs: "
                           "keep save_labels=true")
     dataset = build_dataset_for(data, split, check=dist.is_main)
-    if cfg.crf:
-        from utils.crf import check_available
-        check_available()
+    if cfg.crf:   # once per run: auto -> torch | pydensecrf; pydensecrf2 missing is one line
+        cfg.crf_backend = resolve_backend(cfg.crf_backend, dist.device)
     names = class_names(data)
     return Context(spec, cfg, dist, info, data, split, dataset, _out_dir(spec, cfg, split), names,
                    route_params(spec, cfg, model, names, has_labels), t0=t0)
@@ -146,8 +146,9 @@ def with_log(ctx: Context) -> Context:
     log = setup_logger(ctx.out_dir / f"{ctx.spec.name}.log", ctx.dist.is_main)
     log.info(f"{ctx.spec.name} | git {git_revision()} | {ctx.dist.world_size} process(es) on "
              f"{ctx.dist.device} | checkpoint {ctx.cfg.ckpt} (step {ctx.info['step']})")
+    backend = f" ({ctx.cfg.crf_backend} backend)" if ctx.cfg.crf else ""
     log.info(f"data {ctx.data.name} {ctx.data.root} split {ctx.split} ({len(ctx.dataset)} images)"
-             f" | scales {list(ctx.params.scales)} | crf {ctx.cfg.crf} | out {ctx.out_dir}")
+             f" | scales {list(ctx.params.scales)} | crf {ctx.cfg.crf}{backend} | out {ctx.out_dir}")
     return replace(ctx, log=log)
 
 

@@ -1,8 +1,10 @@
-"""DenseCRF post-processing (SPEC 8) with pydensecrf2 (import name `pydensecrf`).
+"""DenseCRF post-processing (SPEC 8) with pydensecrf2 (import name `pydensecrf`): the CPU
+reference of the tools' `crf_backend=pydensecrf` (the torch backend is `wetr.densecrf`).
 
-pydensecrf is an optional dependency: it is imported only when a CRF is run, and its absence is
-a one-line RuntimeError. CRF runs on the CPU, one image at a time; `CRFPool` spreads images over
-worker processes so that a rank keeps feeding its accelerator while the CRF works.
+pydensecrf2 is optional: it is imported only when this backend runs, and its absence is a
+one-line RuntimeError naming the install. CRF runs on the CPU, one image at a time; `CRFPool`
+spreads images over worker processes so that a rank keeps feeding its accelerator while the CRF
+works.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-CRF_MISSING = "CRF needs pydensecrf2: pip install pydensecrf2"
+CRF_MISSING = ("crf_backend=pydensecrf needs pydensecrf2: pip install pydensecrf2, or use "
+               "crf_backend=torch (no extra package)")
 
 
 class CRFMissingError(RuntimeError):

@@ -25,12 +25,15 @@ runs on the inputs' device; the torch path imports no pydensecrf.
 
 Measured (tests/test_densecrf.py and issue 29's checks): 100 % label agreement with
 pydensecrf2 on demo-like and 500x375 natural-like images for CAM, LAM and segmentation stacks,
-marginals within 1e-5. CPU, 1 thread, 500x375, 21 channels: 2-3.5 s per image vs 0.8-2.5 s for
-pydensecrf2 (logs/benchmarks/cpu_crf_voc_500x375_k20.md); the lattice build is ~0.5 s of it.
+marginals within 1e-5; on the demo checkpoint's evaluation (60 val images) the CRF label maps of
+CAM, LAM and Seg are identical to pydensecrf2's on every image
+(logs/benchmarks/2026-12-04_crf_backend_demo.md). CPU, 1 thread, 500x375, 21 channels: 1.4-2.5x
+pydensecrf2's time per image (logs/benchmarks/cpu_crf_voc_500x375_k20.md and
+2026-12-04_cpu_crf_seg_route_vitb448_k20.md); the lattice build is ~0.5 s of it.
 
-`crf_label` is the single entry point of the evaluation tools for one image, with the backend
-chosen by `resolve_backend`: "pydensecrf" calls `utils.crf.crf_label` (figures to the digit),
-"torch" this module.
+`crf_label` is the entry point for one image, with the backend chosen by `resolve_backend`:
+"pydensecrf" calls `utils.crf.crf_label` (figures to the digit), "torch" this module. The
+evaluation tools and predict.py reach it through `tools.evaluation.CRFStep` (`crf_backend`).
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from utils.crf import CRFParams, crf_label as pydensecrf_label
+from utils.crf import CRFParams, check_available, crf_label as pydensecrf_label
 from wetr.permutohedral import PermutohedralLattice
 
 __all__ = ["BACKENDS", "resolve_backend", "pydensecrf_installed", "unary_from_probs", "mean_field",
@@ -52,12 +55,16 @@ Kernel = Callable[[Tensor], Tensor]
 
 
 def resolve_backend(name: str, device: torch.device | str) -> str:
-    """crf.backend -> "torch" or "pydensecrf".
+    """crf_backend (alias crf.backend) -> "torch" or "pydensecrf".
 
     auto: torch on an accelerator; on the CPU pydensecrf2 if it is installed, else torch.
+    "pydensecrf" without pydensecrf2 installed raises `utils.crf.CRFMissingError` (one line
+    naming the install), so a run fails before its first image.
     """
     if name not in BACKENDS:
-        raise ValueError(f"crf.backend={name!r} is not one of {'|'.join(BACKENDS)}")
+        raise ValueError(f"crf_backend={name!r} is not one of {'|'.join(BACKENDS)}")
+    if name == "pydensecrf":
+        check_available()
     if name != "auto":
         return name
     if torch.device(device).type != "cpu":

@@ -1,6 +1,8 @@
 """DenseCRF throughput (SPEC 8, issue 29): the torch backend (wetr.densecrf) vs pydensecrf2 at
 VOC size on a segmentation softmax (K+1 channels, the largest stack the tools pass), in 1 and
-2 CPU processes, and on the benchmark's device (one image at a time and batched)."""
+2 CPU processes, and on the benchmark's device (one image at a time and batched); and the whole
+segmentation route of the tools per image (`tools.routes.seg_route`, multi-scale + flip, then
+`tools.evaluation.CRFStep` with each backend), with the time of COCO val it projects."""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -13,7 +15,11 @@ import torch
 from omegaconf import DictConfig
 
 from datasets.synthetic import MAX_CLASSES, render
-from utils.profiling import timeit
+from datasets.transforms import normalise
+from tools.config import SEG_SCALES
+from tools.evaluation import CRFStep
+from tools.routes import Item, RouteParams, seg_route
+from utils.profiling import sync, timeit
 from wetr.densecrf import crf_label, dense_crf, pydensecrf_installed
 
 
@@ -100,4 +106,64 @@ def crf_markdown(res: dict) -> str:
             else:
                 label = name if where == "cpu" else f"torch on device, {name}"
                 lines.append(f"| {label} | {row['images_per_s']:.3f} | {1 / row['images_per_s']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+COCO_VAL_IMAGES = 40137   # full COCO val (run_evaluate_seg_coco.sh's default)
+
+
+def _route_seconds(params: RouteParams, step: CRFStep, item: Item, device) -> tuple[float, float]:
+    """(route s, CRF s) of one image as the tools run it: seg_route, then the CRF step."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = seg_route(params, item)
+    sync(device)
+    t1 = time.perf_counter()
+    step.label_map(out.rgb, *out.crf).result()
+    sync(device)
+    return t1 - t0, time.perf_counter() - t1
+
+
+def bench_seg_route(cfg: DictConfig, model: torch.nn.Module, device: torch.device) -> dict:
+    """Seconds per image of the segmentation route (SPEC 8: resize to bench.infer_size or the
+    crop, scales 1.0 / 1.25 / 1.5 with flip, logits at the image size, softmax) and of its CRF,
+    per backend, on bench.route_images images of bench.crf_size, one at a time in one process
+    (fp32, as the tools); the first image of each backend is an untimed warm-up."""
+    b = cfg.bench
+    height, width = b.crf_size
+    size = b.infer_size or cfg.data.crop_size
+    inputs = crf_inputs(b.route_images + 1, height, width, cfg.data.num_classes, b.seed + 5)
+    items = [Item(f"bench_{i}", normalise(rgb)[None].to(device))
+             for i, (rgb, _, _) in enumerate(inputs)]
+    params = RouteParams(model, "seg", size, SEG_SCALES, crf=True)
+    res = {"device": str(device), "size": f"{width}x{height}", "net_size": size,
+           "scales": list(SEG_SCALES), "images": b.route_images, "backends": {}}
+    backends = ["torch"] + (["pydensecrf"] if pydensecrf_installed() else [])
+    model.eval()
+    with torch.no_grad():
+        for backend in backends:
+            step = CRFStep(backend, workers=0)
+            times = [_route_seconds(params, step, item, device) for item in items]
+            step.close()
+            route, crf = (float(np.mean(t)) for t in zip(*times[1:]))
+            res["backends"][backend] = {"route_s": route, "crf_s": crf, "total_s": route + crf,
+                                        "coco_val_h": COCO_VAL_IMAGES * (route + crf) / 3600}
+    model.train()
+    return res
+
+
+def seg_route_markdown(res: dict) -> str:
+    """The report's section on the whole segmentation route, with the COCO val projection."""
+    where = ("a CPU figure (1 process); the GPU figure needs the benchmark run on a GPU"
+             if res["device"] == "cpu" else f"one {res['device']} (1 process)")
+    lines = ["", f"## Segmentation route per image ({res['size']} images, network at "
+             f"{res['net_size']} px, scales {res['scales']} + flip, then CRF), "
+             f"{res['images']} images", "",
+             "| CRF backend | route (network) s | CRF s | total s/image | COCO val (40 137) h |",
+             "|---|---:|---:|---:|---:|"]
+    for name, r in res["backends"].items():
+        lines.append(f"| {name} | {r['route_s']:.3f} | {r['crf_s']:.3f} | {r['total_s']:.3f} | "
+                     f"{r['coco_val_h']:.1f} |")
+    lines += ["", f"COCO val projection: {COCO_VAL_IMAGES} x the per-image time on {res['device']}"
+              f" at this image size: {where}."]
     return "\n".join(lines) + "\n"
