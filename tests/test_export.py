@@ -52,12 +52,12 @@ def _checkpoint(root: Path, data: Path, *extra: str) -> Path:
 @pytest.fixture(scope="module")
 def voc(tmp_path_factory):
     """Synthetic VOC layout (train_aug with masks) and a checkpoint trained on it."""
-    from datasets.synthetic import make_synthetic
+    from datasets.synthetic import SyntheticParams, make_synthetic
 
     root = tmp_path_factory.mktemp("export")
     data = root / "syn"
-    make_synthetic(str(data), num_fg_classes=K, num_train=6, num_val=2, size=48, seed=2,
-                   progress=False)
+    make_synthetic(str(data), SyntheticParams(num_fg_classes=K, num_train=6, num_val=2, size=48,
+                                              seed=2), progress=False)
     return root, data, _checkpoint(root, data)
 
 
@@ -127,11 +127,11 @@ def test_partial_export_resumes_to_the_same_files(voc, monkeypatch):
 def test_tag_dataset_nested_names_without_masks(tmp_path):
     """The tag format's odd nested names land at SegmentationClassPseudo/<name>.png; its train
     split has no masks: no scores, said once; a stale temp file of a killed run is removed."""
-    from datasets.synthetic import make_synthetic
+    from datasets.synthetic import SyntheticParams, make_synthetic
 
     data = tmp_path / "tags"
-    make_synthetic(str(data), num_fg_classes=K, num_train=6, num_val=2, size=48, seed=3,
-                   progress=False, fmt="tags")
+    make_synthetic(str(data), SyntheticParams(num_fg_classes=K, num_train=6, num_val=2, size=48,
+                                              seed=3, fmt="tags"), progress=False)
     ckpt = _checkpoint(tmp_path, data, "data.name=tags", "data.train_split=train")
     out = tmp_path / "out"
     stale = out / PSEUDO_DIR / "nested dir" / "ünïcode" / ".x.png.abc.tmp"

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets.synthetic import class_names as synthetic_names, make_synthetic
+from datasets.synthetic import SyntheticParams, class_names as synthetic_names, make_synthetic
 from tools import prepare_tags
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,8 +81,8 @@ def random_tags(folder: Path, k: int, n: int, masks: int) -> Path:
 
 def test_synthetic_tags_run_train_sh_evaluate_predict(tmp_path):
     data = tmp_path / "syn"
-    make_synthetic(str(data), num_fg_classes=2, num_train=16, num_val=4, size=64, progress=False,
-                   fmt="tags")
+    make_synthetic(str(data), SyntheticParams(num_fg_classes=2, num_train=16, num_val=4, size=64,
+                                              fmt="tags"), progress=False)
     work = tmp_path / "logs"
     r = run(["bash", "run_train.sh", "scripts/train_voc.py", "cpu", "2", str(free_port()), "tg",
              f"work_dir={work}", "data.name=tags", f"data.root={data}", "data.num_workers=1",
