@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import shutil
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -186,13 +187,26 @@ def render(rng: np.random.Generator, num_fg_classes: int, size: int) -> tuple[np
     return np.clip(img, 0, 255).astype(np.uint8), label
 
 
-def _params(num_fg_classes: int, num_train: int, num_val: int, size: int, seed: int,
-            fmt: str = "voc") -> dict:
-    params = dict(version=VERSION, num_fg_classes=num_fg_classes, num_train=num_train,
-                  num_val=num_val, size=size, seed=seed, class_names=class_names(num_fg_classes))
-    if fmt != "voc":   # VOC-layout sets keep the parameters (and the files) they always had
-        params["format"] = fmt
-    return params
+@dataclass(frozen=True)
+class SyntheticParams:
+    """Which synthetic dataset: K = num_fg_classes foreground classes, num_train / num_val
+    images of size x size pixels, the seed every image is drawn from, and the layout (fmt
+    "voc", or "tags": images with odd names imported as data.name=tags)."""
+    num_fg_classes: int = 4
+    num_train: int = 600
+    num_val: int = 100
+    size: int = 128
+    seed: int = 0
+    fmt: str = "voc"
+
+    def record(self) -> dict:
+        """The parameters as synthetic.json holds them."""
+        params = dict(version=VERSION, num_fg_classes=self.num_fg_classes,
+                      num_train=self.num_train, num_val=self.num_val, size=self.size,
+                      seed=self.seed, class_names=class_names(self.num_fg_classes))
+        if self.fmt != "voc":   # VOC-layout sets keep the parameters (and files) they always had
+            params["format"] = self.fmt
+        return params
 
 
 def read_params(out_dir: str) -> dict | None:
@@ -210,18 +224,17 @@ def tag_file_name(split: str, i: int) -> str:
     return f"{folder}/{name}" if folder else name
 
 
-def make_synthetic(out_dir: str, num_fg_classes: int = 4, num_train: int = 600, num_val: int = 100,
-                   size: int = 128, seed: int = 0, force: bool = False,
-                   progress: bool = True, fmt: str = "voc") -> bool:
-    """Write the dataset (num_fg_classes = K foreground classes). -> False when an identical one
-    already exists (nothing written; `force` rewrites it), True otherwise. fmt "voc": the VOC
-    layout; "tags": `write_tag_sources` then the tag import (datasets/tags.py; train with
-    data.name=tags data.root=out_dir)."""
-    if not 1 <= num_fg_classes <= MAX_CLASSES:
-        raise ValueError(f"num_fg_classes must be in 1..{MAX_CLASSES}; got {num_fg_classes}")
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {fmt!r}")
-    params = _params(num_fg_classes, num_train, num_val, size, seed, fmt)
+def make_synthetic(out_dir: str, p: SyntheticParams = SyntheticParams(), force: bool = False,
+                   progress: bool = True) -> bool:
+    """Write the dataset `p`. -> False when an identical one already exists (nothing written;
+    `force` rewrites it), True otherwise. p.fmt "voc": the VOC layout; "tags":
+    `write_tag_sources` then the tag import (datasets/tags.py; train with data.name=tags
+    data.root=out_dir)."""
+    if not 1 <= p.num_fg_classes <= MAX_CLASSES:
+        raise ValueError(f"num_fg_classes must be in 1..{MAX_CLASSES}; got {p.num_fg_classes}")
+    if p.fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {p.fmt!r}")
+    params = p.record()
     old = read_params(out_dir)
     if old == params and not force:
         return False
@@ -235,43 +248,43 @@ def make_synthetic(out_dir: str, num_fg_classes: int = 4, num_train: int = 600, 
             elif os.path.isfile(path):
                 os.remove(path)
     names = {split: [f"{split}_{i:05d}" for i in range(n)]
-             for split, n in (("train", num_train), ("val", num_val))}
-    if fmt == "tags":
-        write_tag_sources(out_dir, num_fg_classes, names, size, seed, progress)
+             for split, n in (("train", p.num_train), ("val", p.num_val))}
+    if p.fmt == "tags":
+        write_tag_sources(out_dir, p, names, progress)
     else:
-        _write_voc(out_dir, num_fg_classes, names, size, seed, progress)
+        _write_voc(out_dir, p, names, progress)
     with atomic_open(os.path.join(out_dir, PARAMS_FILE), "w") as f:
         json.dump(params, f, indent=1)
     return True
 
 
-def _samples(names: dict[str, list[str]], num_fg_classes: int, size: int, seed: int,
-             progress: bool):
+def _samples(names: dict[str, list[str]], p: SyntheticParams, progress: bool):
     """Yields (split, index, name, image (S, S, 3) RGB, mask (S, S)); a pure function of
-    (seed, split, index)."""
+    (p.seed, split, index)."""
     jobs = [(s, i, n) for s, (split, ns) in enumerate(names.items()) for i, n in enumerate(ns)]
     for split_id, i, name in tqdm(jobs, desc="synthetic", disable=not progress, unit="img"):
-        image, mask = render(np.random.default_rng([seed, split_id, i]), num_fg_classes, size)
+        image, mask = render(np.random.default_rng([p.seed, split_id, i]), p.num_fg_classes,
+                             p.size)
         yield list(names)[split_id], i, name, image, mask
 
 
-def _write_voc(out_dir: str, num_fg_classes: int, names: dict[str, list[str]], size: int,
-               seed: int, progress: bool) -> None:
+def _write_voc(out_dir: str, p: SyntheticParams, names: dict[str, list[str]],
+               progress: bool) -> None:
     img_dir = os.path.join(out_dir, "JPEGImages")
     mask_dir = os.path.join(out_dir, "SegmentationClassAug")
     os.makedirs(img_dir, exist_ok=True)
     os.makedirs(mask_dir, exist_ok=True)
-    for _, _, name, image, mask in _samples(names, num_fg_classes, size, seed, progress):
+    for _, _, name, image, mask in _samples(names, p, progress):
         cv2.imwrite(os.path.join(img_dir, name + ".jpg"), image[:, :, ::-1],
                     [cv2.IMWRITE_JPEG_QUALITY, 90])
         cv2.imwrite(os.path.join(mask_dir, name + ".png"), mask)
     # the "official" val list, from which prepare_voc derives train_aug exactly as for VOC
     write_name_list(os.path.join(out_dir, "ImageSets", "Segmentation", "val.txt"), names["val"])
-    prepare_voc(out_dir, num_fg_classes=num_fg_classes, progress=False)
+    prepare_voc(out_dir, num_fg_classes=p.num_fg_classes, progress=False)
 
 
-def write_tag_sources(out_dir: str, num_fg_classes: int, names: dict[str, list[str]], size: int,
-                      seed: int, progress: bool) -> None:
+def write_tag_sources(out_dir: str, p: SyntheticParams, names: dict[str, list[str]],
+                      progress: bool) -> None:
     """What a user brings, then the import: photos/ (odd names, nested, JPEG and PNG),
     tags.csv (`image,tags`, names joined by `;`), classes.txt, val_masks/ (a palette-free index
     PNG per val image, named like its image), val_list.txt; then `import_tags` into out_dir."""
@@ -279,9 +292,9 @@ def write_tag_sources(out_dir: str, num_fg_classes: int, names: dict[str, list[s
     from .tag_import import Source, Split
 
     photos, masks = (os.path.join(out_dir, d) for d in ("photos", "val_masks"))
-    classes = class_names(num_fg_classes)[1:]
+    classes = class_names(p.num_fg_classes)[1:]
     rows, val = [], []
-    for split, i, _, image, mask in _samples(names, num_fg_classes, size, seed, progress):
+    for split, i, _, image, mask in _samples(names, p, progress):
         rel = tag_file_name(split, i)
         path = os.path.join(photos, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -290,7 +303,7 @@ def write_tag_sources(out_dir: str, num_fg_classes: int, names: dict[str, list[s
                                [cv2.IMWRITE_JPEG_QUALITY, 90] if suffix == ".jpg" else [])
         with atomic_open(path, "wb") as f:
             f.write(data.tobytes())
-        present = [classes[c - 1] for c in np.unique(mask) if 0 < c <= num_fg_classes]
+        present = [classes[c - 1] for c in np.unique(mask) if 0 < c <= p.num_fg_classes]
         rows.append(f'"{rel}",{";".join(present)}\n')
         if split == "val":
             val.append(rel)
@@ -320,8 +333,9 @@ def main(argv: list[str] | None = None) -> None:
                         "masks, imported as data.name=tags (tools/prepare_tags.py)")
     parser.add_argument("--force", action="store_true", help="rewrite even if up to date")
     args = parser.parse_args(argv)
-    wrote = make_synthetic(args.out, args.num_fg_classes, args.train, args.val, args.size, args.seed,
-                           args.force, fmt=args.format)
+    wrote = make_synthetic(args.out, SyntheticParams(args.num_fg_classes, args.train, args.val,
+                                                     args.size, args.seed, args.format),
+                           force=args.force)
     state = "wrote" if wrote else "up to date:"
     how = (f"data.name=tags data.root={args.out}" if args.format == "tags" else
            f"data.root={args.out} data.num_classes={args.num_fg_classes + 1}")

@@ -226,7 +226,9 @@ def initial_weights(run: Path) -> torch.Tensor:
 def runs(tmp_path_factory) -> dict[str, Path]:
     work = tmp_path_factory.mktemp("accum")
     data = work / "data"
-    make_synthetic(str(data), num_fg_classes=4, num_train=16, num_val=2, size=64, progress=False)
+    from datasets.synthetic import SyntheticParams
+    make_synthetic(str(data), SyntheticParams(num_fg_classes=4, num_train=16, num_val=2, size=64),
+                   progress=False)
     return {
         "1x4": train(data, work, "1x4", 1, "batch_size=4"),
         "1x2x2": train(data, work, "1x2x2", 1, "batch_size=2", "global_batch=4"),

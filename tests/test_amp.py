@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.synthetic import make_synthetic
+from datasets.synthetic import SyntheticParams, make_synthetic
 from wetr.config import make_config
 from wetr.engine import train
 
@@ -36,7 +36,8 @@ def runner(tmp_path_factory):
     """Runs (and caches) one short training per variant; returns its per-step total loss."""
     root = tmp_path_factory.mktemp("amp")
     data = root / "syn"
-    make_synthetic(str(data), num_fg_classes=3, num_train=16, num_val=2, size=64, seed=0, progress=False)
+    make_synthetic(str(data), SyntheticParams(num_fg_classes=3, num_train=16, num_val=2, size=64,
+                                              seed=0), progress=False)
     base = [f"data.root={data}", "data.num_classes=4", "model.embed_dim=64", "model.depth=4",
             "model.num_heads=4", "model.pretrained=false", "data.crop_size=64", "batch_size=2",
             f"max_iters={STEPS}", "log_every=1", f"eval_every={10 * STEPS}", f"save_every={10 * STEPS}",

@@ -21,6 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 def _schemas():
     from tools.benchmark import DEFAULTS as BENCH, BenchConfig
     from tools.config import InferConfig
+    from tools.export_pseudo_masks import ExportConfig
+    from tools.paper_table import PaperTableConfig
     from tools.predict import PredictConfig
     from scripts.train_coco import COCO
     from scripts.train_demo import DEMO
@@ -29,7 +31,9 @@ def _schemas():
             "scripts/train_demo.py": (TrainConfig, DEMO),
             **{f"tools/{t}.py": (InferConfig, None) for t in
                ("infer_cam", "infer_lam", "infer_seg_voc", "infer_seg_coco")},
-            "tools/benchmark.py": (BenchConfig, BENCH), "tools/predict.py": (PredictConfig, None)}
+            "tools/benchmark.py": (BenchConfig, BENCH), "tools/predict.py": (PredictConfig, None),
+            "tools/export_pseudo_masks.py": (ExportConfig, None),
+            "tools/paper_table.py": (PaperTableConfig, None)}
 
 
 LAUNCH = {"scripts/train_voc.py": "bash run_train.sh scripts/train_voc.py [gpu_device] [gpu_number] "
@@ -39,7 +43,9 @@ LAUNCH = {"scripts/train_voc.py": "bash run_train.sh scripts/train_voc.py [gpu_d
           "tools/infer_seg_voc.py": "bash run_evaluate_voc.sh [gpu_device] [gpu_number] "
                                     "[checkpoint_path]",
           "tools/infer_seg_coco.py": "bash run_evaluate_seg_coco.sh tools/infer_seg_coco.py",
-          "tools/predict.py": "torchrun --nproc_per_node=[gpu_number] tools/predict.py"}
+          "tools/predict.py": "torchrun --nproc_per_node=[gpu_number] tools/predict.py",
+          "tools/export_pseudo_masks.py": "bash run_export_pseudo_masks.sh [gpu_device] "
+                                          "[gpu_number] [checkpoint_path]"}
 
 
 @pytest.mark.parametrize("prog", list(_schemas()))
@@ -136,7 +142,9 @@ def _installed() -> bool:
 
 @pytest.mark.skipif(not _installed(), reason="project not installed: source tools/venv.sh")
 @pytest.mark.parametrize("entry", ["scripts/train_demo.py", "tools/infer_lam.py",
-                                   "tools/benchmark.py", "tools/predict.py", "tools/prepare_voc.py"])
+                                   "tools/benchmark.py", "tools/predict.py", "tools/prepare_voc.py",
+                                   "tools/prepare_tags.py", "tools/export_pseudo_masks.py",
+                                   "tools/paper_table.py", "tools/summarize.py"])
 def test_entries_run_as_files(entry):
     """`python path/file.py` (no sys.path edits: the editable install finds the packages)."""
     r = _run(entry, "--help")

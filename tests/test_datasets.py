@@ -14,7 +14,7 @@ from PIL import Image
 
 from datasets import COCODataset, VOCDataset, build_dataset, seed_worker
 from datasets.sampler import SampleError
-from datasets.synthetic import class_recipe, make_synthetic, read_params, render
+from datasets.synthetic import SyntheticParams, class_recipe, make_synthetic, read_params, render
 from datasets.transforms import (IMAGENET_MEAN, IMAGENET_STD, JITTER, COCOTrainTransform,
                                  VOCTrainTransform, color_jitter, normalise, random_pad_crop)
 from datasets.voc import read_cls_labels, read_mask, read_name_list
@@ -27,7 +27,8 @@ SIZE = 64
 @pytest.fixture(scope="module")
 def syn(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("syn") / "synthetic")
-    make_synthetic(root, num_fg_classes=K, num_train=6, num_val=3, size=SIZE, seed=0, progress=False)
+    make_synthetic(root, SyntheticParams(num_fg_classes=K, num_train=6, num_val=3, size=SIZE,
+                                         seed=0), progress=False)
     return root
 
 
@@ -298,10 +299,12 @@ def _files(root: str) -> dict[str, bytes]:
 
 def test_synthetic_is_deterministic(tmp_path, syn):
     other = str(tmp_path / "again")
-    make_synthetic(other, num_fg_classes=K, num_train=6, num_val=3, size=SIZE, seed=0, progress=False)
+    make_synthetic(other, SyntheticParams(num_fg_classes=K, num_train=6, num_val=3, size=SIZE,
+                                          seed=0), progress=False)
     assert _files(other) == _files(syn)
-    make_synthetic(str(tmp_path / "seed1"), num_fg_classes=K, num_train=6, num_val=3, size=SIZE,
-                   seed=1, progress=False)
+    make_synthetic(str(tmp_path / "seed1"), SyntheticParams(num_fg_classes=K, num_train=6,
+                                                            num_val=3, size=SIZE, seed=1),
+                   progress=False)
     assert _files(str(tmp_path / "seed1"))["JPEGImages/train_00000.jpg"] != \
         _files(syn)["JPEGImages/train_00000.jpg"]
 
@@ -334,15 +337,18 @@ def test_synthetic_layout_and_labels(syn):
 
 def test_synthetic_is_idempotent_and_regenerates_on_change(tmp_path):
     root = str(tmp_path / "s")
-    assert make_synthetic(root, num_fg_classes=2, num_train=3, num_val=2, size=48, progress=False)
+    assert make_synthetic(root, SyntheticParams(num_fg_classes=2, num_train=3, num_val=2, size=48),
+                          progress=False)
     stamp = os.stat(os.path.join(root, "JPEGImages", "train_00000.jpg")).st_mtime_ns
-    assert not make_synthetic(root, num_fg_classes=2, num_train=3, num_val=2, size=48, progress=False)
+    assert not make_synthetic(root, SyntheticParams(num_fg_classes=2, num_train=3, num_val=2,
+                                                    size=48), progress=False)
     assert os.stat(os.path.join(root, "JPEGImages", "train_00000.jpg")).st_mtime_ns == stamp
-    assert make_synthetic(root, num_fg_classes=2, num_train=2, num_val=1, size=48, progress=False)
+    assert make_synthetic(root, SyntheticParams(num_fg_classes=2, num_train=2, num_val=1, size=48),
+                          progress=False)
     assert sorted(os.listdir(os.path.join(root, "JPEGImages"))) == [
         "train_00000.jpg", "train_00001.jpg", "val_00000.jpg"]
-    assert make_synthetic(root, num_fg_classes=2, num_train=2, num_val=1, size=48, force=True,
-                          progress=False)
+    assert make_synthetic(root, SyntheticParams(num_fg_classes=2, num_train=2, num_val=1, size=48),
+                          force=True, progress=False)
 
 
 def test_synthetic_variety_and_colour_is_not_the_class():

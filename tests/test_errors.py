@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from datasets.sampler import ResumableSampler, SampleError
-from datasets.synthetic import make_synthetic
+from datasets.synthetic import SyntheticParams, make_synthetic
 from scripts.train_voc import VOC
 from tools.cli import train_entry
 from utils.checkpoint import CheckpointError, load_file
@@ -42,7 +42,8 @@ TINY = ["data.num_classes=5", "data.crop_size=128", "data.num_workers=0", "model
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("errors") / "data"
-    make_synthetic(str(root), num_fg_classes=4, num_train=8, num_val=2, size=64, progress=False)
+    make_synthetic(str(root), SyntheticParams(num_fg_classes=4, num_train=8, num_val=2, size=64),
+                   progress=False)
     return root
 
 

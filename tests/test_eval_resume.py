@@ -35,12 +35,12 @@ FAST = ["size=64", "num_workers=0", "device=cpu", "crf_workers=0"]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """12 val images (and a test list of the same names) and a tiny random checkpoint."""
-    from datasets.synthetic import make_synthetic
+    from datasets.synthetic import SyntheticParams, make_synthetic
 
     root = tmp_path_factory.mktemp("evalresume")
     data = root / "syn"
-    make_synthetic(str(data), num_fg_classes=K, num_train=4, num_val=12, size=48, seed=1,
-                   progress=False)
+    make_synthetic(str(data), SyntheticParams(num_fg_classes=K, num_train=4, num_val=12, size=48,
+                                              seed=1), progress=False)
     lists = data / "ImageSets" / "Segmentation"
     (lists / "test.txt").write_text((lists / "val.txt").read_text())
     torch.manual_seed(0)

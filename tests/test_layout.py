@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from datasets.layout import LayoutError, check_layout
-from datasets.synthetic import PARAMS_FILE, make_synthetic
+from datasets.synthetic import PARAMS_FILE, SyntheticParams, make_synthetic
 from datasets.voc import read_cls_labels
 from datasets.voc_lists import write_cls_labels, write_name_list
 
@@ -22,7 +22,8 @@ SPLITS = ["train_aug", "val"]
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("layout") / "syn")
-    make_synthetic(root, num_fg_classes=K, num_train=5, num_val=3, size=48, seed=0, progress=False)
+    make_synthetic(root, SyntheticParams(num_fg_classes=K, num_train=5, num_val=3, size=48, seed=0),
+                   progress=False)
     return root
 
 

@@ -211,9 +211,10 @@ def test_user_errors_are_one_line(voc_run, argv, words):
 def test_real_chain_on_a_tiny_checkpoint(tmp_path):
     """Synthetic data, 2 training steps through run_train.sh, then run=true: the real
     evaluation scripts write the scores.json files the table reads."""
-    from datasets.synthetic import make_synthetic
+    from datasets.synthetic import SyntheticParams, make_synthetic
     data = tmp_path / "syn"
-    make_synthetic(str(data), num_fg_classes=4, num_train=4, num_val=2, size=48, progress=False)
+    make_synthetic(str(data), SyntheticParams(num_fg_classes=4, num_train=4, num_val=2, size=48),
+                   progress=False)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     with socket.socket() as s:
         s.bind(("", 0))

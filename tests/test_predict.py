@@ -27,11 +27,12 @@ SIZES = {"tall.jpg": (70, 20), "wide.jpeg": (15, 90), "tiny.png": (3, 5), "grey.
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from datasets.synthetic import class_names, make_synthetic
+    from datasets.synthetic import SyntheticParams, class_names, make_synthetic
 
     root = tmp_path_factory.mktemp("predict")
     data = root / "syn"
-    make_synthetic(str(data), num_fg_classes=K, num_train=2, num_val=2, size=32, seed=0, progress=False)
+    make_synthetic(str(data), SyntheticParams(num_fg_classes=K, num_train=2, num_val=2, size=32,
+                                              seed=0), progress=False)
     torch.manual_seed(0)
     model = build_model(num_classes=K + 1, embed_dim=64, depth=4, num_heads=4)
     cfg = make_config(argv=[f"data.root={data}", f"data.num_classes={K + 1}", "model.embed_dim=64",

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datasets.synthetic import make_synthetic
+from datasets.synthetic import SyntheticParams, make_synthetic
 from utils.checkpoint import load_file, remove_stale_tmp, save_atomic
 from wetr.run import truncate_metrics
 
@@ -36,7 +36,8 @@ TINY = ["data.num_classes=5", "data.crop_size=128", "model.pretrained=false", "m
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("resume") / "data"
-    make_synthetic(str(root), num_fg_classes=4, num_train=16, num_val=4, size=96, progress=False)
+    make_synthetic(str(root), SyntheticParams(num_fg_classes=4, num_train=16, num_val=4, size=96),
+                   progress=False)
     return root
 
 

@@ -301,13 +301,13 @@ def test_csv_cell_that_is_a_known_class_stays_whole(tmp_path):
 def test_synthetic_tags_format_is_the_voc_set_renamed(tmp_path):
     """Same seed: the tag-format images and labels are the VOC-format ones under odd names; the
     val masks come through the import; a second call is a no-op."""
-    from datasets.synthetic import make_synthetic, tag_file_name
+    from datasets.synthetic import SyntheticParams, make_synthetic, tag_file_name
     voc, tags = tmp_path / "voc", tmp_path / "tags"
     for root, fmt in ((voc, "voc"), (tags, "tags")):
-        assert make_synthetic(str(root), num_fg_classes=3, num_train=8, num_val=4, size=48,
-                              progress=False, fmt=fmt)
-    assert not make_synthetic(str(tags), num_fg_classes=3, num_train=8, num_val=4, size=48,
-                              progress=False, fmt="tags")
+        assert make_synthetic(str(root), SyntheticParams(num_fg_classes=3, num_train=8, num_val=4,
+                                                         size=48, fmt=fmt), progress=False)
+    assert not make_synthetic(str(tags), SyntheticParams(num_fg_classes=3, num_train=8, num_val=4,
+                                                         size=48, fmt="tags"), progress=False)
     vn, vl = read_cls_labels(str(voc / "ImageSets/Segmentation/cls_labels.npz"))
     tn, tl = read_cls_labels(str(tags / "ImageSets/Segmentation/cls_labels.npz"))
     by_tag = dict(zip(tn, tl.tolist()))

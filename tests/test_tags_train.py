@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from datasets.synthetic import class_names as synthetic_names, make_synthetic
+from datasets.synthetic import SyntheticParams, class_names as synthetic_names, make_synthetic
 from tools import prepare_tags
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,8 +81,8 @@ def random_tags(folder: Path, k: int, n: int, masks: int) -> Path:
 
 def test_synthetic_tags_run_train_sh_evaluate_predict(tmp_path):
     data = tmp_path / "syn"
-    make_synthetic(str(data), num_fg_classes=2, num_train=16, num_val=4, size=64, progress=False,
-                   fmt="tags")
+    make_synthetic(str(data), SyntheticParams(num_fg_classes=2, num_train=16, num_val=4, size=64,
+                                              fmt="tags"), progress=False)
     work = tmp_path / "logs"
     r = run(["bash", "run_train.sh", "scripts/train_voc.py", "cpu", "2", str(free_port()), "tg",
              f"work_dir={work}", "data.name=tags", f"data.root={data}", "data.num_workers=1",
@@ -122,10 +123,26 @@ def test_k1_and_k30_train_and_evaluate(tmp_path, k, masks):
     assert len(val) == 2 and all(np.isfinite(x["val/f1"]) for x in val)
     assert all(np.isfinite(x["val/seg_miou"]) == bool(masks) for x in val)
     assert all(np.isfinite(x["loss/total"]) for x in records if "loss/total" in x)
+    # the val line: F1 instead of NaN mIoUs; best.pth by F1 without masks, by Seg mIoU with
+    assert ("=nan" in log, log.count("none with a mask: no mIoU")) == (False, 0 if masks else 2)
+    best = torch.load(tmp_path / "logs" / "t" / "checkpoints" / "best.pth", weights_only=False)
+    key, score = ("best_miou", "val/seg_miou") if masks else ("best_f1", "val/f1")
+    assert best["meta"][key] == max(x[score] for x in val) and ("best_f1" in best["meta"]) != bool(masks)
     ckpt = tmp_path / "logs" / "t" / "checkpoints" / "last.pth"
+    if not masks:   # a resumed run keeps its best F1: a best no validation can beat stays
+        last = torch.load(ckpt, weights_only=False)
+        last["meta"]["best_f1"] = 2.0
+        torch.save(last, ckpt)
+        r = train_1(data, tmp_path / "logs", "t", "max_iters=8", "resume=auto")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert torch.load(ckpt, weights_only=False)["meta"]["best_f1"] == 2.0
+        assert torch.load(tmp_path / "logs" / "t" / "checkpoints" / "best.pth",
+                          weights_only=False)["step"] == best["step"]
     r = evaluate("infer_cam", ckpt, f"out_dir={tmp_path / 'cam'}")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"class {k:02d}" in r.stdout + r.stderr
+    # without masks: no table of NaNs, one line that says why
+    assert (f"class {k:02d}" in r.stdout + r.stderr) == bool(masks)
+    assert ("val has no ground-truth masks" in r.stdout + r.stderr) != bool(masks)
     if masks:   # class k is absent from val: marked, and left out of the mean
         scores = json.loads((tmp_path / "cam" / "scores.json").read_text())["scores"]["cam"]
         assert not scores["present"][k] and np.isfinite(scores["miou"])

@@ -93,13 +93,14 @@ def test_training_run_writes_events_and_a_resume_keeps_each_step_once(tmp_path, 
     """A short CPU run of the engine stops after step 5 (last checkpoint: step 4), then resumes to
     step 6: every loss term, lr, throughput and the validation scores are scalars, the val
     overlays are images, and each step appears once."""
-    from datasets.synthetic import make_synthetic
+    from datasets.synthetic import SyntheticParams, make_synthetic
     from scripts.train_voc import VOC
     from wetr.config import make_config
     from wetr import engine
 
     data = tmp_path / "data"
-    make_synthetic(str(data), num_fg_classes=2, num_train=8, num_val=2, size=48, progress=False)
+    make_synthetic(str(data), SyntheticParams(num_fg_classes=2, num_train=8, num_val=2, size=48),
+                   progress=False)
     argv = [f"data.root={data}", "data.num_classes=3", "data.crop_size=48", "data.num_workers=0",
             "model.pretrained=false", "model.embed_dim=32", "model.depth=3", "model.num_heads=2",
             "batch_size=2", "val.size=48", "cam.scales=[1.0]", "par.num_iter=1", "device=cpu",

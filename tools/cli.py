@@ -23,6 +23,8 @@ _LAUNCH = {
     "infer_seg_coco": "bash run_evaluate_seg_coco.sh {prog} [gpu_device] [gpu_number] [infer_set] "
                       "[checkpoint_path]",
     "infer_": "bash run_evaluate_voc.sh [gpu_device] [gpu_number] [checkpoint_path] [key=value ...]",
+    "export_": "bash run_export_pseudo_masks.sh [gpu_device] [gpu_number] [checkpoint_path] "
+               "[key=value ...]",
     "predict": "torchrun --nproc_per_node=[gpu_number] {prog} ckpt=PATH input=FILE_OR_DIR [key=value ...]",
 }
 

@@ -90,9 +90,11 @@ class ToolSpec:
     "seg"; output sub-folder and scores key); multi_scales: the scales of multi_scale=true;
     defaults: the tool's config values over `InferConfig`'s (the command line overrides them);
     seed_split: default infer_set is the seed split (VOC `train`) rather than the validation
-    split; needs_image_labels: ground-truth image labels are read (cls_labels=gt); route: the
+    split; train_split: default infer_set is the checkpoint's training split (the pseudo-mask
+    export); needs_image_labels: ground-truth image labels are read (cls_labels=gt); route: the
     per-image route (`tools.routes.ROUTES`; default: the variant's); modes: {config key: spec}
-    taken instead when that boolean key is true (infer_lam's cam2seg).
+    taken instead when that boolean key is true (infer_lam's cam2seg); schema: the tool's
+    `key=value` schema (`InferConfig` or a subclass adding the tool's own keys).
     """
     name: str
     variant: str
@@ -102,6 +104,8 @@ class ToolSpec:
     needs_image_labels: bool = False
     route: str = ""
     modes: dict = field(default_factory=dict)
+    train_split: bool = False
+    schema: type = InferConfig
 
 
 class InferError(RuntimeError):
@@ -118,9 +122,11 @@ def crf_backend_alias(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def parse_config(argv: Sequence[str], defaults: dict | None = None) -> DictConfig:
-    """defaults <- `defaults` <- `key=value` arguments (`crf_backend_alias` applied), checked."""
-    cfg = parse_cli(crf_backend_alias(argv), InferConfig, defaults)
+def parse_config(argv: Sequence[str], defaults: dict | None = None,
+                 schema: type = InferConfig) -> DictConfig:
+    """defaults of `schema` <- `defaults` <- `key=value` arguments (`crf_backend_alias`
+    applied), checked."""
+    cfg = parse_cli(crf_backend_alias(argv), schema, defaults)
     if not cfg.ckpt:
         raise ConfigError("ckpt=<path to checkpoint .pth> is required")
     return cfg
@@ -130,7 +136,7 @@ def parse_tool_config(argv: Sequence[str], spec: ToolSpec) -> tuple[ToolSpec, Di
     """The tool's config, parsed once, and its spec: a mode of `spec.modes` whose key is true
     brings its defaults for the keys the command line does not set."""
     argv = crf_backend_alias(argv)
-    cfg = parse_config(argv, spec.defaults)
+    cfg = parse_config(argv, spec.defaults, spec.schema)
     for key, mode in spec.modes.items():
         if cfg[key]:
             given = {a.split("=", 1)[0].lstrip("+") for a in argv if "=" in a}

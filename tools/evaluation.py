@@ -19,21 +19,22 @@ from concurrent.futures import Future
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 
 from utils import dist as udist
 from utils.config import to_container
-from utils.io import remove_stale_tmp
 from utils.metrics import confusion_matrix, format_table, scores
 from utils.palette import read_label_png
 from wetr.densecrf import crf_label
 
 from .config import ToolSpec, parse_tool_config
-from .outputs import SERVER_DIR, EvalWriter, write_json_atomic
+from .outputs import EvalWriter, write_json_atomic
 from .routes import ROUTES, Output, Route, RouteParams
 from .session import Context, open_context, with_log
 from .submission import pack_voc_test
 
 Sink = Callable[[Output], None]
+WriterFactory = Callable[[Context, tuple[str, ...]], EvalWriter]   # (context, variants) -> writer
 
 
 class CRFStep:
@@ -142,9 +143,10 @@ def _resume(ctx: Context, writer: EvalWriter, metrics: Metrics) -> list[int]:
             todo.append(i)
             continue
         done += 1
-        if ctx.has_labels:
+        mask = ds.mask_path(ds.root, name)
+        if ctx.has_labels and os.path.isfile(mask):   # a tag dataset's image may have none
             labels = {v: read_label_png(writer.label_path(v, name)) for v in metrics.conf}
-            metrics.count(labels, read_mask(ds.mask_path(ds.root, name)))
+            metrics.count(labels, read_mask(mask))
     if ctx.cfg.resume:
         ctx.log.info(f"resume: {done} image(s) of this rank's {done + len(todo)} already done")
     return todo
@@ -162,6 +164,8 @@ def _progress(ctx: Context, total: int, done: int) -> tuple[Sink, Callable[[], N
 def _report(ctx: Context, metrics: Metrics, writer: EvalWriter) -> dict | None:
     """All-reduce, then on rank 0: the table, scores.json and (VOC test) the server archive."""
     table = metrics.reduced(ctx.dist.device) if ctx.has_labels else {}
+    if not any(int(c.sum()) for c in table.values()):
+        table = {}   # not one labelled pixel: a split without masks (a tag dataset's train)
     udist.barrier()
     if not ctx.dist.is_main:
         return None
@@ -169,7 +173,7 @@ def _report(ctx: Context, metrics: Metrics, writer: EvalWriter) -> dict | None:
     if result:
         ctx.log.info(f"{ctx.spec.name} on {ctx.split}:\n" + format_table(result, ctx.names))
     else:
-        ctx.log.info(f"{ctx.split} has no ground truth: predictions written, no scores")
+        ctx.log.info(f"{ctx.split} has no ground-truth masks: predictions written, no scores")
     record = {"tool": ctx.spec.name, "checkpoint": str(ctx.cfg.ckpt), "step": ctx.info.get("step"),
               "dataset": ctx.data.name, "root": ctx.data.root, "split": ctx.split,
               "images": ctx.num_images(), "scales": list(ctx.params.scales),
@@ -181,17 +185,24 @@ def _report(ctx: Context, metrics: Metrics, writer: EvalWriter) -> dict | None:
     ctx.log.info(f"scores written to {path}")
     if writer.server_layout:
         ctx.log.info(pack_voc_test(ctx.out_dir, len(ctx.dataset)))
+    note = writer.finish(ctx.dataset.names, ctx.split)
+    if note:
+        ctx.log.info(note)
     return result
 
 
-def _evaluate(ctx: Context) -> dict | None:
+def eval_writer(ctx: Context, variants: tuple[str, ...]) -> EvalWriter:
+    """The evaluation tools' files (`EvalWriter`; a VOC test split: the server layout)."""
+    return EvalWriter(ctx.out_dir, variants, ctx.cfg.save_labels, ctx.cfg.save_arrays,
+                      server_layout=not ctx.has_labels and ctx.data.name == "voc")
+
+
+def _evaluate(ctx: Context, make_writer: WriterFactory) -> dict | None:
     cfg, variant = ctx.cfg, ctx.spec.variant
     variants = (variant, f"{variant}_crf") if cfg.crf else (variant,)
-    writer = EvalWriter(ctx.out_dir, variants, cfg.save_labels, cfg.save_arrays,
-                        server_layout=not ctx.has_labels and ctx.data.name == "voc")
+    writer = make_writer(ctx, variants)
     if cfg.resume and ctx.dist.is_main:
-        for sub in (*variants, "arrays", "overlays", "overlays_class", "", "/".join(SERVER_DIR)):
-            remove_stale_tmp(ctx.out_dir / sub)
+        writer.remove_stale_tmp()
     udist.barrier()
     metrics = Metrics(variants, ctx.data.num_classes)
     todo = _resume(ctx, writer, metrics)
@@ -219,11 +230,17 @@ def crf_workers(asked: int, world_size: int) -> int:
 def evaluate(spec: ToolSpec, argv: Sequence[str]) -> dict | None:
     """A tool's whole run: config (parsed once), context, loop, report. Returns {variant:
     scores} on rank 0 (empty without ground truth), None elsewhere and with preflight=true."""
-    spec, cfg = parse_tool_config(argv, spec)
+    return run_tool(*parse_tool_config(argv, spec))
+
+
+def run_tool(spec: ToolSpec, cfg: DictConfig, make_writer: WriterFactory = eval_writer
+             ) -> dict | None:
+    """`evaluate` from a parsed config, with the files of `make_writer` (the pseudo-mask export
+    takes its own)."""
     try:
         ctx = open_context(spec, cfg)
         if cfg.preflight:   # checks only (every rank, as in a run), nothing written
             return None
-        return _evaluate(with_log(ctx))
+        return _evaluate(with_log(ctx), make_writer)
     finally:
         udist.cleanup()

@@ -99,6 +99,14 @@ def route_params(spec: ToolSpec, cfg: DictConfig, model: torch.nn.Module, names:
                        overlays=cfg.save_overlays, names=tuple(names))
 
 
+def default_split(spec: ToolSpec, data: SimpleNamespace) -> str:
+    """The split a tool reads without infer_set: the training split (export), the seed split
+    (infer_cam / infer_lam) or the validation split."""
+    if spec.train_split:
+        return data.train_split
+    return seed_split(data) if spec.seed_split else data.val_split
+
+
 def open_context(spec: ToolSpec, cfg: DictConfig) -> Context:
     """Start the processes (torchrun environment), load the model, resolve and check the data
     (the layout on rank 0); every user error here is one line. Under torchrun every rank stops
@@ -123,7 +131,7 @@ def open_context(spec: ToolSpec, cfg: DictConfig) -> Context:
 def _resolve(spec: ToolSpec, cfg: DictConfig, dist: DistInfo, t0: float) -> Context:
     model, info = model_from_checkpoint(cfg.ckpt, dist.device, cfg.data.num_classes, cfg.model)
     data = resolve_data(cfg, info)
-    split = cfg.infer_set or (seed_split(data) if spec.seed_split else data.val_split)
+    split = cfg.infer_set or default_split(spec, data)
     has_labels = not split.startswith("test")
     if spec.needs_image_labels and not has_labels and cfg.cls_labels == "gt":
         raise InferError(f"split {split!r} has no image labels: use cls_labels=pred")

@@ -62,7 +62,8 @@ class TrainState:
     step: int = 0                           # optimizer steps done
     loss_sum: torch.Tensor | None = None    # (1 + len(LOSS_TERMS),) since the last log line
     loss_count: int = 0
-    best: float = -1.0
+    best: float = -1.0                      # best Seg mIoU (best.pth)
+    best_f1: float = -1.0                   # best classifier F1: best.pth without val masks
     saved_step: int | None = None           # step of the last.pth written or resumed from
     last_result: dict = field(default_factory=dict)
     t0: float = 0.0                         # start time and step (ETA)
@@ -150,9 +151,11 @@ def _train(cfg: DictConfig, dist: DistInfo, logger, resume: ResumePoint | None) 
     # The loader counts micro-batches: optimizer step s starts at micro-batch s * accum.
     train_loader = build_train_loader(cfg, dist, step * accum)
     val_set = build_dataset(cfg.data, cfg.data.val_split, "val")
+    best_f1 = -1.0 if resume is None else float(resume.ckpt.get("meta", {}).get("best_f1", -1.0))
     val_loader = build_val_loader(val_set, dist, cfg.data.num_workers, cfg.val.max_images)
     st = TrainState(cfg, dist, t, logger, metrics, val_loader, accum, step=step, loss_sum=loss_sum,
-            loss_count=count, best=best, saved_step=_resumed_last(resume, out_dir, step))
+            loss_count=count, best=best, best_f1=best_f1,
+            saved_step=_resumed_last(resume, out_dir, step))
     if dist.is_main:
         _log_start(st, train_loader)
         if sys.stderr.isatty():
@@ -262,18 +265,16 @@ def _log_losses(st: TrainState, lr: float) -> None:
 
 
 def _evaluate_and_save(st: TrainState) -> None:
-    """Validation on its schedule (best.pth when Seg mIoU improves), then the checkpoints due."""
+    """Validation on its schedule (best.pth: Seg mIoU, or F1 without val masks), then checkpoints."""
     cfg, step = st.cfg, st.step
     evaluate = should_eval(step, cfg) or step == cfg.max_iters
     save = step % cfg.save_every == 0 or step == cfg.max_iters or evaluate
-    extra = {"best_miou": st.best}
     if evaluate:
         result = st.last_result = _validate(st)
-        if result["seg"]["miou"] > st.best:
-            st.best = extra["best_miou"] = result["seg"]["miou"]
-            if st.dist.is_main:
-                run.save_checkpoint(st.ckpt_dir / "best.pth", st.t, step, cfg,
-                                    {**extra, "val": result})
+        if _new_best(st, result) and st.dist.is_main:
+            run.save_checkpoint(st.ckpt_dir / "best.pth", st.t, step, cfg,
+                                {**_best_meta(st), "val": result})
+    extra = _best_meta(st)
     if save:
         ranks = run.gather_rank_state(st.dist, st.loss_sum, st.loss_count)
         if st.dist.is_main:
@@ -284,6 +285,22 @@ def _evaluate_and_save(st: TrainState) -> None:
         dist_utils.barrier()
 
 
+def _new_best(st: TrainState, result: dict) -> bool:
+    """Record `result` if it is the run's best: by Seg mIoU, or by the classifier's F1 when no
+    val image has a mask (a tag dataset without masks: its mIoUs are NaN)."""
+    key, score = (("best_f1", result["f1"]) if result["masked_images"] == 0
+                  else ("best", result["seg"]["miou"]))
+    if not score > getattr(st, key):
+        return False
+    setattr(st, key, score)
+    return True
+
+
+def _best_meta(st: TrainState) -> dict:
+    """The checkpoints' record of the best so far ("best_f1" only in runs without val masks)."""
+    return {"best_miou": st.best, **({"best_f1": st.best_f1} if st.best_f1 >= 0 else {})}
+
+
 def _validate(st: TrainState) -> dict:
     """wetr.validate.validate -> train.log, metrics.jsonl and TensorBoard (scores; overlays of
     rank 0's first val images)."""
@@ -291,8 +308,9 @@ def _validate(st: TrainState) -> dict:
     result = validate(st.t.model, st.val_loader, cfg, st.dist, progress=st.progress is not None)
     if st.dist.is_main:
         line = " ".join(f"{k}={result[k]['miou'] * 100:.2f}" for k in ("cam", "lam", "fused", "seg"))
-        st.logger.info(f"val step {step}: mIoU {line} | cls F1 {result['f1'] * 100:.2f} "
-                      f"({result['images']} images)")
+        f1 = f"cls F1 {result['f1'] * 100:.2f} ({result['images']} images"
+        st.logger.info(f"val step {step}: mIoU {line} | {f1})" if result["masked_images"] else
+                       f"val step {step}: {f1}, none with a mask: no mIoU; best.pth by F1)")
         st.metrics.write(step=step, **{f"val/{k}_miou": result[k]["miou"]
                                       for k in ("cam", "lam", "fused", "seg")},
                         **{"val/f1": result["f1"]}, **val_scalars(result, cfg))
