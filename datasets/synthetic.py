@@ -96,8 +96,7 @@ def _pattern(texture: str, xx: np.ndarray, yy: np.ndarray, centre, theta: float,
 
 def _shape_mask(shape: str, size: int, centre, r: float, angle: float,
                 rng: np.random.Generator) -> np.ndarray:
-    """(S, S) bool filled shape of radius ~r centred at centre (cx, cy), rotated by angle
-    (degrees)."""
+    """(S, S) bool filled shape of radius ~r at centre (cx, cy), rotated by angle (degrees)."""
     cx, cy = centre
     canvas = np.zeros((size, size), dtype=np.uint8)
     if shape == "ellipse":
