@@ -191,7 +191,7 @@ def _log_start(st: TrainState, train_loader: DataLoader) -> None:
                   f"step")
     st.logger.info(f"model {n_params:.1f}M params | train {len(train_loader.dataset)} images, "
                   f"{train_loader.sampler.steps_per_epoch // st.accum} steps/epoch | val "
-                  f"{len(st.val_loader.dataset)} images")
+                  f"{len(st.val_loader.dataset.dataset)} images")  # the whole split, not the shard
 
 
 # ----------------------------------------------------------------------------- the loop
