@@ -28,11 +28,12 @@ FAST = ["size=64", "num_workers=0", "device=cpu", "crf_workers=0", "infer_set=va
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """Synthetic VOC-layout data (5 val images of 48 px) and a tiny random MoRe checkpoint."""
-    from datasets.synthetic import make_synthetic
+    from datasets.synthetic import SyntheticParams, make_synthetic
 
     root = tmp_path_factory.mktemp("crf_backend")
     data = root / "syn"
-    make_synthetic(str(data), num_fg_classes=K, num_train=4, num_val=5, size=48, seed=0, progress=False)
+    make_synthetic(str(data), SyntheticParams(num_fg_classes=K, num_train=4, num_val=5, size=48, seed=0),
+                   progress=False)
     torch.manual_seed(0)
     model = build_model(num_classes=K + 1, embed_dim=64, depth=4, num_heads=4)
     cfg = make_config(argv=[f"data.root={data}", f"data.num_classes={K + 1}", "model.embed_dim=64",

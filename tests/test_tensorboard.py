@@ -1,5 +1,7 @@
 """utils.tensorboard_log: events read back with TensorBoard's own reader, a resume without
 duplicated steps, the overlay panels."""
+import time
+
 import numpy as np
 import pytest
 
@@ -118,6 +120,11 @@ def test_training_run_writes_events_and_a_resume_keeps_each_step_once(tmp_path, 
         m.setattr(engine, "_next_batch", stop_at_5)
         with pytest.raises(_Stop):
             engine.main(make_config(VOC, argv))
+    # TensorBoard reads event files in name order: <seconds>.<host>.<pid>.<writer count>. Both
+    # runs share this process, so in the same second the count decides, and it sorts as text
+    # ("10" < "9" once earlier tests made writers): start the resumed run a second later, as a
+    # real resume (a new process) always is.
+    time.sleep(1.1)
     engine.main(make_config(VOC, argv + ["resume=auto"]))
     acc = _read(tmp_path / "run" / "tb")
     scalars = set(acc.Tags()["scalars"])
