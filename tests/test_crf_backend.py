@@ -14,11 +14,10 @@ from tools.config import crf_backend_alias, parse_config
 from tools.evaluation import CRFStep
 from tools.session import run
 from utils import crf
-from utils.checkpoint import save_atomic
-from utils.config import ConfigError, to_container
+from utils.config import ConfigError
 from utils.palette import read_label_png
-from wetr import build_model, densecrf
-from wetr.config import make_config
+from wetr import densecrf
+from tests.tiny import tiny_checkpoint, tiny_data
 
 K = 3
 NO_PYDENSECRF = "pydensecrf2 not installed (optional; the torch backend needs none)"
@@ -28,18 +27,9 @@ FAST = ["size=64", "num_workers=0", "device=cpu", "crf_workers=0", "infer_set=va
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """Synthetic VOC-layout data (5 val images of 48 px) and a tiny random MoRe checkpoint."""
-    from datasets.synthetic import SyntheticParams, make_synthetic
-
     root = tmp_path_factory.mktemp("crf_backend")
-    data = root / "syn"
-    make_synthetic(str(data), SyntheticParams(num_fg_classes=K, num_train=4, num_val=5, size=48, seed=0),
-                   progress=False)
-    torch.manual_seed(0)
-    model = build_model(num_classes=K + 1, embed_dim=64, depth=4, num_heads=4)
-    cfg = make_config(argv=[f"data.root={data}", f"data.num_classes={K + 1}", "model.embed_dim=64",
-                            "model.depth=4", "model.num_heads=4", "model.pretrained=false"])
-    ckpt = root / "run" / "checkpoints" / "last.pth"
-    save_atomic({"model": model.state_dict(), "config": to_container(cfg), "step": 3}, ckpt)
+    data = tiny_data(root, K, num_train=4, num_val=5, size=48, seed=0)
+    ckpt, _ = tiny_checkpoint(root, data, K, step=3, with_meta=False)
     return SimpleNamespace(root=root, data=data, ckpt=ckpt)
 
 

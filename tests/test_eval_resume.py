@@ -14,18 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from tools import infer_cam, infer_lam, infer_seg_voc
 from tools.outputs import SERVER_DIR, EvalWriter
 from tools.routes import Output
 from tools.submission import pack_voc_test
-from utils.checkpoint import save_atomic
-from utils.config import to_container
-from wetr.config import make_config
 from utils.palette import save_label_png
-from wetr import build_model
+from tests.tiny import tiny_checkpoint, tiny_data
 
 K = 3
 REPO = Path(__file__).resolve().parents[1]
@@ -35,23 +31,11 @@ FAST = ["size=64", "num_workers=0", "device=cpu", "crf_workers=0"]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """12 val images (and a test list of the same names) and a tiny random checkpoint."""
-    from datasets.synthetic import SyntheticParams, make_synthetic
-
     root = tmp_path_factory.mktemp("evalresume")
-    data = root / "syn"
-    make_synthetic(str(data), SyntheticParams(num_fg_classes=K, num_train=4, num_val=12, size=48,
-                                              seed=1), progress=False)
+    data = tiny_data(root, K, num_train=4, num_val=12, size=48, seed=1)
     lists = data / "ImageSets" / "Segmentation"
     (lists / "test.txt").write_text((lists / "val.txt").read_text())
-    torch.manual_seed(0)
-    model = build_model(num_classes=K + 1, embed_dim=64, depth=4, num_heads=4)
-    cfg = make_config(argv=[f"data.root={data}", f"data.num_classes={K + 1}", "model.embed_dim=64",
-                            "model.depth=4", "model.num_heads=4", "model.pretrained=false"])
-    meta = {"num_classes": K + 1, "embed_dim": 64, "depth": 4, "num_heads": 4,
-            "backbone": "vit_base_patch16_224"}
-    ckpt = root / "run" / "checkpoints" / "last.pth"
-    save_atomic({"model": model.state_dict(), "config": to_container(cfg), "meta": meta, "step": 3},
-                ckpt)
+    ckpt, _ = tiny_checkpoint(root, data, K, step=3)
     return root, ckpt
 
 

@@ -12,15 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from tools import export_pseudo_masks, infer_cam, infer_lam
 from tools.outputs import PSEUDO_DIR
-from utils.checkpoint import save_atomic
-from utils.config import ConfigError, to_container
-from wetr import build_model
-from wetr.config import make_config
+from utils.config import ConfigError
+from tests.tiny import tiny_checkpoint
 
 K = 3
 REPO = Path(__file__).resolve().parents[1]
@@ -37,16 +34,7 @@ def _has_pydensecrf() -> bool:
 
 def _checkpoint(root: Path, data: Path, *extra: str) -> Path:
     """A tiny random model saved as a training run's checkpoint on `data`."""
-    torch.manual_seed(0)
-    model = build_model(num_classes=K + 1, embed_dim=64, depth=4, num_heads=4)
-    cfg = make_config(argv=[f"data.root={data}", f"data.num_classes={K + 1}", "model.embed_dim=64",
-                            "model.depth=4", "model.num_heads=4", "model.pretrained=false", *extra])
-    meta = {"num_classes": K + 1, "embed_dim": 64, "depth": 4, "num_heads": 4,
-            "backbone": "vit_base_patch16_224"}
-    ckpt = root / "run" / "checkpoints" / "last.pth"
-    save_atomic({"model": model.state_dict(), "config": to_container(cfg), "meta": meta,
-                 "step": 3}, ckpt)
-    return ckpt
+    return tiny_checkpoint(root, data, K, step=3, extra=extra)[0]
 
 
 @pytest.fixture(scope="module")

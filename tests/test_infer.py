@@ -16,15 +16,15 @@ from torch import nn
 from tools import infer_cam, infer_lam, infer_seg_voc, routes
 from tools.config import SEED_SCALES, SEG_SCALES, parse_config, resolve_scales
 from tools.routes import to_uint8_rgb
-from utils.checkpoint import load_file, model_state, save_atomic
-from utils.config import ConfigError, to_container
-from wetr.config import make_config
+from utils.checkpoint import load_file, model_state
+from utils.config import ConfigError
 from utils.palette import read_label_png
 from wetr import build_model
 from wetr.cam import maps_to_label
 from wetr import infer
 from wetr.factory import checkpoint_spec, model_from_checkpoint
 from wetr.infer import multi_scale_seg, seed_crf_stack, seed_maps
+from tests.tiny import tiny_checkpoint, tiny_data
 
 K = 3
 
@@ -157,21 +157,9 @@ def test_uint8_image_recovered_from_normalised():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """Synthetic VOC-layout data and a tiny random MoRe checkpoint in our format."""
-    from datasets.synthetic import SyntheticParams, make_synthetic
-
     root = tmp_path_factory.mktemp("infer")
-    data = root / "syn"
-    make_synthetic(str(data), SyntheticParams(num_fg_classes=K, num_train=4, num_val=5, size=48,
-                                              seed=0), progress=False)
-    torch.manual_seed(0)
-    model = build_model(num_classes=K + 1, embed_dim=64, depth=4, num_heads=4)
-    cfg = make_config(argv=[f"data.root={data}", f"data.num_classes={K + 1}", "model.embed_dim=64",
-                            "model.depth=4", "model.num_heads=4", "model.pretrained=false"])
-    meta = {"num_classes": K + 1, "embed_dim": 64, "depth": 4, "num_heads": 4,
-            "backbone": "vit_base_patch16_224"}
-    ckpt = root / "run" / "checkpoints" / "last.pth"
-    save_atomic({"model": model.state_dict(), "config": to_container(cfg), "meta": meta, "step": 7},
-                ckpt)
+    data = tiny_data(root, K, num_train=4, num_val=5, size=48, seed=0)
+    ckpt, model = tiny_checkpoint(root, data, K, step=7)
     return SimpleNamespace(root=root, data=data, ckpt=ckpt, model=model.eval())
 
 

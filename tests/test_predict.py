@@ -9,15 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from tools.predict import main, output_names
-from utils.checkpoint import save_atomic
-from utils.config import to_container
-from wetr.config import make_config
 from utils.palette import read_label_png
-from wetr import build_model
+from tests.tiny import tiny_checkpoint, tiny_data
 
 K = 3
 REPO = Path(__file__).resolve().parents[1]
@@ -27,20 +23,11 @@ SIZES = {"tall.jpg": (70, 20), "wide.jpeg": (15, 90), "tiny.png": (3, 5), "grey.
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from datasets.synthetic import SyntheticParams, class_names, make_synthetic
+    from datasets.synthetic import class_names
 
     root = tmp_path_factory.mktemp("predict")
-    data = root / "syn"
-    make_synthetic(str(data), SyntheticParams(num_fg_classes=K, num_train=2, num_val=2, size=32,
-                                              seed=0), progress=False)
-    torch.manual_seed(0)
-    model = build_model(num_classes=K + 1, embed_dim=64, depth=4, num_heads=4)
-    cfg = make_config(argv=[f"data.root={data}", f"data.num_classes={K + 1}", "model.embed_dim=64",
-                            "model.depth=4", "model.num_heads=4", "model.pretrained=false"])
-    meta = {"num_classes": K + 1, "embed_dim": 64, "depth": 4, "num_heads": 4,
-            "backbone": "vit_base_patch16_224"}
-    ckpt = root / "run" / "checkpoints" / "last.pth"
-    save_atomic({"model": model.state_dict(), "config": to_container(cfg), "meta": meta}, ckpt)
+    data = tiny_data(root, K, num_train=2, num_val=2, size=32, seed=0)
+    ckpt, model = tiny_checkpoint(root, data, K)
     images = root / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
