@@ -120,6 +120,10 @@ def test_single_scale_seeds_stale_and_partial(voc_run):
     os.utime(ckpt, (1, 1))
     rows = rows_by_key(paper_table.build_table(target(voc_run)))
     assert rows["voc/lam_seg_val_crf"]["status"] == "partial"
+    # a cap above the split's size (7 images here) leaves the whole split: not partial
+    write_scores(voc_run, "cam2seg_val", "cam2seg", "val", SEVEN, {"lam_crf": 0.5}, max_images=100)
+    rows = rows_by_key(paper_table.build_table(target(voc_run)))
+    assert rows["voc/lam_seg_val_crf"]["status"] == "ok"
     assert rows["voc/lam_seg_val"]["status"] == "not run"   # that record has no "lam"
 
 

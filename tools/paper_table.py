@@ -197,8 +197,8 @@ def eval_row(t: Target, row: Row, records: list[dict]) -> dict:
     status = "ok"
     if t.ckpt.is_file() and rec["_mtime"] < t.ckpt.stat().st_mtime:
         status = "stale"   # the checkpoint was written again after this evaluation
-    elif (rec.get("config") or {}).get("max_images", 0):
-        status = "partial"
+    elif 0 < (rec.get("config") or {}).get("max_images", 0) <= rec.get("images", 0):
+        status = "partial"   # max_images cut the split (a cap above its size changes nothing)
     out.update(value=_pct(scores[row.variant].get("miou")), status=status, source=rec["_path"],
                protocol=protocol, step=rec.get("step"))
     return out
@@ -285,7 +285,7 @@ def to_markdown(table: dict) -> str:
     lines += ["", "mIoU %; Δ = ours − reference. Paper: ViT-B, the LAM-as-segmentation route on "
               "VOC (cam2seg + CRF), the seg head on COCO's full val. Authors' logs: validation "
               "during training, single scale, no CRF (SPEC 8). stale: the checkpoint is newer "
-              "than its scores; partial: max_images was set."]
+              "than its scores; partial: max_images cut the split."]
     if k is not None and k != expected:
         lines.append(f"This run has num_classes {k}, not {table['dataset']}'s {expected}: the "
                      "reference figures are for orientation only.")
