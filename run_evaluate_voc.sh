@@ -25,12 +25,8 @@ if [ $# -lt 3 ]; then
   echo "usage: bash run_evaluate_voc.sh GPU_DEVICE GPU_NUMBER CHECKPOINT [key=value ...]" >&2
   exit 2
 fi
-gpus=$1; nproc=$2; ckpt=$3; shift 3
-[ -f "$ckpt" ] || { echo "error: checkpoint not found: $ckpt" >&2; exit 2; }
-ckpt=$(realpath "$ckpt")
-cd "$(dirname "$0")"
-source tools/launch.sh
-select_device "$gpus" "$nproc"
+source "$(dirname "$0")/tools/launch.sh"
+checkpoint_launch "$1" "$2" "$3"; shift 3
 
 cam2seg=0; test=0; set=""; out=""; args=()
 for arg in "$@"; do

@@ -16,10 +16,6 @@ if [ $# -lt 3 ]; then
   echo "usage: bash run_export_pseudo_masks.sh GPU_DEVICE GPU_NUMBER CHECKPOINT [key=value ...]" >&2
   exit 2
 fi
-gpus=$1; nproc=$2; ckpt=$3; shift 3
-[ -f "$ckpt" ] || { echo "error: checkpoint not found: $ckpt" >&2; exit 2; }
-ckpt=$(realpath "$ckpt")
-cd "$(dirname "$0")"
-source tools/launch.sh
-select_device "$gpus" "$nproc"
+source "$(dirname "$0")/tools/launch.sh"
+checkpoint_launch "$1" "$2" "$3"; shift 3
 launch_tool tools.export_pseudo_masks ckpt="$ckpt" "$@"

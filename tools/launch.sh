@@ -1,7 +1,7 @@
-# Shared by run_train.sh, run_evaluate_voc.sh and run_evaluate_seg_coco.sh (sourced, not run).
-# Expects to be sourced from the repository root.
+# Shared by the run_*.sh scripts (sourced, not run), from any folder.
 
-[ -x .venv/bin/python ] && export PATH="$PWD/.venv/bin:$PATH"
+_repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+[ -x "$_repo/.venv/bin/python" ] && export PATH="$_repo/.venv/bin:$PATH"
 
 # script_module PATH: tools/infer_seg_coco.py -> tools.infer_seg_coco (error if missing).
 script_module() {
@@ -40,6 +40,17 @@ select_device() {
   else
     device=cuda
   fi
+}
+
+# checkpoint_launch GPU_DEVICE GPU_NUMBER CHECKPOINT: the evaluation scripts' first three
+# arguments. Sets gpus, nproc, ckpt (absolute: the file must exist) and device (select_device),
+# then moves to the repository root, where the tools run.
+checkpoint_launch() {
+  gpus=$1; nproc=$2; ckpt=$3
+  [ -f "$ckpt" ] || { echo "error: checkpoint not found: $ckpt" >&2; exit 2; }
+  ckpt=$(realpath "$ckpt")
+  cd "$_repo"
+  select_device "$gpus" "$nproc"
 }
 
 # launch_tool MODULE key=value ...: torchrun on a free port (--standalone) through `python -m
