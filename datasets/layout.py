@@ -20,13 +20,11 @@ from typing import Any, NoReturn, Sequence
 
 import numpy as np
 
-from PIL import Image
-
 from .coco import COCODataset
 from .synthetic import read_params
 from .tags import META_FILE, TagDataset, class_file, image_root, read_class_file, read_meta
-from .voc import (LABEL_FILE, VOCDataset, default_list_dir, read_cls_labels, read_mask,
-                  read_name_list)
+from .voc import (LABEL_FILE, VOCDataset, default_list_dir, image_size, read_cls_labels,
+                  read_mask, read_name_list)
 
 _CLASSES = {"voc": VOCDataset, "coco": COCODataset}
 
@@ -197,10 +195,9 @@ def _mask_values(path: str, num_fg: int, fix: str, values_fix: str) -> tuple[np.
 def _check_size(mask: np.ndarray, path: str, image: str, fix: str, image_fix: str) -> None:
     """The mask at `path` has the size of `image` (read from its header only)."""
     try:
-        with Image.open(image) as img:
-            size = (img.height, img.width)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        _fail(image, f"cannot read image ({exc})", image_fix)
+        size = image_size(image)
+    except ValueError as exc:
+        _fail(image, str(exc), image_fix)
     if mask.shape != size:
         _fail(path, f"mask is {mask.shape[0]}x{mask.shape[1]} but its image is "
                     f"{size[0]}x{size[1]}", fix)

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
 
 from .tags import read_class_file
+from .voc import image_size as voc_image_size
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -250,8 +250,7 @@ def resolve_rows(rows, index: ImageIndex) -> list[str]:
 def image_size(path: str, where: str) -> tuple[int, int]:
     """(H, W) from the header; an unreadable file is one line naming it."""
     try:
-        with Image.open(path) as img:
-            return img.height, img.width
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise TagImportError(f"{path} ({where}): cannot read image ({exc}); fix: replace the "
-                             f"file or remove its row") from None
+        return voc_image_size(path)
+    except ValueError as exc:
+        raise TagImportError(f"{path} ({where}): {exc}; fix: replace the file or remove its "
+                             f"row") from None

@@ -42,6 +42,16 @@ def read_image(path: str) -> Image.Image:
         raise ValueError(f"cannot decode image {path}: {exc}") from None
 
 
+def image_size(path: str) -> tuple[int, int]:
+    """(H, W) from the image's header only; ValueError "cannot read image (...)" (the caller
+    names the file and the fix)."""
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"cannot read image ({exc})") from None
+
+
 def read_mask(path: str) -> np.ndarray:
     """(H, W) uint8 class indices from an 8-bit L or palette PNG (palette indices, not colours)."""
     try:

@@ -85,7 +85,7 @@ def test_crf_step_torch_runs_on_the_probs_device():
     rgb = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)
     probs = torch.from_numpy(rng.dirichlet(np.ones(4), (40, 30)).astype(np.float32)).permute(2, 0, 1)
     keys = np.arange(4)
-    on_gpu = CRFStep("torch").label_map(rgb, probs.cuda(), keys).result()
+    on_gpu = CRFStep("torch").label_map(rgb, probs.to("cuda"), keys).result()
     on_cpu = CRFStep("torch").label_map(rgb, probs, keys).result()
     assert (on_gpu == on_cpu).mean() >= 0.999
 

@@ -18,7 +18,8 @@ from datasets.voc import read_cls_labels, read_name_list
 from tools import prepare_tags
 from utils.checkpoint import CheckpointError
 from utils.dist import DistInfo
-from wetr.validate import classifier_scores, validate
+from utils.metrics import classifier_scores
+from wetr.validate import validate
 
 NAMES = ["a b.jpg", "sub dir/ünï/x (1).PNG", "sub dir/y.jpeg", "z.jpg", "z.png", "deep/er/w.jpg"]
 SIZES = {n: (30 + 2 * i, 40 + 3 * i) for i, n in enumerate(NAMES)}   # (H, W), all different

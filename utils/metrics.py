@@ -86,6 +86,15 @@ def multilabel_f1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, 2 * tp / den.clamp(min=1), torch.zeros_like(den)).float()
 
 
+def classifier_scores(counts: torch.Tensor) -> dict:
+    """counts (3, K): tp, fp, fn of each class of a multi-label classifier over a set of images
+    -> {"precision", "recall", "f1": K floats (NaN where undefined), "support": K ints (images
+    tagged with the class)}."""
+    tp, fp, fn = counts.double()
+    return {"precision": _ratio(tp, tp + fp).tolist(), "recall": _ratio(tp, tp + fn).tolist(),
+            "f1": _ratio(2 * tp, 2 * tp + fp + fn).tolist(), "support": (tp + fn).long().tolist()}
+
+
 def _pct(v: float) -> str:
     return "  -  " if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:5.1f}"
 

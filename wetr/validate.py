@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Subset
 from datasets import class_names
 from utils.dist import DistInfo, all_reduce_sum, rank_shard
 from utils.logger import get_logger
-from utils.metrics import confusion_matrix, multilabel_f1, scores
+from utils.metrics import classifier_scores, confusion_matrix, multilabel_f1, scores
 from utils.tensorboard_log import val_overlay
 
 from .cam import denormalise, maps_to_label, resize_bilinear
@@ -92,18 +92,6 @@ def validate(model: torch.nn.Module, loader: DataLoader, cfg, dist: DistInfo,
     if (result["masked_images"] == 0 or tags) and dist.is_main:
         _log_classifier(result, cfg)
     return result
-
-
-def classifier_scores(counts: torch.Tensor) -> dict:
-    """counts (3, K): tp, fp, fn of each class over the val set -> {"precision", "recall",
-    "f1": K floats (NaN where undefined), "support": K ints (images tagged with the class)}."""
-    tp, fp, fn = counts.double()
-    nan = torch.full_like(tp, float("nan"))
-    precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp(min=1), nan)
-    recall = torch.where(tp + fn > 0, tp / (tp + fn).clamp(min=1), nan)
-    f1 = torch.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn).clamp(min=1), nan)
-    return {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
-            "support": (tp + fn).long().tolist()}
 
 
 def val_scalars(result: dict, cfg) -> dict:
