@@ -20,6 +20,8 @@ from typing import Any, NoReturn, Sequence
 
 import numpy as np
 
+from utils.errors import UserError
+
 from .coco import COCODataset
 from .synthetic import read_params
 from .tags import META_FILE, TagDataset, class_file, image_root, read_class_file, read_meta
@@ -29,7 +31,7 @@ from .voc import (LABEL_FILE, VOCDataset, default_list_dir, image_size, read_cls
 _CLASSES = {"voc": VOCDataset, "coco": COCODataset}
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """The dataset on disk does not match what the config expects (one-line message)."""
 
 

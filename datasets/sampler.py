@@ -19,8 +19,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from utils.errors import UserError
 
-class SampleError(ValueError):
+
+class SampleError(UserError, ValueError):
     """A sample that cannot be loaded (missing or corrupt file, a transform failing on it); the
     message is one line naming the file. The dataset raises it (`VOCDataset.__getitem__`).
 

@@ -36,6 +36,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from utils.errors import user_errors
 from utils.io import atomic_open
 
 from .voc_lists import prepare_voc, write_name_list
@@ -335,9 +336,10 @@ def main(argv: list[str] | None = None) -> None:
                         "masks, imported as data.name=tags (tools/prepare_tags.py)")
     parser.add_argument("--force", action="store_true", help="rewrite even if up to date")
     args = parser.parse_args(argv)
-    wrote = make_synthetic(args.out, SyntheticParams(args.num_fg_classes, args.train, args.val,
-                                                     args.size, args.seed, args.format),
-                           force=args.force)
+    with user_errors():
+        wrote = make_synthetic(args.out, SyntheticParams(args.num_fg_classes, args.train, args.val,
+                                                         args.size, args.seed, args.format),
+                               force=args.force)
     state = "wrote" if wrote else "up to date:"
     how = (f"data.name=tags data.root={args.out}" if args.format == "tags" else
            f"data.root={args.out} data.num_classes={args.num_fg_classes + 1}")

@@ -22,13 +22,15 @@ from typing import Sequence
 
 import numpy as np
 
+from utils.errors import UserError
+
 from .tags import read_class_file
 from .voc import image_size as voc_image_size
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-class TagImportError(ValueError):
+class TagImportError(UserError, ValueError):
     """Bad input to the import (one line: the file / row, what is wrong, the fix)."""
 
 

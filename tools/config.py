@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from tools.cli import parse_cli
 from utils.config import ConfigError, option
+from utils.errors import UserError
 from wetr.densecrf import BACKENDS as CRF_BACKENDS
 
 SEED_SCALES = (1.0, 0.5, 0.75, 1.25, 1.5, 1.75, 2.0)   # SPEC 8 "multi-scale" seeds
@@ -108,7 +109,7 @@ class ToolSpec:
     schema: type = InferConfig
 
 
-class InferError(RuntimeError):
+class InferError(UserError, RuntimeError):
     """A problem the user can fix (message is one line)."""
 
 

@@ -343,5 +343,5 @@ def main(argv: Sequence[str]) -> dict:
 
 
 if __name__ == "__main__":
-    with user_errors((ConfigError,)):
+    with user_errors():
         main(sys.argv[1:])

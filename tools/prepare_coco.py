@@ -39,6 +39,7 @@ from tqdm import tqdm
 from datasets.coco import parse_name
 from datasets.voc import LABEL_FILE, default_list_dir, read_cls_labels, read_mask
 from datasets.voc_lists import mask_classes, write_cls_labels, write_name_list
+from utils.errors import user_errors
 from utils.io import atomic_open
 
 SUBSETS = {"train2014": "train", "val2014": "val"}  # image folder -> list name
@@ -213,11 +214,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "keeps the first class drawn on it, no 255. strict: 255 where two "
                         "classes overlap and on crowd regions")
     args = parser.parse_args(argv)
-    try:
+    with user_errors():
         counts = prepare_coco(args.root, args.ann_dir, args.list_dir, args.subsets, args.workers,
                               rule=args.rule)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"prepare_coco: {exc}") from None
     out = args.list_dir or default_list_dir(args.root)
     written = ", ".join(f"{k}.txt ({v})" for k, v in counts.items())
     print(f"wrote {written} and {LABEL_FILE} to {out}")

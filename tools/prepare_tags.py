@@ -58,13 +58,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     # imported after the arguments: --help and usage errors do not wait for torch
     from datasets.tag_dataset_writer import import_tags
-    from datasets.tag_import import Source, Split, TagImportError
+    from datasets.tag_import import Source, Split
 
     source = Source(csv=args.csv, json=args.json, folders=args.folders, classes=args.classes,
                     index_base=args.index_base)
     split = Split(val_fraction=args.val_fraction, val_list=args.val_list, seed=args.seed)
     t0 = time.perf_counter()
-    with user_errors((TagImportError, FileNotFoundError), if_one_line=(ValueError,)):
+    with user_errors():
         res = import_tags(args.images, source, args.out, split, args.masks)
     k = len(res.classes)
     shown = ", ".join(res.classes[:8]) + (", ..." if k > 8 else "")

@@ -20,6 +20,7 @@ from typing import Sequence
 from datasets.voc import LABEL_FILE, default_list_dir
 # the writers live in datasets/voc_lists.py (the synthetic dataset uses them too)
 from datasets.voc_lists import prepare_voc
+from utils.errors import user_errors
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -30,10 +31,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num-fg-classes", type=int, default=20,
                         help="number of foreground classes K (VOC: 20)")
     args = parser.parse_args(argv)
-    try:
+    with user_errors():
         counts = prepare_voc(args.root, args.list_dir, args.num_fg_classes)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"prepare_voc: {exc}") from None
     out = args.list_dir or default_list_dir(args.root)
     written = ", ".join(f"{k}.txt ({v})" for k, v in counts.items())
     print(f"wrote {written} and {LABEL_FILE} to {out}")

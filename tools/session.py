@@ -20,13 +20,10 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
-from datasets.sampler import SampleError
 from utils import dist as udist
-from utils.checkpoint import CheckpointError
 from utils.config import ConfigError
-from utils.crf import CRFMissingError
-from utils.dist import DeviceError, DistInfo
-from utils.errors import first_line, not_rank_0, user_errors
+from utils.dist import DistInfo
+from utils.errors import user_errors
 from utils.logger import git_revision, setup_logger
 from wetr.densecrf import resolve_backend
 from wetr.factory import model_from_checkpoint
@@ -34,10 +31,6 @@ from wetr.factory import model_from_checkpoint
 from .config import InferError, ToolSpec, resolve_scales
 from .data import build_dataset_for, class_names, default_out_dir, resolve_data, seed_split
 from .routes import Item, RouteParams
-
-USER_ERRORS = (ConfigError, CheckpointError, InferError, DeviceError, SampleError,
-               CRFMissingError)
-
 
 @dataclass(frozen=True)
 class Context:
@@ -115,17 +108,8 @@ def open_context(spec: ToolSpec, cfg: DictConfig) -> Context:
     created by the caller."""
     t0 = time.time()
     dist = udist.init_distributed(cfg.device)
-    ctx, err = None, None
-    try:
-        ctx = _resolve(spec, cfg, dist, t0)
-    except USER_ERRORS as exc:
-        if not dist.distributed:
-            raise
-        err = first_line(exc)
-    err = udist.first_error(err)
-    if err is not None:
-        raise udist.GroupError(err)
-    return ctx
+    with udist.group_errors():
+        return _resolve(spec, cfg, dist, t0)
 
 
 def _resolve(spec: ToolSpec, cfg: DictConfig, dist: DistInfo, t0: float) -> Context:
@@ -160,14 +144,8 @@ def with_log(ctx: Context) -> Context:
     return replace(ctx, log=log)
 
 
-def _printed_by_rank_0(exc: BaseException) -> bool:
-    """Whether rank 0 prints this error for every rank: all ranks stopped on it together, or
-    it is a config error, which every rank finds alike in the same arguments."""
-    return not_rank_0() and isinstance(exc, (udist.GroupError, ConfigError))
-
-
 def run(main: Callable[[Sequence[str]], Any], argv: Sequence[str] | None = None) -> Any:
-    """Entry point wrapper: user errors become one line on stderr (once for all ranks) and exit
-    status 2."""
-    with user_errors((*USER_ERRORS, udist.GroupError), silent=_printed_by_rank_0):
+    """A tool's entry: `main(argv)` under the entries' rule (utils.errors.user_errors: a user
+    error is one line, printed once for all ranks, and exit status 2)."""
+    with user_errors(cleanup=udist.cleanup):
         return main(sys.argv[1:] if argv is None else argv)

@@ -21,14 +21,14 @@ from typing import Any
 
 import torch
 
-from utils.errors import first_line
+from utils.errors import UserError, first_line
 from utils.io import remove_stale_tmp, write_atomic
 
 __all__ = ["CheckpointError", "save_atomic", "remove_stale_tmp", "load_file", "model_state",
            "rng_state", "set_rng_state"]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """Unreadable or incompatible checkpoint; the message is one line naming the file."""
 
 

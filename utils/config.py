@@ -17,11 +17,12 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from utils.errors import first_line
+from utils.errors import UserError, first_line
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """Bad configuration (unknown key, wrong type, invalid value); message is one line."""
+    all_ranks = True  # every rank parses the same arguments alike
 
 
 def option(default: Any, help: str, choices: Sequence[Any] | None = None,

@@ -14,11 +14,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from utils.errors import UserError
+
 CRF_MISSING = ("crf_backend=pydensecrf needs pydensecrf2: pip install pydensecrf2, or use "
                "crf_backend=torch (no extra package)")
 
 
-class CRFMissingError(RuntimeError):
+class CRFMissingError(UserError, RuntimeError):
     """pydensecrf2 is not installed (message: CRF_MISSING)."""
 
 

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from utils.errors import EXIT_PEER_FAILED, EXIT_USER_ERROR, UserError, first_line, is_user_error
 
 
 @dataclass(frozen=True)
@@ -32,12 +36,13 @@ class DistInfo:
         return self.world_size > 1
 
 
-class GroupError(RuntimeError):
-    """A user error that a rank found, raised on every rank of the group (`first_error`) so that
-    all stop together; rank 0 alone prints it (one line)."""
+class GroupError(UserError, RuntimeError):
+    """A user error that a rank found, raised on every rank of the group (`group_errors`) so
+    that all stop together; rank 0 alone prints it (one line)."""
+    all_ranks = True
 
 
-class DeviceError(RuntimeError):
+class DeviceError(UserError, RuntimeError):
     """A device request this machine cannot satisfy (one-line message)."""
 
 
@@ -123,6 +128,23 @@ def first_error(message: str | None) -> str | None:
     return next((m for m in box if m is not None), None)
 
 
+@contextmanager
+def group_errors() -> Iterator[None]:
+    """Checks that stop every rank together: a user error raised in the block on any rank is
+    raised on every rank as GroupError with the lowest failing rank's line (printed by rank 0
+    alone). A collective: every rank runs the block. In one process the error goes on as it is."""
+    err = None
+    try:
+        yield
+    except Exception as exc:
+        if not is_initialized() or not is_user_error(exc):
+            raise
+        err = first_line(exc)
+    err = first_error(err)
+    if err is not None:
+        raise GroupError(err)
+
+
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
@@ -186,11 +208,11 @@ def launch(argv: list[str]) -> int:
         run(parse_args(argv))
     except ChildFailedError as exc:
         failures = exc.failures
-        if any(f.exitcode == 2 for f in failures.values()):  # engine.EXIT_USER_ERROR:
-            return 2                                          # the worker said why in one line
-        # The root cause: not a rank that stopped because a peer died (3) or that torchrun
+        if any(f.exitcode == EXIT_USER_ERROR for f in failures.values()):
+            return EXIT_USER_ERROR  # a worker said why in one line (utils.errors.user_errors)
+        # The root cause: not a rank that stopped because a peer died or that torchrun
         # terminated (SIGTERM); then the earliest.
-        rank = min(failures, key=lambda r: (failures[r].exitcode in (3, -15),
+        rank = min(failures, key=lambda r: (failures[r].exitcode in (EXIT_PEER_FAILED, -15),
                                             failures[r].timestamp, r))
         code = failures[rank].exitcode
         how = f"was killed by {_signal_name(code)}" if code < 0 else f"exited with code {code}"
