@@ -98,8 +98,8 @@ def test_a_non_finite_micro_batch_skips_the_whole_step(monkeypatch):
     cfg, t = tiny_training()
     real, calls = wstep.compute_losses, []
 
-    def first_poisoned(t, batch, step, cfg, span=wstep.no_span):
-        total, terms = real(t, batch, step, cfg, span)
+    def first_poisoned(training, batch, step, cfg):
+        total, terms = real(training, batch, step, cfg)
         calls.append(step)
         if len(calls) == 1:
             terms = {**terms, "ptc": terms["ptc"] * float("nan")}
@@ -157,8 +157,8 @@ COUNTING = """
 import os, sys
 from torch.nn.parallel import DistributedDataParallel
 from scripts.train_voc import VOC
+from tools.cli import train_entry
 from wetr import engine
-from wetr.config import make_config
 
 build, calls = engine.build_training, [0]
 
@@ -173,7 +173,7 @@ def counted(cfg, dist):  # count DDP's bucket all-reduces through a comm hook
     return t
 
 engine.build_training = counted
-engine.main(make_config(VOC, sys.argv[1:]))
+train_entry(VOC, sys.argv[1:])
 with open(os.path.join({out!r}, f"allreduce_rank{{os.environ.get('RANK', 0)}}.txt"), "w") as f:
     f.write(str(calls[0]))
 """

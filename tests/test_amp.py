@@ -1,6 +1,6 @@
 """bf16 autocast, channels-last and torch.compile against fp32 eager (issue 6).
 
-Each variant runs the engine's `train()` for STEPS steps on a tiny synthetic VOC-layout dataset
+Each variant runs the engine's `main()` for STEPS steps on a tiny synthetic VOC-layout dataset
 (64 px, 4-block ViT of width 64, every loss term on from step 10) with the same seed, and its
 per-step total loss (metrics.jsonl, log_every=1) is compared with the fp32 eager run.
 
@@ -22,7 +22,7 @@ import torch
 
 from datasets.synthetic import SyntheticParams, make_synthetic
 from wetr.config import make_config
-from wetr.engine import train
+from wetr.engine import main as train
 
 STEPS = 40
 BLOCK = 10

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -89,13 +90,15 @@ def test_prepare_voc_without_val_list(tmp_path):
     assert counts["train_aug"] == 5 and "val" not in counts
 
 
-def test_prepare_voc_bad_mask_value_names_the_file(tmp_path):
+def test_prepare_voc_bad_mask_value_names_the_file(tmp_path, capsys):
     root = str(tmp_path / "VOC2012")
     _fake_voc(root, k=20)
     bad = os.path.join(root, "SegmentationClassAug", "2008_000002.png")
     Image.fromarray(np.full((4, 4), 37, np.uint8)).save(bad)
-    with pytest.raises(SystemExit, match="2008_000002.png.*37"):
+    with pytest.raises(SystemExit) as exc:
         prepare_voc_main(["--root", root])
+    err = capsys.readouterr().err.strip().splitlines()[-1]   # after the progress bar
+    assert exc.value.code == 2 and re.match(r"error: .*2008_000002\.png.*37", err)
 
 
 def test_prepare_voc_val_without_mask(tmp_path):
@@ -266,7 +269,9 @@ def test_prepare_coco_refuses_masks_of_another_rule(tmp_path, capsys):
     lists = os.path.join(root, "ImageSets", "Segmentation")
     with pytest.raises(SystemExit) as exc:
         prepare_coco_main(["--root", root, "--rule", "strict", "--workers", "1"])
-    msg = str(exc.value)
+    assert exc.value.code == 2
+    msg = capsys.readouterr().err.strip().splitlines()[-1]   # after the progress bar
+    assert msg.startswith("error: ")
     assert "rule 'area'" in msg and "--rule area" in msg and "\n" not in msg
     assert open(mask, "rb").read() == before
     assert not os.path.exists(os.path.join(lists, "train.txt"))   # nothing half-written

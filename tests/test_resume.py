@@ -55,22 +55,22 @@ ENTRY = """
 import os, signal, sys
 import torch
 from scripts.train_voc import VOC
-from wetr.config import make_config
+from tools.cli import train_entry
 from wetr import engine, step as wstep
 
 next_batch, compute_losses = engine._next_batch, wstep.compute_losses
 
-def kill_once(run, batches):  # one worker dies hard (no cleanup, like a pre-empted node), once
-    calls.append(run.step)
-    if (run.step == {kill_at} and calls.count(run.step) == {kill_micro} and
-            run.dist.rank == run.dist.world_size - 1 and not os.path.exists({marker!r})):
+def kill_once(ctx, state, batches):  # one worker dies hard (no cleanup, like a pre-empted node), once
+    calls.append(state.step)
+    if (state.step == {kill_at} and calls.count(state.step) == {kill_micro} and
+            ctx.dist.rank == ctx.dist.world_size - 1 and not os.path.exists({marker!r})):
         open({marker!r}, "w").close()
-        print(f"rank {{run.dist.rank}} kills itself before step {{run.step}}", file=sys.stderr, flush=True)
+        print(f"rank {{ctx.dist.rank}} kills itself before step {{state.step}}", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
-    return next_batch(run, batches)
+    return next_batch(ctx, state, batches)
 
-def poison(t, batch, step, cfg, span=wstep.no_span):
-    total, terms = compute_losses(t, batch, step, cfg, span)
+def poison(training, batch, step, cfg):
+    total, terms = compute_losses(training, batch, step, cfg)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     if step == {nan_at} and rank == {nan_rank}:
         terms = dict(terms)
@@ -80,7 +80,7 @@ def poison(t, batch, step, cfg, span=wstep.no_span):
 
 calls = []
 engine._next_batch, wstep.compute_losses = kill_once, poison
-engine.main(make_config(VOC, sys.argv[1:]))
+train_entry(VOC, sys.argv[1:])
 """
 
 

@@ -13,7 +13,7 @@ from wetr import engine
 from wetr.config import make_config
 from wetr.factory import model_from_config
 from wetr.optim import build_optimizer
-from wetr.run import new_loss_sums
+from wetr.run import TrainState, new_loss_sums
 from wetr.step import Training
 
 TINY = ["model.pretrained=false", "model.embed_dim=32", "model.depth=3", "model.num_heads=4",
@@ -31,23 +31,24 @@ def _result(miou: float, f1: float, masked: int) -> dict:
 def state(tmp_path):
     cfg = make_config(None, TINY + [f"work_dir={tmp_path}", "tag=t"])
     model = model_from_config(cfg)
-    t = Training(model, model, build_optimizer(model.param_groups(), cfg), None, par=None)
+    training = Training(model, model, build_optimizer(model.param_groups(), cfg), None, par=None)
     dist = DistInfo(0, 0, 1, torch.device("cpu"))
-    return engine.TrainState(cfg, dist, t, logging.getLogger("test"), None, None, 1,
-                             loss_sum=new_loss_sums(dist.device))
+    ctx = engine.TrainContext(cfg, dist, training, None, logging.getLogger("test"), None, 1)
+    return ctx, TrainState(new_loss_sums(dist.device))
 
 
-def _run(st, monkeypatch, results):
+def _run(state, monkeypatch, results):
     """Validate at steps 2, 4, ... with `results`; -> (best.pth step and meta, last.pth meta)
     after each."""
+    ctx, st = state
     seen = []
     for i, res in enumerate(results):
-        monkeypatch.setattr(engine, "_validate", lambda _st, _r=res: _r)
+        monkeypatch.setattr(engine, "_validate", lambda _ctx, _step, _r=res: _r)
         st.step = 2 * (i + 1)
-        engine._evaluate_and_save(st)
-        best = st.ckpt_dir / "best.pth"
+        engine._evaluate_and_save(ctx, st)
+        best = ctx.ckpt_dir / "best.pth"
         b = torch.load(best, weights_only=False) if best.exists() else None
-        last = torch.load(st.ckpt_dir / "last.pth", weights_only=False)
+        last = torch.load(ctx.ckpt_dir / "last.pth", weights_only=False)
         seen.append((b and b["step"], b and {k: v for k, v in b["meta"].items() if k != "val"},
                      last["meta"]))
     return seen

@@ -111,10 +111,10 @@ def test_training_run_writes_events_and_a_resume_keeps_each_step_once(tmp_path, 
 
     next_batch = engine._next_batch
 
-    def stop_at_5(run, batches):
-        if run.step == 5:
+    def stop_at_5(ctx, state, batches):
+        if state.step == 5:
             raise _Stop
-        return next_batch(run, batches)
+        return next_batch(ctx, state, batches)
 
     with monkeypatch.context() as m:
         m.setattr(engine, "_next_batch", stop_at_5)

@@ -2,6 +2,9 @@
 `-h` / `--help` (every key with its type, resolved default and the help of its field's metadata)
 and `--print-config` (the resolved config as YAML); both exit 0 before any data or device is
 touched. A bad key or value is one `error:` line (exit 2).
+
+`train_entry` is the training scripts' entry, where the entries' rule (utils.errors.user_errors)
+applies to the whole run.
 """
 from __future__ import annotations
 
@@ -12,8 +15,9 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from utils.config import ConfigError, leaf_fields, merge_config
-from utils.errors import not_rank_0, user_errors
+from utils import dist as dist_utils
+from utils.config import leaf_fields, merge_config
+from utils.errors import EXIT_PEER_FAILED, user_errors
 from wetr.config import TrainConfig
 from wetr.engine import main
 
@@ -80,8 +84,18 @@ def parse_cli(argv: Sequence[str], schema: type, defaults: dict | None = None,
 
 
 def train_entry(recipe: dict, argv: Sequence[str] | None = None) -> None:
-    """A training script's entry: parse `recipe` <- the command line (a bad key is one line,
-    exit 2), then `wetr.engine.main(cfg)` (checks on rank 0, then training)."""
-    with user_errors((ConfigError,), silent=lambda exc: not_rank_0()):   # every rank alike
+    """A training script's entry: parse `recipe` <- the command line, then `wetr.engine.main`.
+
+    A user error (a bad key, a check, a non-finite loss, ...) is one `error: ...` line, printed
+    once when every rank met it, and exit status 2. A process whose collective failed because
+    another one died exits quietly with EXIT_PEER_FAILED: the other said why, and torchrun
+    stops this one anyway.
+    """
+    with user_errors(cleanup=dist_utils.cleanup):
         cfg = parse_cli(sys.argv[1:] if argv is None else argv, TrainConfig, recipe)
-    main(cfg)
+        try:
+            main(cfg)
+        except RuntimeError as exc:
+            if not dist_utils.peer_failed(exc):
+                raise
+            sys.exit(EXIT_PEER_FAILED)

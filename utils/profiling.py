@@ -1,7 +1,7 @@
-"""Wall time per named stage and peak memory, for tools/benchmark.py.
+"""Stage times from torch.profiler, wall time and peak memory, for tools/benchmark.py.
 
-On CUDA every stage edge synchronises the device, so a stage's time is its kernels' time.
-Peak memory: CUDA max_memory_allocated; on the CPU the process's peak RSS (VmHWM, reset through
+A stage is a labelled range (`torch.profiler.record_function`): the training step labels its
+stages (wetr/step.py STAGES), which cost nothing when no profiler runs. Peak memory: CUDA max_memory_allocated; on the CPU the process's peak RSS (VmHWM, reset through
 /proc/self/clear_refs where the kernel allows it, else the lifetime peak).
 """
 from __future__ import annotations
@@ -9,11 +9,12 @@ from __future__ import annotations
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity
 
 
 def sync(device: torch.device) -> None:
@@ -62,37 +63,41 @@ class PeakMemory:
         return _proc_status_bytes("VmHWM")
 
 
-class StageTimer:
-    """Wall time per named stage, summed within a step; synchronises the device at each edge.
+def profiled(device: torch.device) -> torch.profiler.profile:
+    """A torch.profiler session recording the CPU and, on CUDA, the kernels (no shapes, stacks
+    or memory: only the times of the ranges)."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    return torch.profiler.profile(activities=activities)
 
-    `stage(name)` is a context manager (the `span` that wetr.step.train_step takes); while
-    `enabled` is False it only runs the block. Stages may nest: each is timed on its own.
+
+def range_times(prof: torch.profiler.profile, names: Iterable[str], device: torch.device
+                ) -> dict[str, float]:
+    """Seconds of each labelled range (`torch.profiler.record_function`) in `names`, summed over
+    its occurrences in the profile: on the CPU its time with its children's (self + child), on
+    CUDA its kernels' time with its children's.
+
+    On CUDA, autograd runs the backward kernels from its own thread, outside the caller's ranges:
+    their time (the top-level ranges of other threads) is counted in a range named "backward".
     """
+    names = set(names)
+    cuda = device.type == "cuda"
+    out: dict[str, float] = defaultdict(float)
+    main_threads = set()
+    for e in prof.events():
+        if e.name in names and e.device_type == DeviceType.CPU:
+            out[e.name] += (e.device_time_total if cuda else e.cpu_time_total) / 1e6
+            main_threads.add(e.thread)
+    if cuda and "backward" in names:
+        out["backward"] += sum(e.device_time_total for e in prof.events()
+                               if e.device_type == DeviceType.CPU and e.cpu_parent is None
+                               and e.thread not in main_threads) / 1e6
+    return dict(out)
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.steps: list[dict[str, float]] = []
-        self.enabled = True
 
-    def new_step(self) -> None:
-        self.steps.append(defaultdict(float))
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        if not self.enabled:
-            yield
-            return
-        sync(self.device)
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            sync(self.device)
-            self.steps[-1][name] += time.perf_counter() - t0
-
-    def medians(self) -> dict[str, float]:
-        names = list(dict.fromkeys(k for s in self.steps for k in s))
-        return {k: statistics.median(s.get(k, 0.0) for s in self.steps) for k in names}
+def medians(steps: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Per name, the median over steps (0 in a step without it), in first-seen order."""
+    names = list(dict.fromkeys(k for s in steps for k in s))
+    return {k: statistics.median(s.get(k, 0.0) for s in steps) for k in names}
 
 
 def timeit(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> float:

@@ -6,21 +6,22 @@
     ranks) -> backward -> AdamW
 
 `build_training` makes what the step works on (`Training`), `train_step` runs it on `Batch`es,
-`compute_losses` is the loss part. Both take `span`, a function of a stage name returning a
-context manager entered around that stage (STAGES; the default does nothing), through which
-tools/benchmark.py times the stages.
+`compute_losses` is the loss part. Their stages are labelled ranges of torch.profiler
+(`record_function`, STAGES): free when no profiler runs, they let tools/benchmark.py time each
+stage.
 """
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import record_function
 
 from utils import dist as dist_utils
 from utils.dist import DistInfo
@@ -34,19 +35,14 @@ from .optim import build_optimizer, set_lr
 from .par import PAR
 
 LOSS_TERMS = ("cls", "cls_aux", "tokens", "cle", "une", "ptc", "seg", "reg")
-# The span of each loss term (cls and cls_aux share one).
-LOSS_SPANS = {"cls": "loss cls + cls_aux", "cls_aux": "loss cls + cls_aux", "tokens": "loss tokens",
-              "cle": "loss CLE", "une": "loss UNE", "ptc": "loss PTC", "seg": "loss seg",
-              "reg": "loss reg (dense energy)"}
-# Every span, in step order; "compute_losses" holds those from "forward" to the losses.
+# The profiler label of each loss term (cls and cls_aux share one).
+LOSS_LABELS = {"cls": "loss cls + cls_aux", "cls_aux": "loss cls + cls_aux", "tokens": "loss tokens",
+               "cle": "loss CLE", "une": "loss UNE", "ptc": "loss PTC", "seg": "loss seg",
+               "reg": "loss reg (dense energy)"}
+# Every labelled range of the step, in step order; "compute_losses" holds those from "forward"
+# to the losses.
 STAGES = ("optimizer", "compute_losses", "forward", "multi-scale CAM", "refined labels (PAR)",
-          "token labels", *dict.fromkeys(LOSS_SPANS.values()), "finite check (1 sync)", "backward")
-
-Span = Callable[[str], AbstractContextManager]
-
-
-def no_span(name: str) -> AbstractContextManager:
-    return nullcontext()
+          "token labels", *dict.fromkeys(LOSS_LABELS.values()), "finite check (1 sync)", "backward")
 
 
 def token_labels(cam: torch.Tensor, aux_cam: torch.Tensor, cls_label: torch.Tensor,
@@ -143,10 +139,10 @@ def build_training(cfg: DictConfig, dist: DistInfo) -> Training:
 
 
 # ----------------------------------------------------------------------------- the losses
-def compute_losses(t: Training, batch: Batch, step: int, cfg: DictConfig, span: Span = no_span
+def compute_losses(training: Training, batch: Batch, step: int, cfg: DictConfig
                    ) -> tuple[torch.Tensor, dict]:
-    """Total loss and its (unweighted) terms for one batch: the forward through t.train_model,
-    the no-grad CAM passes through t.model."""
+    """Total loss and its (unweighted) terms for one batch: the forward through
+    training.train_model, the no-grad CAM passes through training.model."""
     on = active_terms(step, cfg)
     images, cls_label = batch.images, batch.cls_label
     # The training forward runs first and hands over its own (detached) CAMs as the unflipped
@@ -154,12 +150,12 @@ def compute_losses(t: Training, batch: Batch, step: int, cfg: DictConfig, span: 
     # fewer through the network (the no-grad CAM passes now run while the forward's activations
     # are held). Not with stochastic depth, whose training passes differ from each other.
     reuse = cfg.cam.reuse_forward and cfg.model.drop_path_rate == 0
-    with span("forward"), _autocast(t, images):
-        out = t.train_model(images, with_gcr=cfg.model.with_gcr, with_cams=reuse)
-    cam, aux_cam, refined = _pseudo_labels(t, batch, out.cams, on["seg"] or on["reg"], cfg, span)
+    with record_function("forward"), _autocast(training, images):
+        out = training.train_model(images, with_gcr=cfg.model.with_gcr, with_cams=reuse)
+    cam, aux_cam, refined = _pseudo_labels(training, batch, out.cams, on["seg"] or on["reg"], cfg)
     patch_map = out.patch_map.float()
     tokens = out.class_tokens.float()
-    with span("token labels"), torch.no_grad():
+    with record_function("token labels"), torch.no_grad():
         labels = token_labels(cam, aux_cam, cls_label, patch_map.shape[-2:], cfg)
     late = step > cfg.cam.cam2mask
     mask_cle = labels["fin"] if late else labels["cle"]
@@ -167,23 +163,23 @@ def compute_losses(t: Training, batch: Batch, step: int, cfg: DictConfig, span: 
 
     zero = patch_map.new_zeros(())
     terms = dict.fromkeys(LOSS_TERMS, zero)
-    with span(LOSS_SPANS["cls"]):
+    with record_function(LOSS_LABELS["cls"]):
         terms["cls"] = F.multilabel_soft_margin_loss(out.cls_logits.float(), cls_label)
         terms["cls_aux"] = F.multilabel_soft_margin_loss(out.aux_logits.float(), cls_label)
-    with span(LOSS_SPANS["tokens"]):
+    with record_function(LOSS_LABELS["tokens"]):
         terms["tokens"] = L.class_token_loss(tokens, cls_label)
     if on["cle"]:
-        with span(LOSS_SPANS["cle"]):
+        with record_function(LOSS_LABELS["cle"]):
             terms["cle"] = L.cle_loss(tokens, patch_map, mask_cle, cls_label, cfg.loss.cle_temp)
     if on["une"]:
-        with span(LOSS_SPANS["une"]):
+        with record_function(LOSS_LABELS["une"]):
             terms["une"] = L.une_loss(tokens, patch_map, mask_une, cls_label, cfg.une)
     if on["ptc"]:
-        with span(LOSS_SPANS["ptc"]):
+        with record_function(LOSS_LABELS["ptc"]):
             terms["ptc"] = L.ptc_loss(patch_map, labels["aux"])
     seg_logits = out.seg_logits.float()
     if refined is not None:
-        terms.update(_seg_terms(seg_logits, refined, images, on, cfg, span))
+        terms.update(_seg_terms(seg_logits, refined, images, on, cfg))
     w = cfg.loss.weights
     total = sum(w[k] * terms[k] for k in LOSS_TERMS if on[k])
     # The reference always adds 0 * seg_loss, so the decoder gets zero gradients (and AdamW's
@@ -192,22 +188,23 @@ def compute_losses(t: Training, batch: Batch, step: int, cfg: DictConfig, span: 
     return total, terms
 
 
-def _autocast(t: Training, images: torch.Tensor):
-    return torch.autocast(images.device.type, dtype=t.amp_dtype, enabled=t.amp_dtype is not None)
+def _autocast(training: Training, images: torch.Tensor):
+    return torch.autocast(images.device.type, dtype=training.amp_dtype,
+                          enabled=training.amp_dtype is not None)
 
 
 def _seg_terms(seg_logits: torch.Tensor, refined: torch.Tensor, images: torch.Tensor, on: dict,
-               cfg: DictConfig, span: Span) -> dict[str, torch.Tensor]:
+               cfg: DictConfig) -> dict[str, torch.Tensor]:
     """The seg and reg terms that are on, from seg_logits (B,K+1,h,w) upsampled to the refined
     label (B,H,W)."""
     terms = {}
     segs = F.interpolate(seg_logits, size=refined.shape[-2:], mode="bilinear", align_corners=False)
     if on["seg"]:
-        with span(LOSS_SPANS["seg"]):
+        with record_function(LOSS_LABELS["seg"]):
             terms["seg"] = L.seg_loss(segs, refined)
     if on["reg"]:
         r = cfg.reg
-        with span(LOSS_SPANS["reg"]):
+        with record_function(LOSS_LABELS["reg"]):
             terms["reg"] = L.dense_energy_loss(
                 denormalise_255(images), segs, refined, weight=r.weight, sigma_rgb=r.sigma_rgb,
                 sigma_xy=r.sigma_xy, scale=r.scale, filter=r.filter, exact_scale=r.exact_scale)
@@ -215,29 +212,29 @@ def _seg_terms(seg_logits: torch.Tensor, refined: torch.Tensor, images: torch.Te
 
 
 @torch.no_grad()
-def _pseudo_labels(t: Training, batch: Batch, first, refine: bool, cfg: DictConfig, span: Span
+def _pseudo_labels(training: Training, batch: Batch, first, refine: bool, cfg: DictConfig
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """-> cam, aux_cam (B,K,H,W) float, multi-scale + flip (SPEC 4), and, when `refine`, the
     PAR-refined pseudo label (B,H,W) (else None). first: the forward's own (cam, aux_cam)."""
     images = batch.images
-    with span("multi-scale CAM"), _autocast(t, images):
+    with record_function("multi-scale CAM"), _autocast(training, images):
         # first is None without reuse; DDP with find_unused_parameters or static_graph would
         # also rebuild the forward's output without it: then the scale-1.0 pass simply runs again.
-        cam, aux_cam = multi_scale_cam(t.model, images, cfg.cam.scales, first=first)
+        cam, aux_cam = multi_scale_cam(training.model, images, cfg.cam.scales, first=first)
     cam, aux_cam = cam.float(), aux_cam.float()
     valid_cam = cam * batch.cls_label[:, :, None, None]
     refined = None
     if refine:
-        with span("refined labels (PAR)"):
-            refined = refine_label(t.par, denormalise(images), valid_cam, batch.cls_label,
+        with record_function("refined labels (PAR)"):
+            refined = refine_label(training.par, denormalise(images), valid_cam, batch.cls_label,
                                    high=cfg.cam.high, low=cfg.cam.low,
                                    num_present=batch.num_present)
     return cam, aux_cam, refined
 
 
 # ----------------------------------------------------------------------------- the whole step
-def train_step(t: Training, batches: Sequence[Batch], step: int, cfg: DictConfig,
-               span: Span = no_span) -> tuple[float, torch.Tensor, list[bool]]:
+def train_step(training: Training, batches: Sequence[Batch], step: int, cfg: DictConfig
+               ) -> tuple[float, torch.Tensor, list[bool]]:
     """One optimizer step over the micro-batches of one global batch (one, unless the run
     accumulates gradients: `global_batch`).
 
@@ -249,29 +246,29 @@ def train_step(t: Training, batches: Sequence[Batch], step: int, cfg: DictConfig
     rank alike.
     """
     n = len(batches)
-    with span("optimizer"):
-        lr = set_lr(t.optimizer, step, cfg)
-        t.optimizer.zero_grad(set_to_none=True)
+    with record_function("optimizer"):
+        lr = set_lr(training.optimizer, step, cfg)
+        training.optimizer.zero_grad(set_to_none=True)
     values, bad = None, None
     for i, batch in enumerate(batches):
         last = i == n - 1
-        with nullcontext() if last else _no_sync(t.train_model):
-            with span("compute_losses"):
-                total, terms = compute_losses(t, batch, step, cfg, span)
+        with nullcontext() if last else _no_sync(training.train_model):
+            with record_function("compute_losses"):
+                total, terms = compute_losses(training, batch, step, cfg)
             v = torch.stack([total.detach()] + [terms[k].detach().float() for k in LOSS_TERMS])
             values, bad = (v, ~torch.isfinite(v)) if i == 0 else (values + v, bad | ~torch.isfinite(v))
             if last:
-                with span("finite check (1 sync)"):
+                with record_function("finite check (1 sync)"):
                     # Every rank learns which terms were non-finite anywhere: all skip or stop together.
                     nonfinite = dist_utils.all_reduce_max(bad.float()).tolist()
                 if any(nonfinite):
                     break
-            with span("backward"):
-                t.scaler.scale(total / n).backward()
+            with record_function("backward"):
+                training.scaler.scale(total / n).backward()
     if not any(nonfinite):
-        with span("optimizer"):
-            t.scaler.step(t.optimizer)
-            t.scaler.update()
+        with record_function("optimizer"):
+            training.scaler.step(training.optimizer)
+            training.scaler.update()
     return lr, values / n, [bool(b) for b in nonfinite]
 
 

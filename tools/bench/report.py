@@ -6,7 +6,7 @@ import platform
 import torch
 from omegaconf import DictConfig
 
-from wetr.step import LOSS_SPANS
+from wetr.step import LOSS_LABELS
 
 
 def device_name(device: torch.device) -> str:
@@ -59,7 +59,7 @@ def markdown(res: dict) -> str:
                   f"{len(s['step_s_all'])} after {res['config']['bench']['warmup']} warm-up", "",
                   "| stage | ms | share |", "|---|---:|---:|"]
         order = ["multi-scale CAM", "network passes (CAM)", "refined labels (PAR)", "forward", "token labels",
-                 *dict.fromkeys(LOSS_SPANS.values()), "other (compute_losses glue)",
+                 *dict.fromkeys(LOSS_LABELS.values()), "other (compute_losses glue)",
                  "finite check (1 sync)", "backward", "optimizer"]
         for k in order:
             if k in st:

@@ -1,6 +1,6 @@
-"""The training step, timed stage by stage: `wetr.step.train_step` itself, given a StageTimer's
-`stage` as its span (and forward hooks on the model for its CAM passes), so the breakdown cannot
-drift from the engine.
+"""The training step, timed stage by stage: `wetr.step.train_step` itself runs under
+torch.profiler, and each stage is the time of its labelled range (wetr/step.py STAGES; forward
+hooks label the model's CAM passes), so the breakdown cannot drift from the engine.
 
 Network time = the model calls (CAM passes and the training forward) + backward; the share outside
 it covers CAM resizing/normalisation, PAR, labels, losses, the finite check and AdamW.
@@ -17,14 +17,18 @@ from omegaconf import DictConfig
 
 from datasets.synthetic import MAX_CLASSES, render
 from utils.dist import DistInfo
-from utils.profiling import PeakMemory, StageTimer, sync
-from wetr.cam import IMAGENET_MEAN_255, IMAGENET_STD_255
-from wetr.step import LOSS_SPANS, LOSS_TERMS, Batch, Training, build_training, to_device, train_step
+from torch.profiler import record_function
 
-NETWORK_STAGES = ("network passes (CAM)", "forward", "backward")
-# The spans inside compute_losses; what they leave out of it is its glue.
+from utils.profiling import PeakMemory, medians, profiled, range_times, sync
+from wetr.cam import IMAGENET_MEAN_255, IMAGENET_STD_255
+from wetr.step import (LOSS_LABELS, LOSS_TERMS, STAGES, Batch, Training, build_training,
+                       to_device, train_step)
+
+CAM_PASSES = "network passes (CAM)"
+NETWORK_STAGES = (CAM_PASSES, "forward", "backward")
+# The labelled ranges inside compute_losses; what they leave out of it is its glue.
 COMPUTE_LOSSES_PARTS = ("multi-scale CAM", "refined labels (PAR)", "forward", "token labels",
-                        *dict.fromkeys(LOSS_SPANS.values()))
+                        *dict.fromkeys(LOSS_LABELS.values()))
 
 
 def synthetic_batch(batch: int, size: int, num_fg: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,27 +50,27 @@ def synthetic_batch(batch: int, size: int, num_fg: int, seed: int) -> tuple[torc
     return (x - mean) / std, labels
 
 
-def time_cam_passes(model: torch.nn.Module, timer: StageTimer, name: str) -> list:
-    """Forward hooks on `model` (the bare model's encoder) that time its no-grad calls (the CAM
-    passes of the step, `model.cams`; the training forward runs with grad) as the stage `name`;
-    returns their handles."""
-    open_stage = []
+def label_cam_passes(model: torch.nn.Module, name: str) -> list:
+    """Forward hooks on `model` (the bare model's encoder) that put each of its no-grad calls (the
+    CAM passes of the step, `model.cams`; the training forward runs with grad) in a profiler
+    range labelled `name`; returns their handles."""
+    open_ranges = []
 
     def before(module, args, kwargs):
         if not torch.is_grad_enabled():
-            open_stage.append(timer.stage(name))
-            open_stage[-1].__enter__()
+            open_ranges.append(record_function(name))
+            open_ranges[-1].__enter__()
 
     def after(module, args, kwargs, output):
         if not torch.is_grad_enabled():
-            open_stage.pop().__exit__(None, None, None)
+            open_ranges.pop().__exit__(None, None, None)
 
     return [model.register_forward_pre_hook(before, with_kwargs=True),
             model.register_forward_hook(after, with_kwargs=True)]
 
 
-def _step(t: Training, batch: Batch, step: int, cfg: DictConfig, timer: StageTimer) -> torch.Tensor:
-    _, values, nonfinite = train_step(t, [batch], step, cfg, span=timer.stage)
+def _step(training: Training, batch: Batch, step: int, cfg: DictConfig) -> torch.Tensor:
+    _, values, nonfinite = train_step(training, [batch], step, cfg)
     if any(nonfinite):
         raise FloatingPointError(f"non-finite loss in the benchmark step: {values.tolist()}")
     return values
@@ -95,51 +99,46 @@ def bench_step(cfg: DictConfig, device: torch.device) -> tuple[dict, Training]:
     step = b.step if b.step >= 0 else max(cfg.loss.after.values()) + 1
     mem = PeakMemory(device)
     mem_before = mem.current()
-    timer = StageTimer(device)
-    timer.enabled = False
-    # What `wetr.engine.train` builds before its loop (one process: no DDP), the CAM passes timed.
-    t = build_training(cfg, DistInfo(rank=0, local_rank=0, world_size=1, device=device))
-    hooks = time_cam_passes(t.model.encoder, timer, "network passes (CAM)")
-    t.model.train()
-    params = sum(p.numel() for p in t.model.parameters())
-    run = lambda: _step(t, batch, step, cfg, timer)  # noqa: E731
+    # What `wetr.engine.main` builds before its loop (one process: no DDP), the CAM passes labelled.
+    training = build_training(cfg, DistInfo(rank=0, local_rank=0, world_size=1, device=device))
+    hooks = label_cam_passes(training.model.encoder, CAM_PASSES)
+    training.model.train()
+    params = sum(p.numel() for p in training.model.parameters())
+    run = lambda: _step(training, batch, step, cfg)  # noqa: E731
 
-    timer.new_step()
     for _ in range(b.warmup):
         run()
-    plain = []
-    if device.type == "cuda":  # one sync per step, as in training
-        for _ in range(b.steps):
-            sync(device)
-            t0 = time.perf_counter()
-            run()
-            sync(device)
-            plain.append(time.perf_counter() - t0)
-
-    timer.enabled = True
-    timer.steps.clear()
+    plain = []   # without the profiler: the throughput and the peak memory
     mem.reset()
     for _ in range(b.steps):
-        timer.new_step()
         sync(device)
         t0 = time.perf_counter()
-        values = run()
+        run()
         sync(device)
-        timer.steps[-1]["step"] = time.perf_counter() - t0
+        plain.append(time.perf_counter() - t0)
     peak = mem.peak()
-    for st in timer.steps:
-        _derive(st)
-    steps = list(timer.steps)
-    stages = timer.medians()
 
-    timer.enabled = False
+    steps = []
+    for _ in range(b.steps):
+        with profiled(device) as prof:
+            sync(device)
+            t0 = time.perf_counter()
+            values = run()
+            sync(device)
+            wall = time.perf_counter() - t0
+        st = range_times(prof, (*STAGES, CAM_PASSES), device)
+        st["step"] = wall
+        _derive(st)
+        steps.append(st)
+    stages = medians(steps)
+
     flops = _count_flops(run) if b.flops and not cfg.compile else None
     for h in hooks:
         h.remove()
 
     step_s = stages["step"]
-    # Throughput figures use the un-instrumented step where there is one (CUDA).
-    wall_s = statistics.median(plain) if plain else step_s
+    # Throughput figures use the step without the profiler.
+    wall_s = statistics.median(plain)
     outside = stages["outside network"]
     # Medians are taken per stage, so the rows need not add up exactly to the median step.
     return {
@@ -148,7 +147,7 @@ def bench_step(cfg: DictConfig, device: torch.device) -> tuple[dict, Training]:
         "params_M": params / 1e6,
         "step_s": step_s,
         "step_s_all": [st["step"] for st in steps],
-        "step_s_unsynced": statistics.median(plain) if plain else None,
+        "step_s_unsynced": wall_s,
         "images_per_s": cfg.batch_size / wall_s,
         "stages_s": stages,
         "network_s": stages["network"],
@@ -163,4 +162,4 @@ def bench_step(cfg: DictConfig, device: torch.device) -> tuple[dict, Training]:
         "flops_per_step": flops,
         "achieved_tflops": flops / wall_s / 1e12 if flops else None,
         "loss_values": dict(zip(("total",) + LOSS_TERMS, values.tolist())),
-    }, t
+    }, training
