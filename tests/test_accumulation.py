@@ -267,3 +267,57 @@ def test_ddp_all_reduces_once_per_optimizer_step(runs):
               for n in ("2x2", "2x1x2")}
     assert counts["2x2"][0] > 0
     assert counts["2x2"] == counts["2x1x2"]
+
+
+# ----------------------------------------------------------------------------- resume
+def _resume_point(path: Path, global_batch: int, batch_size: int, world: int):
+    from wetr.run import ResumePoint
+    return ResumePoint(path, {"config": {"global_batch": global_batch, "batch_size": batch_size},
+                              "rng": [None] * world})
+
+
+@pytest.mark.parametrize("saved, now, refused", [
+    ((4, 2, 1), (0, 2, 1), True),     # global_batch=4 forgotten on resume
+    ((4, 2, 1), (8, 2, 1), True),
+    ((0, 2, 2), (8, 2, 2), True),     # 4 images a step before, 8 now
+    ((4, 2, 1), (4, 4, 1), False),    # same images a step, other micro-batches
+    ((0, 4, 1), (4, 2, 1), False),    # 4 = 4 x 1 before
+    ((0, 2, 2), (0, 2, 1), False),    # another process count: restore warns
+])
+def test_resume_with_another_global_batch_is_refused(tmp_path, saved, now, refused):
+    from wetr.run import RunError, check_resume_batch
+    resume = _resume_point(tmp_path / "last.pth", *saved)
+    cfg = make_config(None, [f"global_batch={now[0]}", f"batch_size={now[1]}"])
+    if not refused:
+        check_resume_batch(resume, cfg, now[2])
+        return
+    with pytest.raises(RunError) as err:
+        check_resume_batch(resume, cfg, now[2])
+    msg = str(err.value)
+    images = saved[0] or saved[1] * saved[2]
+    assert "\n" not in msg and f"trained with {images} images per optimizer step" in msg
+    assert msg.endswith(f"pass global_batch={images} to continue it")
+
+
+def test_resume_with_another_global_batch_is_one_line_at_the_entry(tmp_path, capsys):
+    """Through the training entry: the checks refuse it before anything is written."""
+    from tools.cli import train_entry
+    from wetr.factory import model_from_config
+    from wetr.optim import build_optimizer
+    from wetr.run import save_checkpoint
+    from utils.checkpoint import rng_state
+    args = TINY + ["batch_size=2", "data.check_layout=false", f"work_dir={tmp_path}", "tag=run"]
+    cfg = make_config(None, args + ["global_batch=4"])
+    model = model_from_config(cfg)
+    training = wstep.Training(model, model, build_optimizer(model.param_groups(), cfg), None, None)
+    ck = tmp_path / "saved.pth"
+    save_checkpoint(ck, training, 1, cfg, {"best_miou": -1.0},
+                    {"rng": [rng_state(CPU.device)], "sums": [torch.zeros(9)], "count": 0})
+    with pytest.raises(SystemExit) as exc:
+        train_entry({}, args + [f"resume={ck}"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(lines) == 1
+    assert lines[0] == (f"error: resume checkpoint {ck} was trained with 4 images per optimizer "
+                        f"step (global_batch=4) but this run takes 2 (global_batch=0: batch_size 2 "
+                        f"x 1 process(es)); pass global_batch=4 to continue it")
+    assert not (tmp_path / "run").exists()
