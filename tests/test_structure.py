@@ -362,7 +362,7 @@ def test_design_name_checker(tree):
     files, _ = tree
     text = ("`wetr.cam.multi_scale_cam` `run.preflight` `CRFStep.label_map` `data.num_classes` "
             "`tools/infer_{cam,lam}.py` `session.py` `scores.json` `train_step(t, b)` "
-            "`open_context -> Context` `_loop` `torch.unique` "
+            "`open_context -> Context` `_next_batch` `torch.unique` "
             "`wetr.cam.no_such` `run.no_such` `CRFStep.no_such` `tools/no_such.py` "
             "`no_such.py` `no_such(x)` `_no_such` `no_such -> X`")
     assert unresolved_names(text, ROOT, files) == sorted(
