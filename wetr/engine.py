@@ -34,6 +34,7 @@ from datasets import build_dataset, build_train_loader, resolve_classes
 from datasets.sampler import SampleError
 from utils import dist as dist_utils
 from utils.dist import DistInfo
+from utils.io import write_text_atomic
 from utils.logger import JsonlWriter, format_eta, git_revision, setup_logger
 from utils.tensorboard_log import ScalarLog, TBWriter
 
@@ -98,7 +99,7 @@ def main(cfg: DictConfig) -> None:
     logger = setup_logger(out_dir / "train.log", dist.is_main)
     with run.errors_recorded(out_dir / "train.log"):
         if dist.is_main:
-            run.write_config(cfg, out_dir)
+            write_text_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg))
             device = (torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda"
                       else "cpu")
             logger.info(f"MoRe-py {git_revision()} | torch {torch.__version__} | device "

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from datasets.layout import LayoutError, check_layout
 from utils import dist as dist_utils
@@ -183,10 +183,6 @@ def open_run_dir(cfg: DictConfig, dist: DistInfo) -> Path:
         remove_stale_tmp(ckpt_dir)
     dist_utils.barrier()
     return out_dir
-
-
-def write_config(cfg: DictConfig, out_dir: Path) -> None:
-    write_text_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg))
 
 
 # ----------------------------------------------------------------------------- checkpoints
