@@ -1,7 +1,8 @@
 """Stage times from torch.profiler, wall time and peak memory, for tools/benchmark.py.
 
 A stage is a labelled range (`torch.profiler.record_function`): the training step labels its
-stages (wetr/step.py STAGES), which cost nothing when no profiler runs. Peak memory: CUDA max_memory_allocated; on the CPU the process's peak RSS (VmHWM, reset through
+stages (wetr/step.py STAGES), which cost nothing when no profiler runs. Peak memory: CUDA
+max_memory_allocated; on the CPU the process's peak RSS (VmHWM, reset through
 /proc/self/clear_refs where the kernel allows it, else the lifetime peak).
 """
 from __future__ import annotations
