@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from omegaconf import DictConfig
 
 from tools.config import SEED_SCALES, InferConfig, ToolSpec, parse_tool_config
-from tools.evaluation import run_tool
+from tools.evaluation import evaluate
 from tools.outputs import PseudoMaskWriter
 from tools.session import Context, run
 from utils.config import ConfigError, option
@@ -62,7 +62,7 @@ def main(argv: Sequence[str]) -> dict | None:
     spec, cfg = parse_tool_config(argv, SPEC)
     if not cfg.save_labels:
         raise ConfigError("save_labels=false: the export writes label PNGs; leave it true")
-    return run_tool(tool_spec(spec, cfg), cfg, pseudo_writer)
+    return evaluate(tool_spec(spec, cfg), cfg, pseudo_writer)
 
 
 if __name__ == "__main__":
