@@ -33,7 +33,7 @@ pydensecrf2's time per image (logs/benchmarks/cpu_crf_voc_500x375_k20.md and
 
 `crf_label` is this backend's label map of one image (the rule of `utils.crf.label_from`, as
 pydensecrf's `utils.crf.crf_label`). `resolve_backend` turns `crf_backend` into "torch" or
-"pydensecrf"; `tools.evaluation.CRFStep` does so once per run and calls the chosen function.
+"pydensecrf"; `tools.crf_step.CRFStep` does so once per run and calls the chosen function.
 """
 from __future__ import annotations
 
