@@ -40,7 +40,7 @@ def run_images(ctx: Context, items: Iterable[Item], sinks: Sequence[Sink]) -> No
     route = ROUTES[ctx.spec.route or ctx.spec.variant]
     with torch.no_grad():
         for item in items:
-            for out in ctx.crf.put(route(ctx.params, item)):
+            for out in ctx.crf.put(route(ctx.source.params, item)):
                 for sink in sinks:
                     sink(out)
     for out in ctx.crf.drain():
@@ -73,7 +73,7 @@ def _resume(ctx: Context, writer: EvalWriter, metrics: Metrics) -> list[int]:
     from datasets.voc import read_mask
 
     todo, done = [], 0
-    ds = ctx.dataset
+    ds = ctx.source.dataset
     for i in ctx.shard():
         name = ds.names[i]
         if not (ctx.cfg.resume and writer.done(name)):
@@ -106,23 +106,25 @@ def _report(ctx: Context, metrics: Metrics, writer: EvalWriter) -> dict | None:
     udist.barrier()
     if not ctx.dist.is_main:
         return None
+    source = ctx.source
     result = {v: scores(c) for v, c in table.items()}
     if result:
-        ctx.log.info(f"{ctx.spec.name} on {ctx.split}:\n" + format_table(result, ctx.names))
+        ctx.log.info(f"{ctx.spec.name} on {source.split}:\n"
+                     + format_table(result, source.names))
     else:
-        ctx.log.info(f"{ctx.split} has no ground-truth masks: predictions written, no scores")
+        ctx.log.info(f"{source.split} has no ground-truth masks: predictions written, no scores")
     record = {"tool": ctx.spec.name, "checkpoint": str(ctx.cfg.ckpt), "step": ctx.info.get("step"),
-              "dataset": ctx.data.name, "root": ctx.data.root, "split": ctx.split,
-              "images": ctx.num_images(), "scales": list(ctx.params.scales),
-              "class_names": ctx.names, "processes": ctx.dist.world_size,
+              "dataset": source.data.name, "root": source.data.root, "split": source.split,
+              "images": ctx.num_images(), "scales": list(source.params.scales),
+              "class_names": source.names, "processes": ctx.dist.world_size,
               "seconds": round(time.time() - ctx.t0, 1), "scores": result,
               "config": to_container(ctx.cfg)}
-    path = ctx.out_dir / "scores.json"
+    path = source.out_dir / "scores.json"
     write_json_atomic(path, record)
     ctx.log.info(f"scores written to {path}")
     if writer.server_layout:
-        ctx.log.info(pack_voc_test(ctx.out_dir, len(ctx.dataset)))
-    note = writer.finish(ctx.dataset.names, ctx.split)
+        ctx.log.info(pack_voc_test(source.out_dir, len(source.dataset)))
+    note = writer.finish(source.dataset.names, source.split)
     if note:
         ctx.log.info(note)
     return result
@@ -130,8 +132,8 @@ def _report(ctx: Context, metrics: Metrics, writer: EvalWriter) -> dict | None:
 
 def eval_writer(ctx: Context, variants: tuple[str, ...]) -> EvalWriter:
     """The evaluation tools' files (`EvalWriter`; a VOC test split: the server layout)."""
-    return EvalWriter(ctx.out_dir, variants, ctx.cfg.save_labels, ctx.cfg.save_arrays,
-                      server_layout=not ctx.has_labels and ctx.data.name == "voc")
+    return EvalWriter(ctx.source.out_dir, variants, ctx.cfg.save_labels, ctx.cfg.save_arrays,
+                      server_layout=not ctx.has_labels and ctx.source.data.name == "voc")
 
 
 def evaluate(spec: ToolSpec, cfg: DictConfig, make_writer: WriterFactory = eval_writer
@@ -151,7 +153,7 @@ def evaluate(spec: ToolSpec, cfg: DictConfig, make_writer: WriterFactory = eval_
         if cfg.resume and ctx.dist.is_main:
             writer.remove_stale_tmp()
         udist.barrier()
-        metrics = Metrics(variants, ctx.data.num_classes)
+        metrics = Metrics(variants, ctx.source.data.num_classes)
         todo = _resume(ctx, writer, metrics)
         tick, close = _progress(ctx, len(ctx.shard()), len(ctx.shard()) - len(todo))
         try:

@@ -46,8 +46,8 @@ SPEC = ToolSpec("export_pseudo_masks", "cam", SEED_SCALES, train_split=True,
 
 
 def pseudo_writer(ctx: Context, variants: tuple[str, ...]) -> PseudoMaskWriter:
-    ds = ctx.dataset
-    return PseudoMaskWriter(ctx.out_dir, variants, lambda name: ds.image_path(ds.root, name))
+    ds = ctx.source.dataset
+    return PseudoMaskWriter(ctx.source.out_dir, variants, lambda name: ds.image_path(ds.root, name))
 
 
 def tool_spec(spec: ToolSpec, cfg: DictConfig) -> ToolSpec:

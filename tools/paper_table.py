@@ -167,7 +167,8 @@ def read_scores(t: Target) -> list[dict]:
 
 def _matches(rec: dict, row: Row) -> bool:
     split = str(rec.get("split", ""))
-    ok = {"seed": is_labelled(split) and not split.startswith("val"), "test": not is_labelled(split)}
+    ok = {"seed": is_labelled(split) and not split.startswith("val"),
+          "test": not is_labelled(split)}
     return rec.get("tool") == row.tool and ok.get(row.split, split == row.split)
 
 

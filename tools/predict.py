@@ -135,23 +135,24 @@ def main(argv: Sequence[str]) -> int:
     ctx = None
     try:
         ctx = open_context(SPEC, cfg, open_images)
-        dist, names = ctx.dist, ctx.names
+        dist, source = ctx.dist, ctx.source
+        names = source.names
         if cfg.crf and dist.is_main:
             print(f"crf: {ctx.crf.backend} backend on {dist.device}", file=sys.stderr)
-        writer = PredictWriter(ctx.out_dir, names)
-        paths = {name: path for path, name in ctx.dataset}
+        writer = PredictWriter(source.out_dir, names)
+        paths = {name: path for path, name in source.dataset}
 
         def say(o: Output) -> None:
             found = [names[c] for c in writer.present(o)]
             print(f"{paths[o.name]}: {', '.join(found) or 'background only'}", flush=True)
 
         skipped: list[Path] = []
-        shard = [ctx.dataset[i] for i in udist.rank_shard(len(ctx.dataset), dist)]
+        shard = [source.dataset[i] for i in udist.rank_shard(len(source.dataset), dist)]
         run_images(ctx, _items(shard, dist.device, skipped), (writer.write, say))
         total = int(udist.all_reduce_sum(torch.tensor([len(skipped)], device=dist.device)).item())
         if dist.is_main:
-            done = len(ctx.dataset) - total
-            print(f"wrote {done} prediction(s) to {ctx.out_dir}" + (f"; skipped {total} "
+            done = len(source.dataset) - total
+            print(f"wrote {done} prediction(s) to {source.out_dir}" + (f"; skipped {total} "
                   f"unreadable file(s)" if total else ""), file=sys.stderr)
         return total
     finally:

@@ -69,30 +69,24 @@ Opener = Callable[[ToolSpec, DictConfig, DistInfo, dict, torch.nn.Module], Sourc
 
 @dataclass(frozen=True)
 class Context:
-    """One tool run, resolved: config, processes, checkpoint info, what it reads (the fields of
-    `Source`), the CRF step (its backend resolved once; cfg.crf_backend names it) and the log."""
+    """One tool run, resolved: config, processes, checkpoint info, what it reads (`Source`), the
+    CRF step (its backend resolved once; cfg.crf_backend names it) and the log."""
     spec: ToolSpec
     cfg: DictConfig
     dist: DistInfo
     info: dict
-    data: SimpleNamespace | None
-    split: str
-    dataset: Any
-    names: list[str]
-    params: RouteParams
-    out_dir: Path
-    settings: dict | None
+    source: Source
     crf: CRFStep
     log: Logger | None = None
     t0: float = 0.0
 
     @property
     def has_labels(self) -> bool:
-        return self.params.has_labels
+        return self.source.params.has_labels
 
     def num_images(self) -> int:
         """Images of the split evaluated (before sharding)."""
-        n = len(self.dataset)
+        n = len(self.source.dataset)
         return min(n, self.cfg.max_images) if self.cfg.max_images > 0 else n
 
     def shard(self) -> list[int]:
@@ -103,7 +97,7 @@ class Context:
         """Item(name, image (1, 3, H, W), label (1, H, W) long, cls_label (1, K) float) of each
         index, on the device, loaded by `num_workers` DataLoader workers."""
         device = self.dist.device
-        loader = DataLoader(Subset(self.dataset, indices), batch_size=1,
+        loader = DataLoader(Subset(self.source.dataset, indices), batch_size=1,
                             shuffle=False, num_workers=self.cfg.num_workers,
                             pin_memory=device.type == "cuda")
         for name, image, label, cls_label in loader:
@@ -195,12 +189,11 @@ def open_context(spec: ToolSpec, cfg: DictConfig, open_input: Opener = open_spli
     try:
         model, info = model_from_checkpoint(cfg.ckpt, dist.device, cfg.data.num_classes,
                                             cfg.model)
-        src = open_input(spec, cfg, dist, info, model)
+        source = open_input(spec, cfg, dist, info, model)
         crf = CRFStep(cfg.crf_backend if cfg.crf else None, dist.device,
                       crf_workers(cfg.crf_workers, dist.world_size))
         cfg.crf_backend = crf.backend or cfg.crf_backend
-        ctx = Context(spec, cfg, dist, info, src.data, src.split, src.dataset, src.names,
-                      src.params, src.out_dir, src.settings, crf, t0=t0)
+        ctx = Context(spec, cfg, dist, info, source, crf, t0=t0)
     except USER_ERRORS as exc:
         if not dist.distributed:
             raise
@@ -214,16 +207,18 @@ def open_context(spec: ToolSpec, cfg: DictConfig, open_input: Opener = open_spli
 def with_log(ctx: Context) -> Context:
     """Create the output folder (rank 0) with its settings.json (`output_settings`) and log
     file; log the run's header."""
+    source = ctx.source
     if ctx.dist.is_main:
-        ctx.out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(ctx.out_dir / SETTINGS_FILE, ctx.settings)
+        source.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(source.out_dir / SETTINGS_FILE, source.settings)
     udist.barrier()
-    log = setup_logger(ctx.out_dir / f"{ctx.spec.name}.log", ctx.dist.is_main)
+    log = setup_logger(source.out_dir / f"{ctx.spec.name}.log", ctx.dist.is_main)
     log.info(f"{ctx.spec.name} | git {git_revision()} | {ctx.dist.world_size} process(es) on "
              f"{ctx.dist.device} | checkpoint {ctx.cfg.ckpt} (step {ctx.info['step']})")
     backend = f" ({ctx.crf.backend} backend)" if ctx.cfg.crf else ""
-    log.info(f"data {ctx.data.name} {ctx.data.root} split {ctx.split} ({len(ctx.dataset)} images)"
-             f" | scales {list(ctx.params.scales)} | crf {ctx.cfg.crf}{backend} | out {ctx.out_dir}")
+    log.info(f"data {source.data.name} {source.data.root} split {source.split} "
+             f"({len(source.dataset)} images) | scales {list(source.params.scales)} | crf "
+             f"{ctx.cfg.crf}{backend} | out {source.out_dir}")
     return replace(ctx, log=log)
 
 
