@@ -148,7 +148,7 @@ def output_settings(spec: ToolSpec, cfg: DictConfig, info: dict, data: SimpleNam
                     split: str, params: RouteParams) -> dict:
     """What shapes the label maps of a run (JSON-ready): tool and route, checkpoint and step,
     data and split, size, scales, the seeds' background and image labels, the model overrides,
-    the CRF (asked backend, parameters)."""
+    the CRF (backend, parameters)."""
     settings = {"tool": spec.name, "route": spec.route or spec.variant,
                 "checkpoint": str(Path(cfg.ckpt).resolve()), "step": info.get("step"),
                 "dataset": data.name, "root": os.path.abspath(data.root),
@@ -177,9 +177,9 @@ def check_settings(out_dir: Path, settings: dict) -> None:
 
 
 def open_context(spec: ToolSpec, cfg: DictConfig, open_input: Opener = open_split) -> Context:
-    """Start the processes (torchrun environment), load the model, open what the run reads
-    (`open_input`: a dataset split, or predict's image files) and resolve the CRF backend into
-    the `CRFStep` (cfg.crf_backend is set to the backend it runs, for the log and scores.json);
+    """Start the processes (torchrun environment), load the model, resolve the CRF backend into
+    the `CRFStep` (cfg.crf_backend is set to the backend it runs, for the log, settings.json and
+    scores.json) and open what the run reads (`open_input`: a dataset split, or predict's files);
     every user error here is one line. Under torchrun every rank stops together on the first
     error any rank found (`utils.dist.GroupError`, printed by rank 0 alone), so the launchers
     need no check of their own before torchrun. The output folder is created by `with_log`."""
@@ -189,10 +189,10 @@ def open_context(spec: ToolSpec, cfg: DictConfig, open_input: Opener = open_spli
     try:
         model, info = model_from_checkpoint(cfg.ckpt, dist.device, cfg.data.num_classes,
                                             cfg.model)
-        source = open_input(spec, cfg, dist, info, model)
         crf = CRFStep(cfg.crf_backend if cfg.crf else None, dist.device,
                       crf_workers(cfg.crf_workers, dist.world_size))
         cfg.crf_backend = crf.backend or cfg.crf_backend
+        source = open_input(spec, cfg, dist, info, model)
         ctx = Context(spec, cfg, dist, info, source, crf, t0=t0)
     except USER_ERRORS as exc:
         if not dist.distributed:
