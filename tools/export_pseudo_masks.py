@@ -18,8 +18,9 @@ sub-folders), <split>.txt (the names exported, one a line: mmsegmentation's ann_
 crf=true <route>/<name>.png (the seeds before CRF), pseudo_<route>[_crf].log and scores.json.
 Where the split has masks (VOC, COCO) the mIoU of the pseudo masks is printed; a tag dataset's
 training split has none, which the log says once. Sharded over the processes of torchrun;
-resume=true skips the images whose PNGs exist (the same settings and out_dir). Reading the result
-in mmsegmentation / DeepLab: docs/OWN_DATASET.md, "Export pseudo masks".
+resume=true skips the images whose PNGs exist (out_dir's settings.json must name the same
+settings). Reading the result in mmsegmentation / DeepLab: docs/OWN_DATASET.md, "Export pseudo
+masks".
 """
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ seg/<name>.png, seg_crf/, for infer_set=test results/VOC2012/Segmentation/comp6_
 (CRF output with crf=true), arrays/<name>.npz (key "seg" (K+1, H, W) float16 logits) with
 save_arrays=true, colour blends with save_overlays=true, scores.json and the printed table. On
 a VOC test split the server folder is also packed, checked, as results.tar.gz (one line says what
-to upload). resume=true (every tool) skips the images whose label PNGs a killed run wrote.
+to upload). resume=true (every tool) skips the images whose label PNGs a killed run wrote; out_dir's
+settings.json must then name the same settings (route, scales, size, CRF, checkpoint, split...).
 """
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from PIL import Image
 
 from datasets.transforms import normalise
@@ -98,7 +99,7 @@ def _names_of(cfg, info: dict) -> list[str]:
         return ["background"] + [f"class_{c}" for c in range(1, info["num_classes"])]
 
 
-def open_images(spec: ToolSpec, cfg, dist: DistInfo, info: dict, model: torch.nn.Module
+def open_images(spec: ToolSpec, cfg: DictConfig, dist: DistInfo, info: dict, model: torch.nn.Module
                 ) -> Source:
     """predict's `tools.session.Source`: the input's image files as (path, output name) pairs,
     the checkpoint's class names, the segmentation route's parameters (save_cam: CAM / LAM
