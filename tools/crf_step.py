@@ -31,17 +31,17 @@ class CRFStep:
     """The CRF of every route: rgb (H, W, 3) uint8 + probs (C, H, W) -> label map (H, W) uint8
     (channel c -> class keys[c]).
 
-    backend: `crf_backend` (auto | torch | pydensecrf; None: no CRF), resolved here, once
-    (`wetr.densecrf.resolve_backend`, on `device`), into `label_map`, the function every image
-    goes through: "torch" runs `wetr.densecrf.crf_label` in this process on the probs' device
-    (the route's tensor: no host round trip on a GPU); "pydensecrf" runs `utils.crf.crf_label`
-    on host arrays, in a process pool of `workers` (0: in this process). Outputs come back in
-    their input order once their CRF is done; at most 4 x workers wait."""
+    backend: `crf_backend` (auto | torch | pydensecrf; None: no CRF, `label_map` None), resolved
+    here, once (`wetr.densecrf.resolve_backend`, on `device`), into `label_map`, the function
+    every image goes through: "torch" runs `wetr.densecrf.crf_label` in this process on the
+    probs' device (the route's tensor: no host round trip on a GPU); "pydensecrf" runs
+    `utils.crf.crf_label` on host arrays, in a process pool of `workers` (0: in this process).
+    Outputs come back in their input order once their CRF is done; at most 4 x workers wait."""
 
     def __init__(self, backend: str | None, device: torch.device | str = "cpu", workers: int = 0):
         self.backend = None if backend is None else densecrf.resolve_backend(backend, device)
-        self.label_map = (_pydensecrf_label if self.backend == "pydensecrf"
-                          else densecrf.crf_label)
+        self.label_map = {"torch": densecrf.crf_label,
+                          "pydensecrf": _pydensecrf_label}.get(self.backend)
         self.pool = (pydensecrf.CRFPool(workers)
                      if self.backend == "pydensecrf" and workers > 0 else None)
         self.limit = 4 * max(1, workers if self.pool is not None else 0)
