@@ -28,17 +28,21 @@ fi
 source "$(dirname "$0")/tools/launch.sh"
 checkpoint_launch "$1" "$2" "$3"; shift 3
 
-cam2seg=0; test=0; set=""; out=""; args=()
+cam2seg=0; set=""; out=""; args=()
 for arg in "$@"; do
   case "$arg" in
     cam2seg=true|cam2seg=True) cam2seg=1; continue ;;
     cam2seg=false|cam2seg=False) continue ;;
     cam2seg=*) echo "error: cam2seg must be true or false, got '${arg#cam2seg=}'" >&2; exit 2 ;;
-    infer_set=*) set=${arg#infer_set=}; [[ "$set" == test* ]] && test=1 ;;
-    out_dir=*) out=${arg#out_dir=} ;;
+    infer_set=*) set=${arg#infer_set=} ;;
+    out_dir=*) out=${arg#out_dir=}; continue ;;
   esac
   args+=("$arg")
 done
+test=0   # a split without labels (tools.data.is_labelled) takes the two submission routes
+if [ -n "$set" ]; then
+  test=$(python -c 'import sys; from tools.data import is_labelled; print(int(not is_labelled(sys.argv[1])))' "$set")
+fi
 
 if [ "$cam2seg" = 0 ] && [ "$test" = 0 ]; then
   echo ">>> CAM seeds"
@@ -50,33 +54,34 @@ if [ "$cam2seg" = 0 ] && [ "$test" = 0 ]; then
   exit 0
 fi
 
-# One folder per route, so the two test submissions never overwrite each other; the default
-# folders are the tools' own (<run>/eval/<checkpoint stem>/<tool>_<set>).
-if [ -n "$out" ]; then
-  lam_dir=$out/cam2seg; seg_dir=$out/infer_seg_voc
-else
-  run=$(dirname "$ckpt"); [ "$(basename "$run")" = checkpoints ] && run=$(dirname "$run")
-  stem=$(basename "$ckpt"); stem=${stem%.*}
-  lam_dir=$run/eval/$stem/cam2seg_${set:-val}; seg_dir=$run/eval/$stem/infer_seg_voc_${set:-val}
-fi
+# One folder per route, so the two test submissions never overwrite each other: the tools'
+# own (<run>/eval/<checkpoint stem>/<tool>_<set>), or <out_dir>/cam2seg and <out_dir>/infer_seg_voc.
+# Each tool prints where it wrote its scores.json; the summary reads them from there.
+lam_out=(); seg_out=(); scores=()
+if [ -n "$out" ]; then lam_out=(out_dir="$out/cam2seg"); seg_out=(out_dir="$out/infer_seg_voc"); fi
+log=$(mktemp); trap 'rm -f "$log"' EXIT
+launch_noted() {   # launch_tool MODULE ARGS..., noting the scores.json it names
+  launch_tool "$@" | tee "$log"
+  scores+=("$(sed -n 's/.*scores written to //p' "$log" | tail -n 1)")
+}
 echo ">>> LAM as segmentation (cam2seg)"
-launch_tool tools.infer_lam ckpt="$ckpt" "${args[@]}" cam2seg=true out_dir="$lam_dir"
+launch_noted tools.infer_lam ckpt="$ckpt" "${args[@]}" cam2seg=true "${lam_out[@]}"
 echo ">>> segmentation head"
-launch_tool tools.infer_seg_voc ckpt="$ckpt" "${args[@]}" out_dir="$seg_dir"
-if [ "$test" = 1 ]; then
-  echo "test-server submissions (upload one; the paper's 75.0 is the LAM route):"
-  echo "  LAM as segmentation: $lam_dir/results.tar.gz"
-  echo "  segmentation head:   $seg_dir/results.tar.gz"
-else
-  python - "$lam_dir/scores.json" "$seg_dir/scores.json" <<'PY'
+launch_noted tools.infer_seg_voc ckpt="$ckpt" "${args[@]}" "${seg_out[@]}"
+python - "${scores[@]}" <<'PY'
 import json
 import sys
+from pathlib import Path
 
 lam, seg = (json.load(open(p))["scores"] for p in sys.argv[1:])
+if not lam and not seg:   # a split without ground truth: the test-server archives
+    print("test-server submissions (upload one; the paper's 75.0 is the LAM route):")
+    for name, path in zip(("LAM as segmentation:", "segmentation head:  "), sys.argv[1:]):
+        print(f"  {name} {Path(path).parent / 'results.tar.gz'}")
+    sys.exit(0)
 print(f"{'':44s} mIoU")
 for name, scores in (("cam2seg: LAM + predicted labels", lam), ("segmentation head", seg)):
     for variant, s in scores.items():
         print(f"{name + ' (' + variant + ')':44s} {100 * s['miou']:.1f}")
 print("The paper's VOC val figure (76.4) is cam2seg's lam_crf row.")
 PY
-fi

@@ -21,6 +21,7 @@ from typing import Any, NoReturn, Sequence
 import numpy as np
 
 from utils.errors import UserError
+from utils.metrics import IGNORE_INDEX
 
 from .coco import COCODataset
 from .synthetic import read_params
@@ -188,7 +189,7 @@ def _mask_values(path: str, num_fg: int, fix: str, values_fix: str) -> tuple[np.
     except ValueError as exc:
         _fail(path, str(exc).replace(f" {path}", ""), fix)
     values = set(np.flatnonzero(np.bincount(mask.ravel(), minlength=256)).tolist())
-    bad = sorted(v for v in values if v > num_fg and v != 255)
+    bad = sorted(v for v in values if v > num_fg and v != IGNORE_INDEX)
     if bad:
         _fail(path, f"mask values {bad[:5]} outside 0..{num_fg} and 255", values_fix)
     return mask, values

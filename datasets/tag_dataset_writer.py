@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from utils.io import atomic_open, write_atomic
+from utils.metrics import IGNORE_INDEX
 
 from .tag_import import (ImageIndex, Imported, Source, Split, TagImportError, class_list,
                          folder_rows, image_size, read_csv, read_json, resolve_rows, scan_images,
@@ -49,7 +50,7 @@ def find_masks(mask_dir: str, index: ImageIndex, labels: dict[str, np.ndarray],
         except ValueError as exc:
             raise TagImportError(f"{exc}; fix: masks are 8-bit palette or grey PNGs of class "
                                  f"indices (0 background, 1..{k}, 255 ignore)") from None
-        bad = sorted(set(np.unique(mask).tolist()) - set(range(k + 1)) - {255})
+        bad = sorted(set(np.unique(mask).tolist()) - set(range(k + 1)) - {IGNORE_INDEX})
         if bad:
             raise TagImportError(f"mask {path}: values {bad[:5]} outside 0..{k} and 255; fix: "
                                  f"class indices in the order of the class list")

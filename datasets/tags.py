@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from utils.metrics import IGNORE_INDEX
+
 from .transforms import normalise
 from .voc import LABEL_FILE, VOCDataset, default_list_dir, read_image, read_label
 
@@ -137,7 +139,7 @@ class TagDataset(VOCDataset):
         if os.path.isfile(mask_path):
             label = read_label(mask_path, image)
         else:
-            label = torch.full((image.height, image.width), 255, dtype=torch.long)
+            label = torch.full((image.height, image.width), IGNORE_INDEX, dtype=torch.long)
         return name, normalise(image), label, torch.from_numpy(self.labels[index])
 
 

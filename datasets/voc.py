@@ -16,6 +16,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from utils.errors import first_line
+from utils.metrics import IGNORE_INDEX
 
 from .sampler import SampleError
 from .transforms import JITTER, RESCALE, build_train_transform, normalise
@@ -170,5 +171,5 @@ class VOCDataset(Dataset):
         if self.stage == "val":
             label = read_label(self.mask_path(self.root, name), image)
             return name, normalise(image), label, torch.from_numpy(self.labels[index])
-        label = torch.full((image.height, image.width), 255, dtype=torch.long)
+        label = torch.full((image.height, image.width), IGNORE_INDEX, dtype=torch.long)
         return name, normalise(image), label, torch.zeros(self.num_classes - 1)

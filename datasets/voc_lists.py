@@ -15,6 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from utils.io import atomic_open
+from utils.metrics import IGNORE_INDEX
 
 from .voc import LABEL_FILE, default_list_dir, read_mask, read_name_list
 
@@ -33,7 +34,7 @@ def write_cls_labels(path: str, names: Sequence[str], labels: np.ndarray) -> Non
 def mask_classes(mask: np.ndarray, num_fg_classes: int) -> np.ndarray:
     """(H, W) uint8 -> (K,) uint8 presence of classes 1..K. Values outside 0..K and 255 raise."""
     counts = np.bincount(mask.ravel(), minlength=256)
-    bad = [v for v in np.flatnonzero(counts) if v > num_fg_classes and v != 255]
+    bad = [v for v in np.flatnonzero(counts) if v > num_fg_classes and v != IGNORE_INDEX]
     if bad:
         raise ValueError(f"values {bad} outside 0..{num_fg_classes} and 255")
     return (counts[1:num_fg_classes + 1] > 0).astype(np.uint8)

@@ -11,7 +11,7 @@ import torch
 
 from tools import infer_cam, infer_seg_voc, predict
 from tools.config import crf_backend_alias, parse_config
-from tools.evaluation import CRFStep
+from tools.crf_step import CRFStep
 from tools.session import run
 from utils import crf
 from utils.config import ConfigError
@@ -59,23 +59,26 @@ def test_crf_dot_backend_alias_on_every_command_line(capsys):
 
 
 def test_crf_step_backends_equal_their_functions():
-    """torch: `wetr.densecrf.crf_label` on the route's tensor; pydensecrf: the pool gets the same
-    host array the routes passed before the switch (probs.float().cpu().numpy())."""
+    """torch: `wetr.densecrf.crf_label` on the route's tensor; pydensecrf: `utils.crf.crf_label`
+    gets the same host array the routes passed before the switch (probs.float().cpu().numpy());
+    the backend is resolved once, when the step is built."""
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
     probs = torch.from_numpy(rng.dirichlet(np.ones(3), (20, 24)).astype(np.float32)).permute(2, 0, 1)
     keys = np.array([0, 2, 3])
     step = CRFStep("torch")
     assert step.pool is None
-    got = step.label_map(rgb, probs, keys).result()
-    assert np.array_equal(got, densecrf.crf_label(rgb, probs.numpy(), keys, "torch"))
+    got = step.label_map(rgb, probs, keys)
+    assert step.label_map is densecrf.crf_label
+    assert np.array_equal(got, densecrf.crf_label(rgb, probs.numpy(), keys))
     assert set(np.unique(got)) <= {0, 2, 3}
-    with pytest.raises(ValueError, match="resolved backend"):
-        CRFStep("auto")
+    assert CRFStep("auto", "cuda").backend == "torch" and CRFStep(None).backend is None
+    with pytest.raises(ValueError, match="crf_backend='gpu'"):
+        CRFStep("gpu")
     if densecrf.pydensecrf_installed():
         step = CRFStep("pydensecrf", workers=0)
         want = crf.crf_label(rgb, np.ascontiguousarray(probs.float().cpu().numpy()), keys)
-        assert np.array_equal(step.label_map(rgb, probs, keys).result(), want)
+        assert step.pool is None and np.array_equal(step.label_map(rgb, probs, keys), want)
         step.close()
 
 
@@ -85,8 +88,8 @@ def test_crf_step_torch_runs_on_the_probs_device():
     rgb = rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)
     probs = torch.from_numpy(rng.dirichlet(np.ones(4), (40, 30)).astype(np.float32)).permute(2, 0, 1)
     keys = np.arange(4)
-    on_gpu = CRFStep("torch").label_map(rgb, probs.to("cuda"), keys).result()
-    on_cpu = CRFStep("torch").label_map(rgb, probs, keys).result()
+    on_gpu = CRFStep("torch").label_map(rgb, probs.to("cuda"), keys)
+    on_cpu = CRFStep("torch").label_map(rgb, probs, keys)
     assert (on_gpu == on_cpu).mean() >= 0.999
 
 

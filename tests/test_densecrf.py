@@ -124,13 +124,13 @@ def test_backend_choice_and_torch_route_without_pydensecrf(monkeypatch):
         densecrf.resolve_backend("pydensecrf", "cuda")
     image, probs, truth = _two_regions()
     keys = np.array([0, 7])
-    label = densecrf.crf_label(image, probs, keys, "auto")
+    label = densecrf.crf_label(image, probs, keys)
     assert label.dtype == np.uint8 and label.shape == truth.shape
     assert (label == keys[truth]).mean() > 0.99 > (keys[probs.argmax(0)] == keys[truth]).mean()
-    empty = densecrf.crf_label(image, probs[:0], keys[:0], "torch")
+    empty = densecrf.crf_label(image, probs[:0], keys[:0])
     assert empty.shape == truth.shape and not empty.any()
     with pytest.raises(RuntimeError, match="pydensecrf2"):
-        densecrf.crf_label(image, probs, keys, "pydensecrf")
+        crf.crf_label(image, probs, keys)
 
 
 def _two_regions():
@@ -201,7 +201,7 @@ def miou(pred, gt, classes):
 def check_agreement(image, label, stacks, classes):
     for name, (probs, keys) in stacks.items():
         ref = crf.crf_label(image, probs, keys)
-        ours = densecrf.crf_label(image, probs, keys, "torch")
+        ours = densecrf.crf_label(image, probs, keys)
         agreement = (ours == ref).mean()
         assert agreement >= 0.999, (name, agreement)
         assert abs(miou(ours, label, classes) - miou(ref, label, classes)) <= 0.1, name

@@ -151,3 +151,31 @@ def test_preflight_checks_and_writes_nothing(setup, tmp_path, capsys):
         run(infer_seg_voc.main, [f"ckpt={ckpt}", f"out_dir={out}", "preflight=true",
                                  f"data.root={tmp_path / 'nowhere'}", *FAST])
     assert info.value.code == 2 and "nowhere" in capsys.readouterr().err and not out.exists()
+
+
+def test_resume_with_other_settings_is_refused_in_one_line(setup, tmp_path, capsys):
+    """settings.json stamps what shapes the label PNGs; resume=true with other settings into the
+    same out_dir is one line (exit 2) before any image, the same settings resume."""
+    from tools.session import SETTINGS_FILE, run
+    root, ckpt = setup
+    out = tmp_path / "out"
+    args = [f"ckpt={ckpt}", f"out_dir={out}", "multi_scale=false", *FAST]
+    infer_seg_voc.main([*args, "max_images=2"])
+    stamp = json.loads((out / SETTINGS_FILE).read_text())
+    assert stamp["scales"] == [1.0] and stamp["size"] == 64 and stamp["crf"] is False
+    assert stamp["checkpoint"] == str(Path(ckpt).resolve()) and stamp["step"] == 3
+    capsys.readouterr()
+    for other, said in ((["scales=[1.0,1.25]"], "scales [1.0] there, [1.0, 1.25] now"),
+                        (["size=96"], "size 64 there, 96 now"),
+                        (["crf=true"], "crf False there, True now")):
+        before = sorted(p.name for p in (out / "seg").iterdir())
+        with pytest.raises(SystemExit) as info:
+            run(infer_seg_voc.main, [*args, *other, "resume=true"])
+        err = capsys.readouterr().err.strip()
+        assert info.value.code == 2 and "\n" not in err and said in err, err
+        assert err.startswith("error: resume=true, but") and str(out) in err
+        assert sorted(p.name for p in (out / "seg").iterdir()) == before
+    assert infer_seg_voc.main([*args, "resume=true"])["seg"]["pixels"] > 0
+    # a run without resume starts over with its own settings
+    infer_seg_voc.main([*args, "size=96", "max_images=1"])
+    assert json.loads((out / SETTINGS_FILE).read_text())["size"] == 96

@@ -142,6 +142,23 @@ def test_tag_dataset_nested_names_without_masks(tmp_path):
     assert f"img_path='{data / 'photos'}'" in log and "img_suffix=''" in log
 
 
+def test_mmsegmentation_line_has_absolute_paths_and_resume_checks_the_route(voc, tmp_path,
+                                                                             monkeypatch):
+    """A relative data.root and out_dir: the lines to paste name absolute folders; resuming
+    the export of another route into the same folder is refused."""
+    root, data, ckpt = voc
+    monkeypatch.chdir(root)
+    args = [f"ckpt={ckpt}", f"data.root={data.name}", "max_images=2", *FAST]
+    export_pseudo_masks.main([*args, "out_dir=rel_out"])
+    log = (root / "rel_out" / "pseudo_cam.log").read_text()
+    line = next(ln for ln in log.splitlines() if ln.startswith("mmsegmentation:"))
+    assert f"img_path='{data / 'JPEGImages'}'" in line
+    assert f"seg_map_path='{root / 'rel_out' / PSEUDO_DIR}'" in line
+    assert f"ann_file='{root / 'rel_out' / 'train_aug.txt'}'" in line
+    with pytest.raises(ConfigError, match="route 'cam' there, 'lam' now"):
+        export_pseudo_masks.main([*args, "out_dir=rel_out", "route=lam", "resume=true"])
+
+
 def test_save_labels_false_is_refused(voc):
     _, _, ckpt = voc
     with pytest.raises(ConfigError, match="save_labels=false"):

@@ -77,7 +77,8 @@ class InferConfig:
     device: str = option("auto", "auto | cpu | cuda")
     num_workers: int = option(2, "DataLoader workers per rank")
     max_images: int = option(0, "0 = the whole split (before sharding)")
-    resume: bool = option(False, "skip the images whose outputs a killed run completed")
+    resume: bool = option(False, "skip the images whose outputs a killed run completed (the "
+                                 "same settings: out_dir's settings.json)")
     preflight: bool = option(False, "check config, checkpoint and data, then exit (launchers)")
     data: InferData = field(default_factory=InferData)
     model: InferModel = field(default_factory=InferModel)

@@ -46,14 +46,20 @@ def seed_split(data: SimpleNamespace) -> str:
     return "train" if os.path.isfile(os.path.join(list_dir_of(data), "train.txt")) else data.train_split
 
 
+def is_labelled(split: str) -> bool:
+    """Whether a split has masks and image labels: every split but those named test*."""
+    return not split.startswith("test")
+
+
 def build_dataset_for(data: SimpleNamespace, split: str, check: bool):
-    """Stage "val" (image at original size, mask, image labels); splits named test* have no
-    masks and use stage "test" (label all 255, image labels all 0). `check`: verify the layout
-    of a labelled split first (folders, lists, image labels, masks), one-line errors."""
+    """Stage "val" (image at original size, mask, image labels); a split without labels
+    (`is_labelled`) uses stage "test" (label all ignore, image labels all 0). `check`: verify
+    the layout of a labelled split first (folders, lists, image labels, masks), one-line
+    errors."""
     from datasets import build_dataset
     from datasets.layout import LayoutError, check_layout
 
-    stage = "test" if split.startswith("test") else "val"
+    stage = "val" if is_labelled(split) else "test"
     lists = list_dir_of(data)
     have = sorted(p.stem for p in Path(lists).glob("*.txt")) if os.path.isdir(lists) else []
     if have and split not in have:   # a mistyped infer_set, most likely
@@ -75,9 +81,11 @@ def class_names(data: SimpleNamespace) -> list[str]:
     return dataset_class_names(data)
 
 
-def default_out_dir(ckpt: str, tool: str, split: str, suffix: str) -> Path:
-    """<run>/eval/<checkpoint stem>/<tool>_<split><suffix>, <run> being the folder above
-    checkpoints/ (so evaluating best.pth and last.pth keeps both)."""
+def output_dir(out_dir: str, ckpt: str, tool: str, split: str, suffix: str) -> Path:
+    """`out_dir` when given, else <run>/eval/<checkpoint stem>/<tool>_<split><suffix>, <run>
+    being the folder above checkpoints/ (so evaluating best.pth and last.pth keeps both)."""
+    if out_dir:
+        return Path(out_dir)
     path = Path(ckpt).resolve()
     run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     return run / "eval" / path.stem / f"{tool}_{split}{suffix}"

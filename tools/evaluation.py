@@ -1,21 +1,19 @@
 """The evaluation loop shared by every tool (infer_cam / infer_lam / cam2seg / infer_seg_voc /
-infer_seg_coco) and, without metrics, by tools/predict.py:
+infer_seg_coco / export_pseudo_masks) and, without metrics, by tools/predict.py:
 
     items -> route (maps) -> CRF step -> metrics + writers
 
 Data flows one way: the route returns an `Output`, the CRF step adds its label map, the sinks
-(confusion matrices, files, progress bar) read it; nothing calls back. Confusion matrices are
-all-reduced at the end, so N processes report exactly the numbers of one. With resume=true the
-images a killed run completed (`EvalWriter.done`) are not run again: their confusion comes back
-from their label PNGs.
+(confusion matrices, files, progress bar) read it; no stage calls into the one before it.
+Confusion matrices are all-reduced at the end, so N processes report exactly the numbers of
+one. With resume=true the images a killed run completed (`EvalWriter.done`) are not run again:
+their confusion comes back from their label PNGs.
 """
 from __future__ import annotations
 
 import os
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future
 
 import numpy as np
 import torch
@@ -25,11 +23,10 @@ from utils import dist as udist
 from utils.config import to_container
 from utils.metrics import confusion_matrix, format_table, scores
 from utils.palette import read_label_png
-from wetr.densecrf import crf_label
 
-from .config import ToolSpec, parse_tool_config
+from .config import ToolSpec
 from .outputs import EvalWriter, write_json_atomic
-from .routes import ROUTES, Output, Route, RouteParams
+from .routes import ROUTES, Item, Output
 from .session import Context, open_context, with_log
 from .submission import pack_voc_test
 
@@ -37,76 +34,16 @@ Sink = Callable[[Output], None]
 WriterFactory = Callable[[Context, tuple[str, ...]], EvalWriter]   # (context, variants) -> writer
 
 
-class CRFStep:
-    """The CRF of every route: rgb (H, W, 3) uint8 + probs (C, H, W) -> label map (H, W) uint8
-    (channel c -> class keys[c]). `label_map` is the one place the CRF backend acts, as resolved
-    once per run (`wetr.densecrf.resolve_backend`): "torch" runs `wetr.densecrf` in this process
-    on the probs' device (the route's tensor: no host round trip on a GPU); "pydensecrf" runs
-    `utils.crf.crf_label` in a process pool of `workers` (0: in this process); None: no CRF.
-    Outputs come back in their input order once their CRF is done; at most 4 x workers wait."""
-
-    def __init__(self, backend: str | None, workers: int = 0):
-        if backend not in (None, "torch", "pydensecrf"):
-            raise ValueError(f"CRFStep takes a resolved backend, got {backend!r}")
-        self.backend = backend
-        self.pool = None
-        if backend == "pydensecrf":
-            from utils.crf import CRFPool
-            self.pool = CRFPool(workers)
-        self.limit = 4 * max(1, workers if self.pool is not None else 0)
-        self.queue: deque[tuple[Output, Future | None]] = deque()
-
-    def label_map(self, rgb: np.ndarray, probs: torch.Tensor | np.ndarray,
-                  keys: np.ndarray) -> Future:
-        if self.pool is not None:
-            if isinstance(probs, torch.Tensor):   # the worker processes take host arrays
-                probs = np.ascontiguousarray(probs.cpu().numpy())
-            return self.pool.submit(rgb, probs, keys)
-        fut: Future = Future()
-        fut.set_result(crf_label(rgb, probs, keys, "torch"))
-        return fut
-
-    def put(self, out: Output) -> list[Output]:
-        """Queue `out` (its CRF started when it carries a CRF input); return the outputs done."""
-        fut = self.label_map(out.rgb, *out.crf) if out.crf is not None else None
-        self.queue.append((out, fut))
-        return self._ready(block=len(self.queue) > self.limit)
-
-    def _ready(self, block: bool) -> list[Output]:
-        done = []
-        while self.queue:
-            out, fut = self.queue[0]
-            if fut is not None and not (block or fut.done()):
-                break
-            block = False   # wait for the oldest one only
-            self.queue.popleft()
-            if fut is not None:
-                out.labels[f"{next(iter(out.labels))}_crf"] = fut.result()
-                out.crf = None   # free the probability stack now
-            done.append(out)
-        return done
-
-    def drain(self) -> list[Output]:
-        done = []
-        while self.queue:
-            done += self._ready(block=True)
-        self.close()
-        return done
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
-
-
-def run_images(items: Iterable, route: Route, params: RouteParams, crf: CRFStep,
-               sinks: Sequence[Sink]) -> None:
-    """The per-image loop: each item through the route and the CRF step into every sink."""
+def run_images(ctx: Context, items: Iterable[Item], sinks: Sequence[Sink]) -> None:
+    """The per-image loop: each item through the tool's route (`ROUTES`) and the context's CRF
+    step into every sink."""
+    route = ROUTES[ctx.spec.route or ctx.spec.variant]
     with torch.no_grad():
         for item in items:
-            for out in crf.put(route(params, item)):
+            for out in ctx.crf.put(route(ctx.source.params, item)):
                 for sink in sinks:
                     sink(out)
-    for out in crf.drain():
+    for out in ctx.crf.drain():
         for sink in sinks:
             sink(out)
 
@@ -136,7 +73,7 @@ def _resume(ctx: Context, writer: EvalWriter, metrics: Metrics) -> list[int]:
     from datasets.voc import read_mask
 
     todo, done = [], 0
-    ds = ctx.dataset
+    ds = ctx.source.dataset
     for i in ctx.shard():
         name = ds.names[i]
         if not (ctx.cfg.resume and writer.done(name)):
@@ -169,23 +106,25 @@ def _report(ctx: Context, metrics: Metrics, writer: EvalWriter) -> dict | None:
     udist.barrier()
     if not ctx.dist.is_main:
         return None
+    source = ctx.source
     result = {v: scores(c) for v, c in table.items()}
     if result:
-        ctx.log.info(f"{ctx.spec.name} on {ctx.split}:\n" + format_table(result, ctx.names))
+        ctx.log.info(f"{ctx.spec.name} on {source.split}:\n"
+                     + format_table(result, source.names))
     else:
-        ctx.log.info(f"{ctx.split} has no ground-truth masks: predictions written, no scores")
+        ctx.log.info(f"{source.split} has no ground-truth masks: predictions written, no scores")
     record = {"tool": ctx.spec.name, "checkpoint": str(ctx.cfg.ckpt), "step": ctx.info.get("step"),
-              "dataset": ctx.data.name, "root": ctx.data.root, "split": ctx.split,
-              "images": ctx.num_images(), "scales": list(ctx.params.scales),
-              "class_names": ctx.names, "processes": ctx.dist.world_size,
+              "dataset": source.data.name, "root": source.data.root, "split": source.split,
+              "images": ctx.num_images(), "scales": list(source.params.scales),
+              "class_names": source.names, "processes": ctx.dist.world_size,
               "seconds": round(time.time() - ctx.t0, 1), "scores": result,
               "config": to_container(ctx.cfg)}
-    path = ctx.out_dir / "scores.json"
+    path = source.out_dir / "scores.json"
     write_json_atomic(path, record)
     ctx.log.info(f"scores written to {path}")
     if writer.server_layout:
-        ctx.log.info(pack_voc_test(ctx.out_dir, len(ctx.dataset)))
-    note = writer.finish(ctx.dataset.names, ctx.split)
+        ctx.log.info(pack_voc_test(source.out_dir, len(source.dataset)))
+    note = writer.finish(source.dataset.names, source.split)
     if note:
         ctx.log.info(note)
     return result
@@ -193,54 +132,36 @@ def _report(ctx: Context, metrics: Metrics, writer: EvalWriter) -> dict | None:
 
 def eval_writer(ctx: Context, variants: tuple[str, ...]) -> EvalWriter:
     """The evaluation tools' files (`EvalWriter`; a VOC test split: the server layout)."""
-    return EvalWriter(ctx.out_dir, variants, ctx.cfg.save_labels, ctx.cfg.save_arrays,
-                      server_layout=not ctx.has_labels and ctx.data.name == "voc")
+    return EvalWriter(ctx.source.out_dir, variants, ctx.cfg.save_labels, ctx.cfg.save_arrays,
+                      server_layout=not ctx.has_labels and ctx.source.data.name == "voc")
 
 
-def _evaluate(ctx: Context, make_writer: WriterFactory) -> dict | None:
-    cfg, variant = ctx.cfg, ctx.spec.variant
-    variants = (variant, f"{variant}_crf") if cfg.crf else (variant,)
-    writer = make_writer(ctx, variants)
-    if cfg.resume and ctx.dist.is_main:
-        writer.remove_stale_tmp()
-    udist.barrier()
-    metrics = Metrics(variants, ctx.data.num_classes)
-    todo = _resume(ctx, writer, metrics)
-    tick, close = _progress(ctx, len(ctx.shard()), len(ctx.shard()) - len(todo))
-    crf = CRFStep(cfg.crf_backend if cfg.crf else None,
-                  crf_workers(cfg.crf_workers, ctx.dist.world_size))
-    try:
-        run_images(ctx.items(todo), ROUTES[ctx.spec.route or variant], ctx.params, crf,
-                   (metrics.add, writer.write, tick))
-    finally:
-        close()   # ends the bar's line, also before an error line
-        crf.close()
-    return _report(ctx, metrics, writer)
-
-
-def crf_workers(asked: int, world_size: int) -> int:
-    """CRF processes per rank: `asked`, or (-1) 60 % of the cores shared by the local ranks."""
-    if asked >= 0:
-        return asked
-    # as the reference, which gives CRF 60 % of the cores
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    return max(1, int(0.6 * (os.cpu_count() or 1)) // max(1, local))
-
-
-def evaluate(spec: ToolSpec, argv: Sequence[str]) -> dict | None:
-    """A tool's whole run: config (parsed once), context, loop, report. Returns {variant:
-    scores} on rank 0 (empty without ground truth), None elsewhere and with preflight=true."""
-    return run_tool(*parse_tool_config(argv, spec))
-
-
-def run_tool(spec: ToolSpec, cfg: DictConfig, make_writer: WriterFactory = eval_writer
+def evaluate(spec: ToolSpec, cfg: DictConfig, make_writer: WriterFactory = eval_writer
              ) -> dict | None:
-    """`evaluate` from a parsed config, with the files of `make_writer` (the pseudo-mask export
-    takes its own)."""
+    """A tool's whole run from its parsed config (`tools.config.parse_tool_config`): context,
+    loop, report, with the files of `make_writer` (the pseudo-mask export takes its own).
+    Returns {variant: scores} on rank 0 (empty without ground truth), None elsewhere and with
+    preflight=true (checks only, every rank as in a run, nothing written)."""
+    ctx = None
     try:
         ctx = open_context(spec, cfg)
-        if cfg.preflight:   # checks only (every rank, as in a run), nothing written
+        if cfg.preflight:
             return None
-        return _evaluate(with_log(ctx), make_writer)
+        ctx = with_log(ctx)
+        variants = (spec.variant, f"{spec.variant}_crf") if cfg.crf else (spec.variant,)
+        writer = make_writer(ctx, variants)
+        if cfg.resume and ctx.dist.is_main:
+            writer.remove_stale_tmp()
+        udist.barrier()
+        metrics = Metrics(variants, ctx.source.data.num_classes)
+        todo = _resume(ctx, writer, metrics)
+        tick, close = _progress(ctx, len(ctx.shard()), len(ctx.shard()) - len(todo))
+        try:
+            run_images(ctx, ctx.items(todo), (metrics.add, writer.write, tick))
+        finally:
+            close()   # ends the bar's line, also before an error line
+        return _report(ctx, metrics, writer)
     finally:
+        if ctx is not None:
+            ctx.crf.close()
         udist.cleanup()

@@ -18,8 +18,9 @@ sub-folders), <split>.txt (the names exported, one a line: mmsegmentation's ann_
 crf=true <route>/<name>.png (the seeds before CRF), pseudo_<route>[_crf].log and scores.json.
 Where the split has masks (VOC, COCO) the mIoU of the pseudo masks is printed; a tag dataset's
 training split has none, which the log says once. Sharded over the processes of torchrun;
-resume=true skips the images whose PNGs exist (the same settings and out_dir). Reading the result
-in mmsegmentation / DeepLab: docs/OWN_DATASET.md, "Export pseudo masks".
+resume=true skips the images whose PNGs exist (out_dir's settings.json must name the same
+settings). Reading the result in mmsegmentation / DeepLab: docs/OWN_DATASET.md, "Export pseudo
+masks".
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from dataclasses import dataclass, replace
 from omegaconf import DictConfig
 
 from tools.config import SEED_SCALES, InferConfig, ToolSpec, parse_tool_config
-from tools.evaluation import run_tool
+from tools.evaluation import evaluate
 from tools.outputs import PseudoMaskWriter
 from tools.session import Context, run
 from utils.config import ConfigError, option
@@ -46,8 +47,8 @@ SPEC = ToolSpec("export_pseudo_masks", "cam", SEED_SCALES, train_split=True,
 
 
 def pseudo_writer(ctx: Context, variants: tuple[str, ...]) -> PseudoMaskWriter:
-    ds = ctx.dataset
-    return PseudoMaskWriter(ctx.out_dir, variants, lambda name: ds.image_path(ds.root, name))
+    ds = ctx.source.dataset
+    return PseudoMaskWriter(ctx.source.out_dir, variants, lambda name: ds.image_path(ds.root, name))
 
 
 def tool_spec(spec: ToolSpec, cfg: DictConfig) -> ToolSpec:
@@ -62,7 +63,7 @@ def main(argv: Sequence[str]) -> dict | None:
     spec, cfg = parse_tool_config(argv, SPEC)
     if not cfg.save_labels:
         raise ConfigError("save_labels=false: the export writes label PNGs; leave it true")
-    return run_tool(tool_spec(spec, cfg), cfg, pseudo_writer)
+    return evaluate(tool_spec(spec, cfg), cfg, pseudo_writer)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tools.config import SEED_SCALES, ToolSpec
+from tools.config import SEED_SCALES, ToolSpec, parse_tool_config
 from tools.evaluation import evaluate
 from tools.session import run
 
@@ -32,7 +32,8 @@ SPEC = ToolSpec("infer_lam", "lam", SEED_SCALES, seed_split=True, needs_image_la
 
 
 def main(argv: Sequence[str]) -> dict | None:
-    return evaluate(SPEC, argv)
+    """{variant: scores} on rank 0 (empty without ground truth), else None."""
+    return evaluate(*parse_tool_config(argv, SPEC))
 
 
 if __name__ == "__main__":

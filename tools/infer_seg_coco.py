@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tools.config import SEG_SCALES, ToolSpec
+from tools.config import SEG_SCALES, ToolSpec, parse_tool_config
 from tools.evaluation import evaluate
 from tools.session import run
 
@@ -20,7 +20,8 @@ SPEC = ToolSpec("infer_seg_coco", "seg", SEG_SCALES, defaults={"multi_scale": Tr
 
 
 def main(argv: Sequence[str]) -> dict | None:
-    return evaluate(SPEC, argv)
+    """{variant: scores} on rank 0 (empty without ground truth), else None."""
+    return evaluate(*parse_tool_config(argv, SPEC))
 
 
 if __name__ == "__main__":

@@ -12,13 +12,14 @@ seg/<name>.png, seg_crf/, for infer_set=test results/VOC2012/Segmentation/comp6_
 (CRF output with crf=true), arrays/<name>.npz (key "seg" (K+1, H, W) float16 logits) with
 save_arrays=true, colour blends with save_overlays=true, scores.json and the printed table. On
 a VOC test split the server folder is also packed, checked, as results.tar.gz (one line says what
-to upload). resume=true (every tool) skips the images whose label PNGs a killed run wrote.
+to upload). resume=true (every tool) skips the images whose label PNGs a killed run wrote; out_dir's
+settings.json must then name the same settings (route, scales, size, CRF, checkpoint, split...).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tools.config import SEG_SCALES, ToolSpec
+from tools.config import SEG_SCALES, ToolSpec, parse_tool_config
 from tools.evaluation import evaluate
 from tools.session import run
 
@@ -26,7 +27,8 @@ SPEC = ToolSpec("infer_seg_voc", "seg", SEG_SCALES, defaults={"multi_scale": Tru
 
 
 def main(argv: Sequence[str]) -> dict | None:
-    return evaluate(SPEC, argv)
+    """{variant: scores} on rank 0 (empty without ground truth), else None."""
+    return evaluate(*parse_tool_config(argv, SPEC))
 
 
 if __name__ == "__main__":

@@ -125,18 +125,19 @@ class PseudoMaskWriter(EvalWriter):
 
     def finish(self, names: list[str], split: str) -> str | None:
         """Write <out>/<split>.txt (the names whose mask exists, in split order); the line says
-        where, and how mmsegmentation reads it."""
+        where, and how mmsegmentation reads it (absolute paths, to paste into its config)."""
         done = [n for n in names if self.done(n)]
         write_text_atomic(self.out_dir / f"{split}.txt", "".join(f"{n}\n" for n in done))
-        line = (f"pseudo masks: {len(done)} of {len(names)} images in {self.out_dir / PSEUDO_DIR}, "
-                f"list {self.out_dir / f'{split}.txt'}")
+        out = self.out_dir.absolute()
+        line = (f"pseudo masks: {len(done)} of {len(names)} images in {out / PSEUDO_DIR}, "
+                f"list {out / f'{split}.txt'}")
         if done:
-            path, name = self.image_path(done[0]), done[0]
+            path, name = os.path.abspath(self.image_path(done[0])), done[0]
             at = path.rfind(name)
             img_dir, suffix = (path[:at].rstrip("/\\"), path[at + len(name):]) if at >= 0 else (
                 os.path.dirname(path), "")
             line += (f"\nmmsegmentation: data_prefix=dict(img_path='{img_dir}', seg_map_path="
-                     f"'{self.out_dir / PSEUDO_DIR}'), ann_file='{self.out_dir / f'{split}.txt'}'"
+                     f"'{out / PSEUDO_DIR}'), ann_file='{out / f'{split}.txt'}'"
                      f", img_suffix='{suffix}', seg_map_suffix='.png' (0.x: img_dir, ann_dir, "
                      f"split; docs/OWN_DATASET.md)")
         return line

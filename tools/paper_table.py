@@ -34,6 +34,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from tools.cli import parse_cli
+from tools.data import is_labelled
 from utils.config import ConfigError, option
 from utils.errors import user_errors
 from utils.io import write_text_atomic
@@ -166,7 +167,8 @@ def read_scores(t: Target) -> list[dict]:
 
 def _matches(rec: dict, row: Row) -> bool:
     split = str(rec.get("split", ""))
-    ok = {"seed": not split.startswith(("val", "test")), "test": split.startswith("test")}
+    ok = {"seed": is_labelled(split) and not split.startswith("val"),
+          "test": not is_labelled(split)}
     return rec.get("tool") == row.tool and ok.get(row.split, split == row.split)
 
 

@@ -24,24 +24,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from PIL import Image
 
 from datasets.transforms import normalise
-from tools.config import (CRF_BACKEND_HELP, CRF_BACKENDS, SEED_SCALES, SEG_SCALES, InferData,
-                          InferModel, crf_backend_alias)
 from tools.cli import parse_cli
-from tools.data import class_names, default_out_dir, resolve_data
-from tools.evaluation import CRFStep, run_images
+from tools.config import (CRF_BACKEND_HELP, CRF_BACKENDS, SEED_SCALES, SEG_SCALES, InferData,
+                          InferModel, ToolSpec, crf_backend_alias)
+from tools.data import class_names, output_dir, resolve_data
+from tools.evaluation import run_images
 from tools.outputs import PredictWriter
-from tools.routes import Item, Output, RouteParams, predict_route
-from tools.session import run
+from tools.routes import Item, Output, RouteParams
+from tools.session import Source, open_context, run
 from utils import dist as udist
 from utils.config import ConfigError, option
+from utils.dist import DistInfo
 from utils.errors import first_line
-from wetr.densecrf import resolve_backend
-from wetr.factory import model_from_checkpoint
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+SPEC = ToolSpec("predict", "seg", SEG_SCALES, route="predict")
 
 
 @dataclass
@@ -53,6 +54,8 @@ class PredictConfig:
     size: int = option(448, "images are resized to size x size (whatever the aspect)")
     crf: bool = option(False, "DenseCRF on the segmentation, with crf_backend")
     crf_backend: str = option("auto", CRF_BACKEND_HELP, choices=CRF_BACKENDS)
+    crf_workers: int = option(0, "pydensecrf processes per rank; 0 in-process, -1 auto (the "
+                                 "torch backend always runs in-process)")
     save_cam: bool = option(False, "also CAM and LAM overlays of each predicted class")
     device: str = option("auto", "auto | cpu | cuda")
     data: InferData = field(default_factory=InferData)
@@ -96,6 +99,22 @@ def _names_of(cfg, info: dict) -> list[str]:
         return ["background"] + [f"class_{c}" for c in range(1, info["num_classes"])]
 
 
+def open_images(spec: ToolSpec, cfg: DictConfig, dist: DistInfo, info: dict, model: torch.nn.Module
+                ) -> Source:
+    """predict's `tools.session.Source`: the input's image files as (path, output name) pairs,
+    the checkpoint's class names, the segmentation route's parameters (save_cam: CAM / LAM
+    maps too) and the output folder (<run>/eval/<checkpoint>/predict_<input name> by default)."""
+    files = list_images(cfg.input)
+    names = _names_of(cfg, info)
+    seeds = SEED_SCALES if cfg.multi_scale else (1.0,)
+    params = RouteParams(model, "seg", cfg.size, SEG_SCALES if cfg.multi_scale else (1.0,),
+                         seed_scales=seeds, has_labels=False, with_gcr=cfg.model.with_gcr,
+                         crf=cfg.crf, overlays=cfg.save_cam)
+    stem = Path(cfg.input).stem or "input"
+    return Source(None, stem, list(zip(files, output_names(files))), names, params,
+                  output_dir(cfg.out_dir, cfg.ckpt, spec.name, stem, ""))
+
+
 def _items(shard: Sequence[tuple[Path, str]], device: torch.device, skipped: list[Path]):
     """Item(name, image (1, 3, H, W), rgb) of each readable file; unreadable ones are reported on
     one line and appended to `skipped`."""
@@ -114,39 +133,32 @@ def main(argv: Sequence[str]) -> int:
     cfg = parse_cli(crf_backend_alias(argv), PredictConfig)
     if not cfg.ckpt or not cfg.input:
         raise ConfigError("ckpt=<checkpoint .pth> and input=<image or folder> are required")
-    files = list_images(cfg.input)
-    out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(
-        cfg.ckpt, "predict", Path(cfg.input).stem or "input", "")
-    dist = udist.init_distributed(cfg.device)
+    ctx = None
     try:
-        if cfg.crf:   # once per run; pydensecrf2 asked for but missing is one line
-            cfg.crf_backend = resolve_backend(cfg.crf_backend, dist.device)
-            if dist.is_main:
-                print(f"crf: {cfg.crf_backend} backend on {dist.device}", file=sys.stderr)
-        model, info = model_from_checkpoint(cfg.ckpt, dist.device, cfg.data.num_classes, cfg.model)
-        names = _names_of(cfg, info)
-        params = RouteParams(model, "seg", cfg.size, SEG_SCALES if cfg.multi_scale else (1.0,),
-                             seed_scales=SEED_SCALES if cfg.multi_scale else (1.0,),
-                             with_gcr=cfg.model.with_gcr, crf=cfg.crf, overlays=cfg.save_cam)
-        writer = PredictWriter(out, names)
-        paths = dict(zip(output_names(files), files))
+        ctx = open_context(SPEC, cfg, open_images)
+        dist, source = ctx.dist, ctx.source
+        names = source.names
+        if cfg.crf and dist.is_main:
+            print(f"crf: {ctx.crf.backend} backend on {dist.device}", file=sys.stderr)
+        writer = PredictWriter(source.out_dir, names)
+        paths = {name: path for path, name in source.dataset}
 
         def say(o: Output) -> None:
             found = [names[c] for c in writer.present(o)]
             print(f"{paths[o.name]}: {', '.join(found) or 'background only'}", flush=True)
 
         skipped: list[Path] = []
-        pairs = list(zip(files, output_names(files)))
-        shard = [pairs[i] for i in udist.rank_shard(len(pairs), dist)]
-        run_images(_items(shard, dist.device, skipped), predict_route, params,
-                   CRFStep(cfg.crf_backend if cfg.crf else None), (writer.write, say))
+        shard = [source.dataset[i] for i in udist.rank_shard(len(source.dataset), dist)]
+        run_images(ctx, _items(shard, dist.device, skipped), (writer.write, say))
         total = int(udist.all_reduce_sum(torch.tensor([len(skipped)], device=dist.device)).item())
         if dist.is_main:
-            done = len(files) - total
-            print(f"wrote {done} prediction(s) to {out}" + (f"; skipped {total} unreadable "
-                  f"file(s)" if total else ""), file=sys.stderr)
+            done = len(source.dataset) - total
+            print(f"wrote {done} prediction(s) to {source.out_dir}" + (f"; skipped {total} "
+                  f"unreadable file(s)" if total else ""), file=sys.stderr)
         return total
     finally:
+        if ctx is not None:
+            ctx.crf.close()
         udist.cleanup()
 
 

@@ -41,6 +41,7 @@ from datasets.voc import LABEL_FILE, default_list_dir, read_cls_labels, read_mas
 from datasets.voc_lists import mask_classes, write_cls_labels, write_name_list
 from utils.errors import user_errors
 from utils.io import atomic_open
+from utils.metrics import IGNORE_INDEX
 
 SUBSETS = {"train2014": "train", "val2014": "val"}  # image folder -> list name
 VAL_PART = 5000
@@ -89,7 +90,7 @@ def compose_mask(anns: Sequence[tuple[int, int, Any, float | None]], h: int, w: 
     for cls, m in unions.items():
         label[m] = cls
         covered += m
-    label[(covered > 1) | crowd] = 255
+    label[(covered > 1) | crowd] = IGNORE_INDEX
     return label
 
 

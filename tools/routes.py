@@ -5,7 +5,7 @@
 Routes: "cam" / "lam" (seeds), "cam2seg" (LAM as segmentation: the lam route with predicted
 image labels), "seg" (segmentation head) and "predict" (the seg route on the user's images, with
 the CAM / LAM maps its overlays need). A route computes maps (`wetr.infer`) and returns plain
-arrays; it writes nothing and counts nothing: the CRF step (`tools.evaluation.CRFStep`), the
+arrays; it writes nothing and counts nothing: the CRF step (`tools.crf_step.CRFStep`), the
 metrics and the writers (`tools.outputs`) take the `Output` from there.
 """
 from __future__ import annotations

@@ -4,13 +4,15 @@ reference of the tools' `crf_backend=pydensecrf` (the torch backend is `wetr.den
 pydensecrf2 is optional: it is imported only when this backend runs, and its absence is a
 one-line RuntimeError naming the install. CRF runs on the CPU, one image at a time; `CRFPool`
 spreads images over worker processes so that a rank keeps feeding its accelerator while the CRF
-works.
+works. `label_from` is the label rule of both backends (class keys, empty stack).
 """
 from __future__ import annotations
 
 import multiprocessing as mp
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -70,40 +72,50 @@ def crf_inference(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFP
     return np.asarray(d.inference(params.iter_max), dtype=np.float32).reshape(c, h, w)
 
 
-def crf_label(image: np.ndarray, probs: np.ndarray, keys: np.ndarray,
-              params: CRFParams = CRFParams()) -> np.ndarray:
-    """CRF, then argmax, then channel -> class id through `keys`.
+# (image (H, W, 3) uint8, probs (C, H, W), params) -> (H, W) channel of each pixel's largest
+# mean-field marginal: what a backend adds to the label rule of `label_from`
+ChannelArgmax = Callable[[np.ndarray, Any, CRFParams], np.ndarray]
 
-    keys: (C,) class id of each channel of `probs` (e.g. [0, present classes + 1] for seeds,
-    arange(C) for segmentation logits). An empty stack (C == 0) gives all background.
+
+def label_from(argmax: ChannelArgmax, image: np.ndarray, probs: Any, keys: np.ndarray,
+               params: CRFParams) -> np.ndarray:
+    """The CRF label map of either backend: the channel `argmax` picks, mapped to its class.
+
+    probs: (C, H, W) (numpy, or a tensor for the torch backend); keys: (C,) class id of each
+    channel (e.g. [0, present classes + 1] for seeds, arange(C) for segmentation logits). An
+    empty stack (C == 0: no class present) gives all background, without running the CRF.
     Returns (H, W) uint8.
     """
-    keys = np.asarray(keys)
     if probs.shape[0] == 0:
-        return np.zeros(probs.shape[1:], dtype=np.uint8)
-    q = crf_inference(image, probs, params)
-    return keys[q.argmax(0)].astype(np.uint8)
+        return np.zeros(tuple(probs.shape[1:]), dtype=np.uint8)
+    return np.asarray(keys)[argmax(image, probs, params)].astype(np.uint8)
+
+
+def _argmax(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.ndarray:
+    return crf_inference(image, probs, params).argmax(0)
+
+
+def crf_label(image: np.ndarray, probs: np.ndarray, keys: np.ndarray,
+              params: CRFParams = CRFParams()) -> np.ndarray:
+    """pydensecrf's label map of one image (`label_from`): (H, W) uint8."""
+    return label_from(_argmax, image, probs, keys, params)
 
 
 class CRFPool:
-    """Run `crf_label` on `workers` processes (0: in the calling process, synchronously).
-
-    submit(image, probs, keys) -> Future of the (H, W) uint8 label. Workers are spawned (not
-    forked) so that they inherit no CUDA context or torch thread pool.
+    """Run `crf_label` on `workers` (>= 1) spawned processes: submit(image, probs, keys) ->
+    Future of the (H, W) uint8 label. Spawned, not forked, so that the workers inherit no CUDA
+    context or torch thread pool. (In the calling process, call `crf_label` itself.)
     """
 
     def __init__(self, workers: int, params: CRFParams = CRFParams()):
         check_available()
+        if workers < 1:
+            raise ValueError(f"CRFPool needs at least one worker process, got {workers}")
         self.params = params
-        self._pool = (ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
-                      if workers > 0 else None)
+        self._pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
 
     def submit(self, image: np.ndarray, probs: np.ndarray, keys: np.ndarray) -> Future:
-        if self._pool is not None:
-            return self._pool.submit(crf_label, image, probs, keys, self.params)
-        fut: Future = Future()
-        fut.set_result(crf_label(image, probs, keys, self.params))
-        return fut
+        return self._pool.submit(crf_label, image, probs, keys, self.params)
 
     def close(self) -> None:
         if self._pool is not None:

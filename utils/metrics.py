@@ -11,9 +11,11 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+IGNORE_INDEX = 255   # the label of pixels no loss or metric counts (label maps: 0, 1..K, 255)
+
 
 def confusion_matrix(pred: torch.Tensor, gt: torch.Tensor, num_classes: int,
-                     ignore_index: int = 255) -> torch.Tensor:
+                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Confusion counts of one or many label maps.
 
     pred, gt: integer tensors of the same shape (any device). Pixels where `gt` is

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.logger import JsonlWriter
+from utils.metrics import IGNORE_INDEX
 from utils.palette import colorize, jet_overlay
 
 
@@ -102,7 +103,7 @@ def seg_blend(image: np.ndarray, label: np.ndarray, alpha: float = 0.5) -> np.nd
     colours blended over the image; background (0) and ignore (255) leave the image as it is."""
     colours = colorize(label).astype(np.float64)
     out = image.astype(np.float64)
-    fg = (label > 0) & (label != 255)
+    fg = (label > 0) & (label != IGNORE_INDEX)
     out[fg] = alpha * colours[fg] + (1 - alpha) * out[fg]
     return out.round().astype(np.uint8)
 

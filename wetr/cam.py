@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.metrics import IGNORE_INDEX
 from wetr.par import PAR
 
-IGNORE_INDEX = 255
 IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
 IMAGENET_STD_255 = (58.395, 57.12, 57.375)
 
@@ -162,19 +162,17 @@ def refine_label(par: PAR, images: torch.Tensor, cam: torch.Tensor, cls_label: t
     cam = cam.gather(1, order[:, :, None, None].expand(-1, -1, h, w))
 
     half = (h // 2, w // 2)
-    small_images = F.interpolate(images, size=half, mode="bilinear", align_corners=False)
+    small_images = resize_bilinear(images, half)
     # Background planes are added at full size and downsampled with the CAMs, as the reference does.
     planes = torch.stack([cam.new_full((), high), cam.new_full((), low)]).view(1, 2, 1, 1)
     planes = planes.expand(b, 2, h, w)  # filled on the device: no host->device copy
-    stack = F.interpolate(torch.cat([planes, cam], dim=1), size=half, mode="bilinear",
-                          align_corners=False)
+    stack = resize_bilinear(torch.cat([planes, cam], dim=1), half)
     logits = torch.cat([stack[:, 0:1], stack[:, 2:], stack[:, 1:2], stack[:, 2:]], dim=1)
     probs = torch.cat([
         logits[:, :p + 1].masked_fill(absent, float("-inf")).softmax(dim=1),
         logits[:, p + 1:].masked_fill(absent, float("-inf")).softmax(dim=1),
     ], dim=1)
-    refined = F.interpolate(par(small_images, probs), size=(h, w), mode="bilinear",
-                            align_corners=False)
+    refined = resize_bilinear(par(small_images, probs), (h, w))
     class_ids = torch.cat([order.new_zeros(b, 1), order + 1], dim=1)  # (B, P+1)
     label_high = class_ids.gather(1, refined[:, :p + 1].argmax(dim=1).flatten(1)).view(b, h, w)
     label_low = class_ids.gather(1, refined[:, p + 1:].argmax(dim=1).flatten(1)).view(b, h, w)

@@ -31,9 +31,9 @@ CAM, LAM and Seg are identical to pydensecrf2's on every image
 pydensecrf2's time per image (logs/benchmarks/cpu_crf_voc_500x375_k20.md and
 2026-12-04_cpu_crf_seg_route_vitb448_k20.md); the lattice build is ~0.5 s of it.
 
-`crf_label` is the entry point for one image, with the backend chosen by `resolve_backend`:
-"pydensecrf" calls `utils.crf.crf_label` (figures to the digit), "torch" this module. The
-evaluation tools and predict.py reach it through `tools.evaluation.CRFStep` (`crf_backend`).
+`crf_label` is this backend's label map of one image (the rule of `utils.crf.label_from`, as
+pydensecrf's `utils.crf.crf_label`). `resolve_backend` turns `crf_backend` into "torch" or
+"pydensecrf"; `tools.crf_step.CRFStep` does so once per run and calls the chosen function.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from utils.crf import CRFParams, check_available, crf_label as pydensecrf_label
+from utils.crf import CRFParams, check_available, label_from
 from wetr.permutohedral import PermutohedralLattice
 
 __all__ = ["BACKENDS", "resolve_backend", "pydensecrf_installed", "unary_from_probs", "mean_field",
@@ -181,29 +181,22 @@ def dense_crf(images: Tensor, probs: Tensor, params: CRFParams = CRFParams()) ->
     return q.transpose(1, 2).reshape(B, C, H, W)
 
 
-def crf_label(image: np.ndarray, probs: np.ndarray | Tensor, keys: np.ndarray, backend: str,
-              params: CRFParams = CRFParams(), device: torch.device | str = "cpu") -> np.ndarray:
-    """CRF, argmax, channel -> class id through `keys`, for one image.
+def _argmax(image: np.ndarray, probs: np.ndarray | Tensor, params: CRFParams) -> np.ndarray:
+    """`dense_crf` of one image on the device of `probs` (a numpy array: the CPU), argmax."""
+    p = probs if isinstance(probs, Tensor) else torch.from_numpy(np.asarray(probs))
+    img = torch.from_numpy(np.ascontiguousarray(image))
+    return dense_crf(img[None], p.float()[None], params)[0].argmax(0).cpu().numpy()
+
+
+def crf_label(image: np.ndarray, probs: np.ndarray | Tensor, keys: np.ndarray,
+              params: CRFParams = CRFParams()) -> np.ndarray:
+    """This backend's label map of one image (`utils.crf.label_from`).
 
     Args:
         image: (H, W, 3) uint8 RGB.
-        probs: (C, H, W) probabilities, numpy or tensor (a tensor stays on its device for the
-            torch backend).
+        probs: (C, H, W) probabilities, numpy (run on the CPU) or a tensor (run on its device).
         keys: (C,) class id of each channel; C == 0 gives all background.
-        backend: "torch" or "pydensecrf" (see `resolve_backend`; "auto" is resolved here).
-        device: where the torch backend runs when `probs` is a numpy array.
     Returns:
         (H, W) uint8 label.
     """
-    backend = resolve_backend(backend, probs.device if isinstance(probs, Tensor) else device)
-    if backend == "pydensecrf":
-        if isinstance(probs, Tensor):
-            probs = probs.detach().cpu().numpy()
-        return pydensecrf_label(image, probs, keys, params)
-    keys = np.asarray(keys)
-    if probs.shape[0] == 0:
-        return np.zeros(probs.shape[1:], dtype=np.uint8)
-    p = probs if isinstance(probs, Tensor) else torch.from_numpy(np.asarray(probs)).to(device)
-    img = torch.from_numpy(np.ascontiguousarray(image))
-    q = dense_crf(img[None], p.float()[None], params)[0]
-    return keys[q.argmax(0).cpu().numpy()].astype(np.uint8)
+    return label_from(_argmax, image, probs, keys, params)

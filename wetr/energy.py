@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
+from utils.metrics import IGNORE_INDEX
 from wetr.permutohedral import permutohedral_filter
 
 __all__ = ["bilateral_features", "exact_gaussian_filter", "bilateral_filter", "dense_energy_loss"]
@@ -171,7 +172,7 @@ def dense_energy_loss(
     small_label = F.interpolate(label[:, None].to(dtype), mode="nearest", **resize)
     with torch.no_grad():
         gate = 1.0 - seg.amax(dim=1, keepdim=True)
-        gate = torch.where(small_label == 255, torch.ones_like(gate), gate).clamp_(min=0.0)
+        gate = torch.where(small_label == IGNORE_INDEX, torch.ones_like(gate), gate).clamp_(min=0.0)
     return _DenseEnergy.apply(
         seg, images.detach(), gate, sigma_rgb, sigma_xy * scale, filter, exact_scale, weight
     )

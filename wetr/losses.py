@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from utils.metrics import IGNORE_INDEX
+
 from .config import UneConfig
 
 UNE = UneConfig()  # the defaults (read only)
-
-IGNORE = 255
 
 
 def class_token_loss(class_tokens: Tensor, cls_label: Tensor | None = None, temp: float = 0.07) -> Tensor:
@@ -72,7 +72,7 @@ def _une_choose(token_label: Tensor, keys: Tensor, une: UneConfig = UNE) -> tupl
     if hi <= 0 or wi <= 0:  # no inner grid: nothing to choose (the reference crashes here)
         empty = token_label.new_zeros((b, 0), dtype=torch.long)
         return empty, empty.bool()
-    roi = torch.where(token_label == IGNORE, 1, torch.where(token_label >= 1, 2, 0))
+    roi = torch.where(token_label == IGNORE_INDEX, 1, torch.where(token_label >= 1, 2, 0))
     inner = roi[:, border:h - border, border:w - border].flatten(1)  # (B, Ni)
     # Window sums roi[i:i+window, j:j+window] for every inner (i, j); zero padding mimics the
     # reference's slices running off the map when window > 2·border + 1. Sums of small integers
@@ -159,7 +159,7 @@ def ptc_loss(patch_map: Tensor, token_label: Tensor) -> Tensor:
     cos = (x.transpose(1, 2) @ x).abs()  # (B, N, N)
     label = token_label.flatten(1)
     n = label.shape[1]
-    known = label != IGNORE
+    known = label != IGNORE_INDEX
     kept = known[:, :, None] & known[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=label.device)
     same = label[:, :, None] == label[:, None, :]
     pos = (kept & same).to(cos.dtype)
@@ -174,9 +174,9 @@ def seg_loss(seg_logits: Tensor, label: Tensor) -> Tensor:
     seg_logits: (B, C, H, W) already at label size; label: (B, H, W) long, 255 ignored.
     Each part is summed over the batch and divided by its pixel count + 1e-6.
     """
-    ce = F.cross_entropy(seg_logits, label.masked_fill(label == IGNORE, 0), reduction="none")
+    ce = F.cross_entropy(seg_logits, label.masked_fill(label == IGNORE_INDEX, 0), reduction="none")
     bg = label == 0
-    fg = ~bg & (label != IGNORE)
+    fg = ~bg & (label != IGNORE_INDEX)
     bg_loss = torch.where(bg, ce, 0).sum() / (bg.sum() + 1e-6)
     fg_loss = torch.where(fg, ce, 0).sum() / (fg.sum() + 1e-6)
     return 0.5 * (bg_loss + fg_loss)

@@ -27,7 +27,8 @@ from utils import dist as dist_utils
 from utils.dist import DistInfo
 
 from . import losses as L
-from .cam import cam_to_label, denormalise, denormalise_255, multi_scale_cam, refine_label
+from .cam import (cam_to_label, denormalise, denormalise_255, multi_scale_cam, refine_label,
+                  resize_bilinear)
 from .compile import compile_regions
 from .factory import model_from_config
 from .model import MoRe
@@ -48,8 +49,8 @@ STAGES = ("optimizer", "compute_losses", "forward", "multi-scale CAM", "refined 
 def token_labels(cam: torch.Tensor, aux_cam: torch.Tensor, cls_label: torch.Tensor,
                  size: tuple[int, int], cfg: DictConfig) -> dict[str, torch.Tensor]:
     """Token-grid labels (B,h,w) from CAMs (B,K,H,W): L_cle, L_aux (aux CAM) and L_fin (CAM)."""
-    aux = F.interpolate(aux_cam, size=size, mode="bilinear", align_corners=False)
-    fin = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
+    aux = resize_bilinear(aux_cam, size)
+    fin = resize_bilinear(cam, size)
     c = cfg.cam
     return {
         "cle": cam_to_label(aux, cls_label, high=c.cle_thresholds[0], low=c.cle_thresholds[1]),
@@ -198,7 +199,7 @@ def _seg_terms(seg_logits: torch.Tensor, refined: torch.Tensor, images: torch.Te
     """The seg and reg terms that are on, from seg_logits (B,K+1,h,w) upsampled to the refined
     label (B,H,W)."""
     terms = {}
-    segs = F.interpolate(seg_logits, size=refined.shape[-2:], mode="bilinear", align_corners=False)
+    segs = resize_bilinear(seg_logits, refined.shape[-2:])
     if on["seg"]:
         with record_function(LOSS_LABELS["seg"]):
             terms["seg"] = L.seg_loss(segs, refined)

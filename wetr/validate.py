@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Subset
 from datasets import class_names
 from utils.dist import DistInfo, all_reduce_sum, rank_shard
 from utils.logger import get_logger
-from utils.metrics import classifier_scores, confusion_matrix, multilabel_f1, scores
+from utils.metrics import IGNORE_INDEX, classifier_scores, confusion_matrix, multilabel_f1, scores
 from utils.tensorboard_log import val_overlay
 
 from .cam import denormalise, maps_to_label, resize_bilinear
@@ -58,7 +58,7 @@ def validate(model: torch.nn.Module, loader: DataLoader, cfg, dist: DistInfo,
         label = label.to(device, non_blocking=True)
         cls_label = cls_label.to(device, non_blocking=True).float()
         x = resize_bilinear(image, (cfg.val.size, cfg.val.size))
-        if bool((label != 255).any()):
+        if bool((label != IGNORE_INDEX).any()):
             maps = validation_maps(model, x, cfg.cam.scales, label.shape[-2:])
             cls_logits = maps.cls_logits
             preds = {

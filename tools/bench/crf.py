@@ -2,7 +2,7 @@
 VOC size on a segmentation softmax (K+1 channels, the largest stack the tools pass), in 1 and
 2 CPU processes, and on the benchmark's device (one image at a time and batched); and the whole
 segmentation route of the tools per image (`tools.routes.seg_route`, multi-scale + flip, then
-`tools.evaluation.CRFStep` with each backend), with the time of COCO val it projects."""
+`tools.crf_step.CRFStep` with each backend), with the time of COCO val it projects."""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -17,10 +17,10 @@ from omegaconf import DictConfig
 from datasets.synthetic import MAX_CLASSES, render
 from datasets.transforms import normalise
 from tools.config import SEG_SCALES
-from tools.evaluation import CRFStep
+from tools.crf_step import CRFStep
 from tools.routes import Item, RouteParams, seg_route
 from utils.profiling import sync, timeit
-from wetr.densecrf import crf_label, dense_crf, pydensecrf_installed
+from wetr.densecrf import dense_crf, pydensecrf_installed
 
 
 def crf_inputs(n: int, height: int, width: int, classes: int, seed: int) -> list[tuple]:
@@ -45,26 +45,23 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _label(backend: str, image: np.ndarray, probs: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    return crf_label(image, probs, keys, backend)
-
-
 def cpu_images_per_s(backend: str, inputs: list[tuple], processes: int) -> float:
-    """Images/s of `crf_label` on the CPU: in this process (processes == 1, its torch threads)
-    or spread over `processes` spawned workers with 1 thread each, after one warm-up image each."""
-    args = [(backend, *item) for item in inputs]
+    """Images/s of the backend's `CRFStep.label_map` on the CPU: in this process (processes ==
+    1, its torch threads) or spread over `processes` spawned workers with 1 thread each, after
+    one warm-up image each."""
+    label_map = CRFStep(backend).label_map
     if processes == 1:
-        _label(*args[0])
+        label_map(*inputs[0])
         t0 = time.perf_counter()
-        for a in args:
-            _label(*a)
-        return len(args) / (time.perf_counter() - t0)
+        for item in inputs:
+            label_map(*item)
+        return len(inputs) / (time.perf_counter() - t0)
     with ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn"),
                              initializer=_init_worker, initargs=(1,)) as pool:
-        list(pool.map(_label, *zip(*args[:1] * processes)))
+        list(pool.map(label_map, *zip(*inputs[:1] * processes)))
         t0 = time.perf_counter()
-        list(pool.map(_label, *zip(*args)))
-        return len(args) / (time.perf_counter() - t0)
+        list(pool.map(label_map, *zip(*inputs)))
+        return len(inputs) / (time.perf_counter() - t0)
 
 
 def bench_crf(cfg: DictConfig, device: torch.device) -> dict:
@@ -119,7 +116,7 @@ def _route_seconds(params: RouteParams, step: CRFStep, item: Item, device) -> tu
     out = seg_route(params, item)
     sync(device)
     t1 = time.perf_counter()
-    step.label_map(out.rgb, *out.crf).result()
+    step.put(out)
     sync(device)
     return t1 - t0, time.perf_counter() - t1
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from utils.profiling import PeakMemory, timeit
-from wetr.cam import IMAGENET_MEAN_255, IMAGENET_STD_255
+from wetr.cam import IMAGENET_MEAN_255, IMAGENET_STD_255, resize_bilinear
 from wetr.energy import bilateral_features, dense_energy_loss, exact_gaussian_filter
 from wetr.permutohedral import permutohedral_filter
 
@@ -31,8 +31,8 @@ def bench_energy(cfg: DictConfig, device: torch.device) -> list[dict]:
         img255 = (x * torch.tensor(IMAGENET_STD_255).view(1, 3, 1, 1)
                   + torch.tensor(IMAGENET_MEAN_255).view(1, 3, 1, 1)).to(device)
         gen = torch.Generator().manual_seed(b.seed)
-        logits = F.interpolate(torch.randn(B, C, size // 8, size // 8, generator=gen) * 4, size=(size, size),
-                               mode="bilinear", align_corners=False).to(device)
+        logits = resize_bilinear(torch.randn(B, C, size // 8, size // 8, generator=gen) * 4,
+                                 (size, size)).to(device)
         values = logits.softmax(1).flatten(2).transpose(1, 2).contiguous()
         feats = bilateral_features(img255, r.sigma_rgb, r.sigma_xy * r.scale)
         n = size * size

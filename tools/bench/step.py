@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from datasets.synthetic import MAX_CLASSES, render
 from utils.dist import DistInfo
 from torch.profiler import record_function
+from utils.metrics import IGNORE_INDEX
 
 from utils.profiling import PeakMemory, medians, profiled, range_times, sync
 from wetr.cam import IMAGENET_MEAN_255, IMAGENET_STD_255
@@ -42,7 +43,7 @@ def synthetic_batch(batch: int, size: int, num_fg: int, seed: int) -> tuple[torc
     for i in range(batch):
         img, mask = render(rng, min(num_fg, MAX_CLASSES), size)
         images.append(torch.from_numpy(img).permute(2, 0, 1).float())
-        present = [int(c) - 1 for c in np.unique(mask) if 0 < c < 255]
+        present = [int(c) - 1 for c in np.unique(mask) if 0 < c < IGNORE_INDEX]
         labels[i, present] = 1.0
     x = torch.stack(images)
     mean = torch.tensor(IMAGENET_MEAN_255).view(1, 3, 1, 1)
