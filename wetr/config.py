@@ -10,13 +10,14 @@ Each leaf is an `option(default, help, ...)`: the help text is what `--help` pri
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any
 
 from omegaconf import DictConfig
 
 from datasets.transforms import JITTER, RESCALE
 from utils.config import merge_config, option
+from wetr.model import MoReSpec
 
 
 def _jitter_ok(v: list) -> bool:
@@ -54,27 +55,18 @@ class DataConfig:
     check_layout: bool = option(True, "verify folders / lists / masks before starting")
 
 
-@dataclass
-class ModelConfig:
-    """The model's keys; with `data.num_classes` they make its `wetr.model.MoReSpec`
-    (`wetr.factory.spec_from_config`), which checkpoints save."""
-    backbone: str = option("vit_base_patch16_224", "timm ViT name (sets width, depth, heads, "
-                                                   "patch)")
-    pretrained: Any = option(True, "True (timm hub), False, or a local .pth/.npz path")
-    embed_dim: int | None = option(None, "None: the backbone's own (768 for ViT-B)")
-    depth: int | None = option(None, "transformer blocks; None: the backbone's own (12)")
-    num_heads: int | None = option(None, "attention heads; None: the backbone's own (12)")
-    patch_size: int | None = option(None, "None: the backbone's own (16); 8 for small images")
-    decoder_dim: int = option(512, "LargeFOV width (the reference's 512)")
-    decoder_dilation: int = option(5, "LargeFOV dilation (the reference's 5, on a 28-token grid)")
-    aux_layer: int = option(-3, "block whose patch tokens feed the aux classifier (-3: third "
-                                "last)")
-    gcr_topk_ratio: float = option(0.5, "GCR neighbours per class token: int(ratio x K) (SPEC 3)")
-    gcr_gate_score: str = option("reference", "GCR gate score: reference (sum_D Nb x sum_D g, "
-                                              "the reference's code) | dot (the paper's formula)",
-                                 choices=("reference", "dot"))
-    drop_path_rate: float = option(0.0, "stochastic depth of the ViT blocks")
-    with_gcr: bool = option(True, "Graph Category Representation on the class tokens")
+# The model's keys: MoReSpec's fields (wetr/model.py, the one definition; with `data.num_classes`
+# they make the spec, `wetr.factory.spec_from_config`, which checkpoints save) and the
+# training-only ones.
+ModelConfig = make_dataclass("ModelConfig", [
+    *MoReSpec.options(),
+    ("pretrained", Any, option(True, "True (timm hub, the backbone's tag), False, or a local "
+                                     ".pth/.npz path")),
+    ("drop_path_rate", float, option(0.0, "stochastic depth of the ViT blocks")),
+    ("with_gcr", bool, option(True, "Graph Category Representation on the class tokens")),
+    ("grad_checkpointing", bool, option(False, "recompute the encoder blocks' activations in the "
+                                               "backward pass (less memory, same gradients)")),
+])
 
 
 @dataclass
