@@ -67,8 +67,14 @@ class Backbone:
     no_embed_class: bool
 
 
-def _supported() -> str:
+def supported_backbones() -> str:
+    """The supported families and their timm names, in one line."""
     return "; ".join(f"{family}: {', '.join(names)}" for family, names in FAMILIES.items())
+
+
+def is_supported(name: str) -> bool:
+    """Whether timm name `name` ("arch" or "arch.tag") is of a supported architecture."""
+    return any(name.partition(".")[0] in names for names in FAMILIES.values())
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,9 +83,9 @@ def backbone_facts(name: str) -> Backbone:
     the meta device (no weights, no network). An unknown or unsupported name is a one-line
     ValueError listing the supported families."""
     arch, _, tag = name.partition(".")
-    if arch not in {n for names in FAMILIES.values() for n in names}:
+    if not is_supported(name):
         raise ValueError(f"unknown backbone {name!r}; supported timm names (optionally with a "
-                         f".tag): {_supported()}")
+                         f".tag): {supported_backbones()}")
     try:
         with torch.device("meta"):
             vit = timm.create_model(name, pretrained=False)

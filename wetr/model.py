@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.config import option
-from wetr.encoder import ClassTokenViT, backbone_facts
+from wetr.encoder import ClassTokenViT, backbone_facts, is_supported, supported_backbones
 from wetr.gcr import GraphCategoryRepresentation
 
 
@@ -65,7 +65,9 @@ class MoReSpec:
     num_classes: int = option(21, "K + 1 (background counted)")
     backbone: str = option("vit_base_patch16_224", "timm ViT name, optionally with a .tag of its "
                                                    "weights (sets width, depth, heads, patch, "
-                                                   "block options; docs/BACKBONES.md)")
+                                                   "block options; docs/BACKBONES.md)",
+                           check=(is_supported, "a timm name of a supported family ("
+                                                + supported_backbones() + ")"))
     embed_dim: int | None = option(None, "width; None: the backbone's own (768 for ViT-B)")
     depth: int | None = option(None, "transformer blocks; None: the backbone's own (12)")
     num_heads: int | None = option(None, "attention heads; None: the backbone's own (12)")
@@ -97,10 +99,12 @@ class MoReSpec:
                 continue
             meta = f.metadata
             if unset is None:
-                out.append((f.name, types[f.name], option(f.default, meta["help"], meta["choices"])))
+                out.append((f.name, types[f.name],
+                            option(f.default, meta["help"], meta["choices"], meta["check"])))
             else:
                 out.append((f.name, Optional[types[f.name]],
-                            option(None, f"{meta['help']}; null: {unset}", meta["choices"])))
+                            option(None, f"{meta['help']}; null: {unset}", meta["choices"],
+                                   meta["check"])))
         return out
 
     def resolved(self) -> MoReSpec:
