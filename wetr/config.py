@@ -10,13 +10,16 @@ Each leaf is an `option(default, help, ...)`: the help text is what `--help` pri
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any
 
 from omegaconf import DictConfig
 
 from datasets.transforms import JITTER, RESCALE
-from utils.config import merge_config, option
+from utils.config import ConfigError, merge_config, option
+from utils.logger import get_logger
+from wetr.encoder import backbone_facts
 from wetr.model import MoReSpec
 
 
@@ -204,5 +207,26 @@ class TrainConfig:
 def make_config(overrides: dict | None = None, argv: list[str] | None = None,
                 schema: type = TrainConfig) -> DictConfig:
     """Training defaults <- `overrides` (a script's dict) <- `argv` (`key=value` strings);
-    struct mode: an unknown key, a wrong type or a broken rule is a one-line ConfigError."""
-    return merge_config(schema, overrides, argv)
+    struct mode: an unknown key, a wrong type or a broken rule is a one-line ConfigError.
+    The training crop and the validation size are rounded to the model's patch size."""
+    cfg = merge_config(schema, overrides, argv)
+    if issubclass(schema, TrainConfig):
+        round_to_patch(cfg)
+    return cfg
+
+
+def round_to_patch(cfg: DictConfig) -> None:
+    """`data.crop_size` and `val.size` to the nearest multiple of the patch size (the token grid
+    covers whole patches), each change noted in one log line (rank 0)."""
+    try:
+        patch = cfg.model.patch_size or backbone_facts(cfg.model.backbone).patch_size
+    except ValueError as exc:  # a tag timm does not know
+        raise ConfigError(str(exc)) from None
+    for section, key in (("data", "crop_size"), ("val", "size")):
+        size = cfg[section][key]
+        fitted = max(patch, round(size / patch) * patch)
+        if fitted != size:
+            cfg[section][key] = fitted
+            if int(os.environ.get("RANK", 0)) == 0:
+                get_logger().warning(f"{section}.{key}={size} is not a multiple of the patch size "
+                                     f"{patch}: using {fitted}")
