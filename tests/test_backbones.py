@@ -8,6 +8,7 @@ from timm.layers import LayerScale, QuickGELU
 
 import wetr.encoder as encoder_module
 from utils.config import ConfigError
+from utils.logger import get_logger
 from wetr import build_model
 from wetr.cam import multi_scale_cam
 from wetr.config import make_config
@@ -213,3 +214,13 @@ def test_grad_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_crop_is_rounded_to_the_patch(caplog, monkeypatch):
+    monkeypatch.setattr(get_logger(), "propagate", True)  # an earlier run's setup turns it off
+    cfg = make_config(None, ["model.backbone=vit_base_patch14_dinov2", "data.crop_size=450",
+                             "val.size=448"])
+    assert cfg.data.crop_size == 448 and cfg.val.size == 448
+    assert [r.getMessage() for r in caplog.records] == [
+        "data.crop_size=450 is not a multiple of the patch size 14: using 448"]
+    assert make_config(None, ["model.patch_size=8", "data.crop_size=100"]).data.crop_size == 96
