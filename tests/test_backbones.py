@@ -72,7 +72,7 @@ def test_patch_tokens_equal_timm_forward_features(tag, monkeypatch):
 
 def test_family_options_reach_the_encoder():
     """What each family brings, on the meta device (shapes only): the full-size default is the
-    reference's ViT-B/16 (SPEC 10 keys), the others add their own parts."""
+    reference's ViT-B/16 (docs/METHOD.md §10 keys), the others add their own parts."""
     with torch.device("meta"):
         models = {name: build_model(21, backbone=tag) for name, tag in TAGS.items()}
     enc = {name: m.encoder for name, m in models.items()}

@@ -40,8 +40,8 @@ class InferData:
 # (wetr.factory.model_from_checkpoint).
 InferModel = make_dataclass("InferModel", [
     *MoReSpec.options(skip=("num_classes", "patch_size", "decoder_dim"), unset="the checkpoint's"),
-    ("with_gcr", bool, option(True, "LAM from the GCR class tokens (reference default)")),
-])
+    ("with_gcr", "bool", option(True, "LAM from the GCR class tokens (reference default)")),
+], namespace={"__module__": __name__})  # its types are read in this module
 
 
 @dataclass

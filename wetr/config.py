@@ -63,13 +63,13 @@ class DataConfig:
 # training-only ones.
 ModelConfig = make_dataclass("ModelConfig", [
     *MoReSpec.options(),
-    ("pretrained", Any, option(True, "True (timm hub, the backbone's tag), False, or a local "
+    ("pretrained", "Any", option(True, "True (timm hub, the backbone's tag), False, or a local "
                                      ".pth/.npz path")),
-    ("drop_path_rate", float, option(0.0, "stochastic depth of the ViT blocks")),
-    ("with_gcr", bool, option(True, "Graph Category Representation on the class tokens")),
-    ("grad_checkpointing", bool, option(False, "recompute the encoder blocks' activations in the "
+    ("drop_path_rate", "float", option(0.0, "stochastic depth of the ViT blocks")),
+    ("with_gcr", "bool", option(True, "Graph Category Representation on the class tokens")),
+    ("grad_checkpointing", "bool", option(False, "recompute the encoder blocks' activations in the "
                                                "backward pass (less memory, same gradients)")),
-])
+], namespace={"__module__": __name__})  # its types are read in this module
 
 
 @dataclass

@@ -145,7 +145,7 @@ class ClassTokenViT(nn.Module):
         img_size: side whose patch grid the position embeddings are stored for (None: the
             backbone's pretrained size: 224 for ViT-B/16, a 14x14 grid).
         aux_layer: index into the per-block outputs for the aux patch map (-3: block 10 of 12).
-        num_extra_tokens: E, the leading tokens before the class tokens (SPEC 1: 4).
+        num_extra_tokens: E, the leading tokens before the class tokens (docs/METHOD.md §1: 4).
     """
 
     def __init__(

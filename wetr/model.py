@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import Field, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, get_type_hints
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +76,7 @@ class MoReSpec:
     decoder_dilation: int = option(5, "LargeFOV dilation (the reference's 5, on a 28-token grid; "
                                       "a small token grid wants a smaller one)")
     aux_layer: int = option(-3, "block whose patch tokens feed the aux classifier (-3: third "
-                                "last, SPEC 1)")
+                                "last)")
     gcr_topk_ratio: float = option(0.5, "GCR neighbours per class token: int(ratio x K) (SPEC 3)")
     gcr_gate_score: str = option("reference", "GCR gate score: reference (sum_D Nb x sum_D g, "
                                               "the reference's code) | dot (the paper's formula)",
@@ -89,22 +89,20 @@ class MoReSpec:
 
     @classmethod
     def options(cls, skip: tuple[str, ...] = ("num_classes",), unset: str | None = None
-                ) -> list[tuple[str, Any, Field]]:
+                ) -> list[tuple[str, str, Field]]:
         """The fields less `skip` as `(name, type, option)` for `dataclasses.make_dataclass`
-        (a config schema). unset: the fields default to None, which means `unset`."""
-        types = get_type_hints(cls)
+        (a config schema; the type as written here). unset: the fields default to None, which
+        means `unset`."""
         out = []
         for f in fields(cls):
             if f.name in skip:
                 continue
-            meta = f.metadata
+            help, choices, check = f.metadata["help"], f.metadata["choices"], f.metadata["check"]
             if unset is None:
-                out.append((f.name, types[f.name],
-                            option(f.default, meta["help"], meta["choices"], meta["check"])))
+                out.append((f.name, f.type, option(f.default, help, choices, check)))
             else:
-                out.append((f.name, Optional[types[f.name]],
-                            option(None, f"{meta['help']}; null: {unset}", meta["choices"],
-                                   meta["check"])))
+                optional = f.type if f.type.endswith("| None") else f"{f.type} | None"
+                out.append((f.name, optional, option(None, f"{help}; null: {unset}", choices, check)))
         return out
 
     def resolved(self) -> MoReSpec:
