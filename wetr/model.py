@@ -97,12 +97,12 @@ class MoReSpec:
         for f in fields(cls):
             if f.name in skip:
                 continue
-            help, choices, check = f.metadata["help"], f.metadata["choices"], f.metadata["check"]
+            text, choices, check = f.metadata["help"], f.metadata["choices"], f.metadata["check"]
             if unset is None:
-                out.append((f.name, f.type, option(f.default, help, choices, check)))
+                out.append((f.name, f.type, option(f.default, text, choices, check)))
             else:
                 optional = f.type if f.type.endswith("| None") else f"{f.type} | None"
-                out.append((f.name, optional, option(None, f"{help}; null: {unset}", choices, check)))
+                out.append((f.name, optional, option(None, f"{text}; null: {unset}", choices, check)))
         return out
 
     def resolved(self) -> MoReSpec:
