@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, make_dataclass
-from typing import Any
+from typing import Any  # noqa: F401  (the type "Any" of ModelConfig.pretrained is read here)
 
 from omegaconf import DictConfig
 
