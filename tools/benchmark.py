@@ -103,7 +103,7 @@ def run(argv: list[str]) -> dict:
     torch.manual_seed(b.seed)
     m = cfg.model
     summary = (f"{m.backbone} D={m.embed_dim or 'default'} depth={m.depth or 'default'} "
-               f"heads={m.num_heads or 'default'} patch={m.patch_size or 16} "
+               f"heads={m.num_heads or 'default'} patch={m.patch_size or 'default'} "
                f"decoder={m.decoder_dim} dilation={m.decoder_dilation} | crop {cfg.data.crop_size} | "
                f"batch {cfg.batch_size} | "
                f"K={cfg.data.num_classes - 1} | amp {cfg.amp} | compile {cfg.compile} | "

@@ -7,7 +7,7 @@ differs between the tools (`ToolSpec`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 
 from omegaconf import DictConfig
 
@@ -15,6 +15,7 @@ from tools.cli import parse_cli
 from utils.config import ConfigError, option
 from utils.errors import UserError
 from wetr.densecrf import BACKENDS as CRF_BACKENDS
+from wetr.model import MoReSpec
 
 SEED_SCALES = (1.0, 0.5, 0.75, 1.25, 1.5, 1.75, 2.0)   # SPEC 8 "multi-scale" seeds
 SEG_SCALES = (1.0, 1.25, 1.5)                           # SPEC 8 segmentation
@@ -34,25 +35,14 @@ class InferData:
     num_classes: int | None = option(None, "K + 1; must agree with the checkpoint")
 
 
-@dataclass
-class InferModel:
-    """Unset fields come from the checkpoint's spec (or, for a checkpoint without one, its
-    meta / config / weight shapes); set ones override it (wetr.factory.model_from_checkpoint)."""
-    backbone: str | None = option(None, "timm ViT name")
-    embed_dim: int | None = option(None, "width (must match the weights)")
-    depth: int | None = option(None, "transformer blocks (must match the weights)")
-    num_heads: int | None = option(None, "attention heads; reference checkpoints: embed_dim // 64 "
-                                         "unless set")
-    decoder_dilation: int | None = option(None, "LargeFOV dilation; reference checkpoints: 5 "
-                                                "unless set")
-    aux_layer: int | None = option(None, "block feeding the aux classifier; reference "
-                                         "checkpoints: -3")
-    gcr_topk_ratio: float | None = option(None, "GCR neighbours per class token, int(ratio x K); "
-                                                "reference checkpoints: 0.5")
-    gcr_gate_score: str | None = option(None, "GCR gate score, reference | dot; reference "
-                                              "checkpoints: reference",
-                                        choices=("reference", "dot"))
-    with_gcr: bool = option(True, "LAM from the GCR class tokens (reference default)")
+# The model keys of the tools: MoReSpec's fields (wetr/model.py) less those the weights' shapes
+# fix, unset by default: unset ones come from the checkpoint's spec (or, for a checkpoint without
+# one, its meta / config / weight shapes, else the reference's); set ones override it
+# (wetr.factory.model_from_checkpoint).
+InferModel = make_dataclass("InferModel", [
+    *MoReSpec.options(skip=("num_classes", "patch_size", "decoder_dim"), unset="the checkpoint's"),
+    ("with_gcr", "bool", option(True, "LAM from the GCR class tokens (reference default)")),
+], namespace={"__module__": __name__})  # its types are read in this module
 
 
 @dataclass

@@ -10,13 +10,17 @@ Each leaf is an `option(default, help, ...)`: the help text is what `--help` pri
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import os
+from dataclasses import dataclass, field, make_dataclass
+from typing import Any  # noqa: F401  (the type "Any" of ModelConfig.pretrained is read here)
 
 from omegaconf import DictConfig
 
 from datasets.transforms import JITTER, RESCALE
-from utils.config import merge_config, option
+from utils.config import ConfigError, merge_config, option
+from utils.logger import get_logger
+from wetr.encoder import backbone_facts
+from wetr.model import MoReSpec
 
 
 def _jitter_ok(v: list) -> bool:
@@ -54,27 +58,18 @@ class DataConfig:
     check_layout: bool = option(True, "verify folders / lists / masks before starting")
 
 
-@dataclass
-class ModelConfig:
-    """The model's keys; with `data.num_classes` they make its `wetr.model.MoReSpec`
-    (`wetr.factory.spec_from_config`), which checkpoints save."""
-    backbone: str = option("vit_base_patch16_224", "timm ViT name (sets width, depth, heads, "
-                                                   "patch)")
-    pretrained: Any = option(True, "True (timm hub), False, or a local .pth/.npz path")
-    embed_dim: int | None = option(None, "None: the backbone's own (768 for ViT-B)")
-    depth: int | None = option(None, "transformer blocks; None: the backbone's own (12)")
-    num_heads: int | None = option(None, "attention heads; None: the backbone's own (12)")
-    patch_size: int | None = option(None, "None: the backbone's own (16); 8 for small images")
-    decoder_dim: int = option(512, "LargeFOV width (the reference's 512)")
-    decoder_dilation: int = option(5, "LargeFOV dilation (the reference's 5, on a 28-token grid)")
-    aux_layer: int = option(-3, "block whose patch tokens feed the aux classifier (-3: third "
-                                "last)")
-    gcr_topk_ratio: float = option(0.5, "GCR neighbours per class token: int(ratio x K) (SPEC 3)")
-    gcr_gate_score: str = option("reference", "GCR gate score: reference (sum_D Nb x sum_D g, "
-                                              "the reference's code) | dot (the paper's formula)",
-                                 choices=("reference", "dot"))
-    drop_path_rate: float = option(0.0, "stochastic depth of the ViT blocks")
-    with_gcr: bool = option(True, "Graph Category Representation on the class tokens")
+# The model's keys: MoReSpec's fields (wetr/model.py, the one definition; with `data.num_classes`
+# they make the spec, `wetr.factory.spec_from_config`, which checkpoints save) and the
+# training-only ones.
+ModelConfig = make_dataclass("ModelConfig", [
+    *MoReSpec.options(),
+    ("pretrained", "Any", option(True, "True (timm hub, the backbone's tag), False, or a local "
+                                     ".pth/.npz path")),
+    ("drop_path_rate", "float", option(0.0, "stochastic depth of the ViT blocks")),
+    ("with_gcr", "bool", option(True, "Graph Category Representation on the class tokens")),
+    ("grad_checkpointing", "bool", option(False, "recompute the encoder blocks' activations in the "
+                                               "backward pass (less memory, same gradients)")),
+], namespace={"__module__": __name__})  # its types are read in this module
 
 
 @dataclass
@@ -212,5 +207,26 @@ class TrainConfig:
 def make_config(overrides: dict | None = None, argv: list[str] | None = None,
                 schema: type = TrainConfig) -> DictConfig:
     """Training defaults <- `overrides` (a script's dict) <- `argv` (`key=value` strings);
-    struct mode: an unknown key, a wrong type or a broken rule is a one-line ConfigError."""
-    return merge_config(schema, overrides, argv)
+    struct mode: an unknown key, a wrong type or a broken rule is a one-line ConfigError.
+    The training crop and the validation size are rounded to the model's patch size."""
+    cfg = merge_config(schema, overrides, argv)
+    if issubclass(schema, TrainConfig):
+        round_to_patch(cfg)
+    return cfg
+
+
+def round_to_patch(cfg: DictConfig) -> None:
+    """`data.crop_size` and `val.size` to the nearest multiple of the patch size (the token grid
+    covers whole patches), each change noted in one log line (rank 0)."""
+    try:
+        patch = cfg.model.patch_size or backbone_facts(cfg.model.backbone).patch_size
+    except ValueError as exc:  # a tag timm does not know
+        raise ConfigError(str(exc)) from None
+    for section, key in (("data", "crop_size"), ("val", "size")):
+        size = cfg[section][key]
+        fitted = max(patch, round(size / patch) * patch)
+        if fitted != size:
+            cfg[section][key] = fitted
+            if int(os.environ.get("RANK", 0)) == 0:
+                get_logger().warning(f"{section}.{key}={size} is not a multiple of the patch size "
+                                     f"{patch}: using {fitted}")

@@ -1,12 +1,17 @@
 """ViT encoder with 4 extra tokens and one class token per foreground class (SPEC 1).
 
-Built from timm's ViT parts (``PatchEmbed``, ``Block``); parameter names equal the reference
-checkpoints' ``encoder.*`` keys (SPEC 10): ``cls_token (1,T,D)``, ``pos_embed (1,T+196,D)``,
-``patch_embed.proj.*``, ``blocks.i.*``, ``norm.*``, ``head.*`` (Linear D->T, unused).
+Built from timm's ViT parts (``PatchEmbed``, ``Block``) with the options of a timm backbone,
+read by name (`backbone_facts`); parameter names equal the reference checkpoints' ``encoder.*``
+keys (SPEC 10): ``cls_token (1,T,D)``, ``pos_embed (1,T+n*n,D)``, ``patch_embed.proj.*``,
+``blocks.i.*``, ``norm.*``, ``head.*`` (Linear D->T, unused). Other families add their own:
+``reg_token (1,R,D)`` (DINOv2 registers), ``norm_pre.*`` (CLIP), ``blocks.i.ls1/ls2.gamma``
+(LayerScale).
 """
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -14,13 +19,90 @@ from typing import NamedTuple
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import PatchEmbed, trunc_normal_
-from timm.models.vision_transformer import Block, init_weights_vit_timm
+from timm.layers import LayerScale, Mlp, PatchEmbed, trunc_normal_
+from timm.models.vision_transformer import Block, VisionTransformer, init_weights_vit_timm
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 NUM_EXTRA_TOKENS = 4
-# timm tag of the original JAX ViT-B/16 (file jx_vit_base_p16_224-80ecf9dd.pth) used by the paper.
+# timm tag of the original JAX ViT-B/16 (file jx_vit_base_p16_224-80ecf9dd.pth) used by the paper;
+# a name without a tag takes timm's default tag otherwise.
 PRETRAINED_TAGS = {"vit_base_patch16_224": "vit_base_patch16_224.orig_in21k_ft_in1k"}
+# The timm architectures the encoder is built for, by family (a name may carry a ".tag").
+FAMILIES = {
+    "ViT": ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224",
+            "vit_large_patch16_224"),
+    "DeiT": ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"),
+    "DeiT-III": ("deit3_small_patch16_224", "deit3_base_patch16_224", "deit3_large_patch16_224"),
+    "CLIP": ("vit_base_patch16_clip_224", "vit_base_patch16_clip_quickgelu_224"),
+    "DINOv2": ("vit_small_patch14_dinov2", "vit_base_patch14_dinov2", "vit_large_patch14_dinov2",
+               "vit_small_patch14_reg4_dinov2", "vit_base_patch14_reg4_dinov2",
+               "vit_large_patch14_reg4_dinov2"),
+}
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """What the encoder takes from a timm ViT: sizes, the pretrained grid and the block options.
+
+    tag: the timm name weights are fetched by; img_size: the pretrained image side (its patch
+    grid is the stored position grid); init_values: LayerScale's (None: no LayerScale);
+    pre_norm: a LayerNorm before the blocks (CLIP's `norm_pre`); reg_tokens: register tokens
+    (DINOv2-reg); no_embed_class: the pretrained class token has no position embedding.
+    """
+    tag: str
+    embed_dim: int
+    depth: int
+    num_heads: int
+    patch_size: int
+    img_size: int
+    mlp_ratio: float
+    qkv_bias: bool
+    patch_bias: bool
+    init_values: float | None
+    pre_norm: bool
+    act_layer: type[nn.Module]
+    norm_eps: float
+    reg_tokens: int
+    no_embed_class: bool
+
+
+def supported_backbones() -> str:
+    """The supported families and their timm names, in one line."""
+    return "; ".join(f"{family}: {', '.join(names)}" for family, names in FAMILIES.items())
+
+
+def is_supported(name: str) -> bool:
+    """Whether timm name `name` ("arch" or "arch.tag") is of a supported architecture."""
+    return any(name.partition(".")[0] in names for names in FAMILIES.values())
+
+
+@functools.lru_cache(maxsize=None)
+def backbone_facts(name: str) -> Backbone:
+    """The `Backbone` of timm name `name` ("arch" or "arch.tag"), read from timm's model built on
+    the meta device (no weights, no network). An unknown or unsupported name is a one-line
+    ValueError listing the supported families."""
+    arch, _, tag = name.partition(".")
+    if not is_supported(name):
+        raise ValueError(f"unknown backbone {name!r}; supported timm names (optionally with a "
+                         f".tag): {supported_backbones()}")
+    try:
+        with torch.device("meta"):
+            vit = timm.create_model(name, pretrained=False)
+    except RuntimeError as exc:  # e.g. a tag timm does not know
+        raise ValueError(f"backbone {name!r}: {str(exc).splitlines()[0]}") from None
+    blk = vit.blocks[0]
+    assert type(vit) is VisionTransformer and type(blk) is Block and type(blk.mlp) is Mlp, name
+    assert vit.has_class_token and not (vit.num_reg_tokens and not vit.no_embed_class), name
+    return Backbone(
+        tag=name if tag else PRETRAINED_TAGS.get(arch, arch),
+        embed_dim=vit.embed_dim, depth=len(vit.blocks), num_heads=blk.attn.num_heads,
+        patch_size=vit.patch_embed.patch_size[0], img_size=vit.patch_embed.img_size[0],
+        mlp_ratio=blk.mlp.fc1.out_features / vit.embed_dim, qkv_bias=blk.attn.qkv.bias is not None,
+        patch_bias=vit.patch_embed.proj.bias is not None,
+        init_values=blk.ls1.init_values if isinstance(blk.ls1, LayerScale) else None,
+        pre_norm=not isinstance(vit.norm_pre, nn.Identity), act_layer=type(blk.mlp.act),
+        norm_eps=vit.norm.eps, reg_tokens=vit.num_reg_tokens, no_embed_class=vit.no_embed_class)
 
 
 class EncoderOutput(NamedTuple):
@@ -51,13 +133,19 @@ def tokens_to_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 class ClassTokenViT(nn.Module):
-    """ViT with T = 4 + K leading tokens followed by the N = h*w patch tokens.
+    """ViT with T = E + K leading tokens (E extra, K class), R register tokens, then the
+    N = h*w patch tokens.
 
     Args:
         num_fg_classes: K, number of foreground classes (one class token each).
-        pretrained: False (random init), True (timm hub weights) or a path to a timm ViT weight
-            file (.pth / .npz) of the same width and depth.
+        backbone: a timm ViT name (`FAMILIES`, optionally "name.tag"): its block options, stored
+            position grid and, unless given, width / depth / heads / patch size.
+        pretrained: False (random init), True (timm hub weights of the backbone's tag) or a path
+            to a timm weight file (.pth / .npz) of the same width and depth.
+        img_size: side whose patch grid the position embeddings are stored for (None: the
+            backbone's pretrained size: 224 for ViT-B/16, a 14x14 grid).
         aux_layer: index into the per-block outputs for the aux patch map (-3: block 10 of 12).
+        num_extra_tokens: E, the leading tokens before the class tokens (docs/METHOD.md §1: 4).
     """
 
     def __init__(
@@ -65,42 +153,56 @@ class ClassTokenViT(nn.Module):
             num_fg_classes: int,
             backbone: str = "vit_base_patch16_224",
             pretrained: bool | str | Path = False,
-            img_size: int = 224,
-            patch_size: int = 16,
-            embed_dim: int = 768,
-            depth: int = 12,
-            num_heads: int = 12,
-            mlp_ratio: float = 4.0,
-            qkv_bias: bool = True,
+            img_size: int | None = None,
+            patch_size: int | None = None,
+            embed_dim: int | None = None,
+            depth: int | None = None,
+            num_heads: int | None = None,
             aux_layer: int = -3,
+            num_extra_tokens: int = NUM_EXTRA_TOKENS,
             drop_rate: float = 0.0,
             attn_drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
+        facts = backbone_facts(backbone)
+        patch_size = patch_size or facts.patch_size
+        embed_dim = embed_dim or facts.embed_dim
+        depth = depth or facts.depth
+        num_heads = num_heads or facts.num_heads
+        img_size = img_size or facts.img_size
         if not -depth <= aux_layer < depth:
             raise ValueError(f"aux_layer={aux_layer} does not index one of the {depth} blocks "
                              f"(model.depth={depth}; the reference uses -3 with depth 12)")
         self.num_fg_classes = num_fg_classes
-        self.num_tokens = NUM_EXTRA_TOKENS + num_fg_classes
+        self.num_extra_tokens = num_extra_tokens
+        self.num_tokens = num_extra_tokens + num_fg_classes
+        self.num_reg_tokens = facts.reg_tokens
+        self.num_prefix_tokens = self.num_tokens + facts.reg_tokens  # patch tokens start here
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.aux_layer = aux_layer
         self.backbone = backbone
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        self.img_size = img_size
+        self.grad_checkpointing = False
+        norm_layer = partial(nn.LayerNorm, eps=facts.norm_eps)
 
         # Inputs of any size: forward() crops to a multiple of the patch size, as the strided conv would.
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
-                                      strict_img_size=False)
+                                      bias=facts.patch_bias, strict_img_size=False)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, self.num_tokens, embed_dim))
+        # Registers take no position (the DINOv2-reg layout, timm's no_embed_class).
+        self.reg_token = nn.Parameter(torch.zeros(1, facts.reg_tokens, embed_dim)) if facts.reg_tokens else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens + num_patches, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
+        self.norm_pre = norm_layer(embed_dim) if facts.pre_norm else nn.Identity()
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear stochastic depth
         self.blocks = nn.Sequential(*[
-            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate,
-                  attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer)
+            Block(embed_dim, num_heads, mlp_ratio=facts.mlp_ratio, qkv_bias=facts.qkv_bias,
+                  proj_drop=drop_rate, attn_drop=attn_drop_rate, init_values=facts.init_values,
+                  drop_path=dpr[i], act_layer=facts.act_layer, norm_layer=norm_layer)
             for i in range(depth)])
         for blk in self.blocks:
             blk.attn.fused_attn = True
@@ -109,9 +211,12 @@ class ClassTokenViT(nn.Module):
         # anyway) so DDP does not need find_unused_parameters.
         self.head = nn.Linear(embed_dim, self.num_tokens).requires_grad_(False)
 
+        # The RNG draws of the reference's ViT-B first; a family's own parameters after them.
         self.apply(init_weights_vit_timm)
         trunc_normal_(self.cls_token, std=0.02)
         trunc_normal_(self.pos_embed, std=0.02)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)  # timm's
         if pretrained:
             self.load_pretrained(pretrained)
 
@@ -119,24 +224,31 @@ class ClassTokenViT(nn.Module):
     def depth(self) -> int:
         return len(self.blocks)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them
+        (training only; the gradients are the same)."""
+        self.grad_checkpointing = enable
+
     def load_pretrained(self, source: bool | str | Path) -> None:
-        """Initialise from a single-CLS-token timm ViT (SPEC 1).
+        """Initialise from a single-CLS-token timm ViT of the backbone (SPEC 1).
 
         Every one of the T tokens is a copy of the pretrained CLS token; the T token position
-        embeddings are copies of the CLS position embedding except the first 4, drawn from a
-        truncated normal (std 1, cut at +-2). The head keeps its random init (other shape).
+        embeddings are copies of the CLS position embedding (zeros for a backbone without one,
+        `no_embed_class`) except the first E, drawn from a truncated normal (std 1, cut at
+        +-2). Registers are copied as they are; the patch grid comes resized to the stored one
+        by timm. The head keeps its random init (other shape).
         """
         sd = _pretrained_state_dict(self, source)
-        own = self.state_dict()
-        n = math.isqrt(own["pos_embed"].shape[1] - self.num_tokens)
-        pos_tokens = sd["pos_embed"][:, 1:]
-        m = math.isqrt(pos_tokens.shape[1])
-        if m != n:  # pretrained on another grid: resize to the stored 14x14 once, by size
-            pos_tokens = F.interpolate(pos_tokens.reshape(1, m, m, -1).permute(0, 3, 1, 2), size=(n, n),
-                                       mode="bicubic", align_corners=False)
-            pos_tokens = pos_tokens.permute(0, 2, 3, 1).reshape(1, n * n, -1)
-        token_pos = sd["pos_embed"][:, :1].repeat(1, self.num_tokens, 1)
-        token_pos[:, :NUM_EXTRA_TOKENS] = trunc_normal_(torch.zeros_like(token_pos[:, :NUM_EXTRA_TOKENS]))
+        facts = backbone_facts(self.backbone)
+        cls_pos = (torch.zeros_like(sd["cls_token"][:, :1]) if facts.no_embed_class
+                   else sd["pos_embed"][:, :1])
+        pos_tokens = sd["pos_embed"][:, 0 if facts.no_embed_class else 1:]
+        if pos_tokens.shape[1] != self.pos_embed.shape[1] - self.num_tokens:
+            raise RuntimeError(f"pretrained position grid of {pos_tokens.shape[1]} patches does "
+                               f"not fit the encoder's {self.patch_embed.grid_size}")
+        token_pos = cls_pos.repeat(1, self.num_tokens, 1)
+        extra = self.num_extra_tokens
+        token_pos[:, :extra] = trunc_normal_(torch.zeros_like(token_pos[:, :extra]))
         sd["pos_embed"] = torch.cat([token_pos, pos_tokens], dim=1)
         sd["cls_token"] = sd["cls_token"][:, :1].repeat(1, self.num_tokens, 1)
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
@@ -150,14 +262,14 @@ class ClassTokenViT(nn.Module):
 
         Summing the per-head dot products equals one dot product over all D channels, so only
         the K query rows and N key rows are projected (no T+N square). No softmax, no scaling.
-        x: (B, T+N, D) input of the last block -> (B, K, N), no grad.
+        x: (B, T+R+N, D) input of the last block -> (B, K, N), no grad.
         """
         blk, d = self.blocks[-1], self.embed_dim
         w, b = blk.attn.qkv.weight, blk.attn.qkv.bias
         with torch.no_grad():
             y = blk.norm1(x)
-            q = F.linear(y[:, NUM_EXTRA_TOKENS:self.num_tokens], w[:d], None if b is None else b[:d])
-            k = F.linear(y[:, self.num_tokens:], w[d:2 * d], None if b is None else b[d:2 * d])
+            q = F.linear(y[:, self.num_extra_tokens:self.num_tokens], w[:d], None if b is None else b[:d])
+            k = F.linear(y[:, self.num_prefix_tokens:], w[d:2 * d], None if b is None else b[d:2 * d])
             return q @ k.transpose(1, 2)
 
     def pos_embed_for(self, h: int, w: int, square_input: bool) -> torch.Tensor:
@@ -170,6 +282,11 @@ class ClassTokenViT(nn.Module):
             return self.pos_embed
         return torch.cat([tokens_pos, resample_patch_pos_embed(patch_pos, h, w)], dim=1)
 
+    def _block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(blk, x, use_reentrant=False)
+        return blk(x)
+
     def forward(self, x: torch.Tensor) -> EncoderOutput:
         """x: (B, 3, H, W) normalised images; (h, w) = (H // patch_size, W // patch_size)."""
         B, _, H, W = x.shape
@@ -177,36 +294,43 @@ class ClassTokenViT(nn.Module):
         x = self.patch_embed(x[..., :h * self.patch_size, :w * self.patch_size])
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
         x = self.pos_drop(x + self.pos_embed_for(h, w, square_input=H == W))
+        if self.reg_token is not None:
+            x = torch.cat([x[:, :self.num_tokens], self.reg_token.expand(B, -1, -1),
+                           x[:, self.num_tokens:]], dim=1)
+        x = self.norm_pre(x)
 
         feats = []
         for blk in self.blocks[:-1]:
-            x = blk(x)
+            x = self._block(blk, x)
             feats.append(x)
         scores = self.class_patch_scores(x)
-        x = self.norm(self.blocks[-1](x))
+        x = self.norm(self._block(self.blocks[-1], x))
         feats.append(x)  # as in the reference, the last "block output" is the normed one
 
+        p = self.num_prefix_tokens
         return EncoderOutput(
-            class_tokens=x[:, NUM_EXTRA_TOKENS:self.num_tokens],
-            patch_map=tokens_to_map(x[:, self.num_tokens:], h, w),
-            aux_map=tokens_to_map(feats[self.aux_layer][:, self.num_tokens:], h, w),
+            class_tokens=x[:, self.num_extra_tokens:self.num_tokens],
+            patch_map=tokens_to_map(x[:, p:], h, w),
+            aux_map=tokens_to_map(feats[self.aux_layer][:, p:], h, w),
             attn_map=scores.reshape(B, self.num_fg_classes, h, w),
         )
 
 
 def _pretrained_state_dict(encoder: ClassTokenViT, source: bool | str | Path) -> dict[str, torch.Tensor]:
-    """State dict of a plain timm ViT with the encoder's shape, from the hub or a local file."""
-    name = encoder.backbone
-    tag = PRETRAINED_TAGS.get(name, name)
+    """State dict of the encoder's timm backbone with the encoder's shape, from the hub or a
+    local file."""
+    tag = backbone_facts(encoder.backbone).tag
+    # timm resizes the pretrained patch embedding and position grid to these itself
     arch = dict(embed_dim=encoder.embed_dim, depth=encoder.depth, num_heads=encoder.num_heads,
-                patch_size=encoder.patch_size)
+                patch_size=encoder.patch_size, img_size=encoder.img_size)
     if source is True:
         try:
             vit = timm.create_model(tag, pretrained=True, **arch)
         except Exception as e:  # offline, hub unreachable, cache missing: one actionable line
-            raise RuntimeError(
-                f"could not fetch pretrained {tag} ({type(e).__name__}); when offline pass "
-                f"model.pretrained=/path/to/jx_vit_base_p16_224-80ecf9dd.pth") from e
+            weights = ("jx_vit_base_p16_224-80ecf9dd.pth" if tag == PRETRAINED_TAGS["vit_base_patch16_224"]
+                       else f"{tag}.pth")
+            raise RuntimeError(f"could not fetch pretrained {tag} ({type(e).__name__}); when "
+                               f"offline pass model.pretrained=/path/to/{weights}") from e
     else:
         path = Path(source)
         if not path.is_file():

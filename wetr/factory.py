@@ -22,7 +22,6 @@ from omegaconf import DictConfig
 from utils.checkpoint import CheckpointError, load_file, model_state
 from utils.config import ConfigError
 
-from .encoder import NUM_EXTRA_TOKENS
 from .model import MoRe, MoReSpec
 
 
@@ -35,10 +34,14 @@ def spec_from_config(cfg: DictConfig) -> MoReSpec:
 
 
 def model_from_config(cfg: DictConfig, pretrained=None) -> MoRe:
-    """The MoRe of a training config; `pretrained` overrides `cfg.model.pretrained` (False:
-    random weights, e.g. under torch.device("meta"))."""
-    return MoRe(spec_from_config(cfg), cfg.model.pretrained if pretrained is None else pretrained,
-                cfg.model.drop_path_rate)
+    """The MoRe of a training config, the one way to build it from one (training, resume check,
+    benchmark); `pretrained` overrides `cfg.model.pretrained` (False: random weights, e.g. under
+    torch.device("meta")). With `model.grad_checkpointing` the encoder recomputes its blocks'
+    activations in training passes."""
+    model = MoRe(spec_from_config(cfg), cfg.model.pretrained if pretrained is None else pretrained,
+                 cfg.model.drop_path_rate)
+    model.encoder.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    return model
 
 
 def spec_dict(model: MoRe) -> dict:
@@ -133,25 +136,33 @@ def model_from_checkpoint(path: str | Path, device: torch.device, num_classes: i
 
 
 # ----------------------------------------------------------------------------- compatibility
-def state_differences(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
-                      ) -> tuple[list[str], list[str], list[str]]:
-    """(missing, unexpected, differently shaped) keys of `state` against `expected`, in the
-    order of `expected` (missing, shapes) and of `state` (unexpected)."""
+def shape_mismatch(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
+                   ) -> str | None:
+    """How `state` does not fit `expected`, in one line: the first differently shaped key (in
+    the order of `state`), else the first missing or unexpected one; None when it fits."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    return missing, unexpected, wrong
+    wrong = [k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if wrong:
+        k = wrong[0]
+        return (f"{k} is {tuple(state[k].shape)} there but {tuple(expected[k].shape)} here "
+                f"({len(wrong)} weights differ in shape)")
+    if missing or unexpected:
+        what = f"lacks {missing[0]}" if missing else f"has an unknown weight {unexpected[0]}"
+        return f"it {what} ({len(missing)} missing, {len(unexpected)} unexpected)"
+    return None
 
 
 def check_compatible(model: MoRe, sd: Mapping[str, torch.Tensor]) -> None:
-    """Raise ValueError with one line naming what differs: width, classes, depth, keys, shapes."""
-    k_model, own = model.num_classes - 1, model.state_dict()
+    """Raise ValueError with one line naming what differs: width, classes, patch size, depth,
+    else the first weight that does not fit (`shape_mismatch`)."""
+    k_model = model.num_classes - 1
     tokens, classifier = sd.get("encoder.cls_token"), sd.get("classifier.weight")
     if tokens is not None and tokens.ndim == 3 and tokens.shape[2] != model.embed_dim:
         raise ValueError(f"checkpoint has width D={tokens.shape[2]} but the model has D={model.embed_dim}")
     k_ckpt = classifier.shape[0] if classifier is not None else None
     if k_ckpt is None and tokens is not None and tokens.ndim == 3:
-        k_ckpt = tokens.shape[1] - NUM_EXTRA_TOKENS
+        k_ckpt = tokens.shape[1] - model.encoder.num_extra_tokens
     if k_ckpt is not None and k_ckpt != k_model:
         raise ValueError(f"checkpoint has K={k_ckpt} classes but the model has K={k_model}")
     proj = sd.get("encoder.patch_embed.proj.weight")
@@ -161,16 +172,9 @@ def check_compatible(model: MoRe, sd: Mapping[str, torch.Tensor]) -> None:
     depth = checkpoint_depth(sd)
     if depth != model.encoder.depth:
         raise ValueError(f"checkpoint has depth {depth} but the model has depth {model.encoder.depth}")
-    missing, unexpected, wrong = state_differences(sd, own)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the model: {len(missing)} missing keys "
-                         f"{sorted(missing)[:3]}, {len(unexpected)} unexpected keys "
-                         f"{sorted(unexpected)[:3]}")
-    if wrong:
-        wrong_set = set(wrong)
-        key = next(k for k in sd if k in wrong_set)
-        raise ValueError(f"checkpoint {key} has shape {tuple(sd[key].shape)} but the model expects "
-                         f"{tuple(own[key].shape)}")
+    mismatch = shape_mismatch(sd, model.state_dict())
+    if mismatch:
+        raise ValueError(f"checkpoint does not match the model: {mismatch}")
 
 
 def load_weights(model: MoRe, source: Mapping[str, Any] | str | Path) -> MoRe:
@@ -200,15 +204,6 @@ def check_resume_checkpoint(ckpt: dict, cfg: DictConfig, path: Path) -> None:
             raise CheckpointError(f"checkpoint {path} was trained with {key}={saved[key]} but the "
                                   f"config gives {key}={want[key]}; resume with the run's own config "
                                   f"(see its config.yaml) or start a new tag")
-    expected = model.state_dict()
-    state = model_state(ckpt)
-    missing, unexpected, wrong = state_differences(state, expected)
-    if wrong:
-        k = wrong[0]
-        raise CheckpointError(f"checkpoint {path} does not fit the configured model: {k} is "
-                              f"{tuple(state[k].shape)} there but {tuple(expected[k].shape)} here "
-                              f"({len(wrong)} weights differ in shape)")
-    if missing or unexpected:
-        what = f"lacks {missing[0]}" if missing else f"has an unknown weight {unexpected[0]}"
-        raise CheckpointError(f"checkpoint {path} does not fit the configured model: it {what} "
-                              f"({len(missing)} missing, {len(unexpected)} unexpected)")
+    mismatch = shape_mismatch(model_state(ckpt), model.state_dict())
+    if mismatch:
+        raise CheckpointError(f"checkpoint {path} does not fit the configured model: {mismatch}")

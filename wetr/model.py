@@ -1,7 +1,10 @@
-"""MoRe network: class-token ViT, classifiers, LargeFOV decoder and GCR (SPEC 1-3, 10)."""
+"""MoRe network: class-token ViT, classifiers, LargeFOV decoder and GCR (SPEC 1-3, 10).
+
+Built from a `MoReSpec` (`MoRe(spec)`, or `build_model(...)` with its fields as keyword
+arguments); from a training config or a checkpoint through wetr/factory.py."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import Field, dataclass, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -9,16 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wetr.encoder import ClassTokenViT
+from utils.config import option
+from wetr.encoder import ClassTokenViT, backbone_facts, is_supported, supported_backbones
 from wetr.gcr import GraphCategoryRepresentation
-
-# width, depth, heads of the supported backbones (all patch 16, MLP ratio 4, qkv bias)
-BACKBONES = {
-    "vit_tiny_patch16_224": (192, 12, 3),
-    "vit_small_patch16_224": (384, 12, 6),
-    "vit_base_patch16_224": (768, 12, 12),
-    "vit_large_patch16_224": (1024, 24, 16),
-}
 
 
 class _Outputs(NamedTuple):
@@ -62,44 +58,65 @@ class MoReSpec:
     (`model.spec`, no None left); checkpoints save it as a plain dict under "spec" and the tools
     rebuild the model from it (wetr/factory.py).
 
-    num_classes: K + 1 (background counted); backbone: a BACKBONES name, whose width, depth and
-    heads fill embed_dim / depth / num_heads left None (patch_size None: 16); decoder_dim /
-    decoder_dilation: LargeFOV width and dilation (the reference's 512 and 5, a sixth of VOC's
-    28-token grid; a small token grid wants a smaller one); aux_layer: the block feeding the aux
-    classifier (SPEC 1: -3); gcr_topk_ratio / gcr_gate_score: GCR's k = int(ratio * K) and gate
-    score (SPEC 3, wetr/gcr.py).
+    The one definition of the model's fields: each is an `option` (default and help), and the
+    config schemas take them from here (`options`: wetr.config.ModelConfig and the tools'
+    InferModel).
     """
-    num_classes: int = 21
-    backbone: str = "vit_base_patch16_224"
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    patch_size: int | None = None
-    decoder_dim: int = 512
-    decoder_dilation: int = 5
-    aux_layer: int = -3
-    gcr_topk_ratio: float = 0.5
-    gcr_gate_score: str = "reference"
+    num_classes: int = option(21, "K + 1 (background counted)")
+    backbone: str = option("vit_base_patch16_224", "timm ViT name, optionally with a .tag of its "
+                                                   "weights (sets width, depth, heads, patch, "
+                                                   "block options; docs/BACKBONES.md)",
+                           check=(is_supported, "a timm name of a supported family ("
+                                                + supported_backbones() + ")"))
+    embed_dim: int | None = option(None, "width; None: the backbone's own (768 for ViT-B)")
+    depth: int | None = option(None, "transformer blocks; None: the backbone's own (12)")
+    num_heads: int | None = option(None, "attention heads; None: the backbone's own (12)")
+    patch_size: int | None = option(None, "None: the backbone's own (16); 8 for small images")
+    decoder_dim: int = option(512, "LargeFOV width (the reference's 512)")
+    decoder_dilation: int = option(5, "LargeFOV dilation (the reference's 5, on a 28-token grid; "
+                                      "a small token grid wants a smaller one)")
+    aux_layer: int = option(-3, "block whose patch tokens feed the aux classifier (-3: third "
+                                "last)")
+    gcr_topk_ratio: float = option(0.5, "GCR neighbours per class token: int(ratio x K) (SPEC 3)")
+    gcr_gate_score: str = option("reference", "GCR gate score: reference (sum_D Nb x sum_D g, "
+                                              "the reference's code) | dot (the paper's formula)",
+                                 choices=("reference", "dot"))
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
         """The field names, in order (the keys of a saved spec)."""
         return tuple(f.name for f in fields(cls))
 
+    @classmethod
+    def options(cls, skip: tuple[str, ...] = ("num_classes",), unset: str | None = None
+                ) -> list[tuple[str, str, Field]]:
+        """The fields less `skip` as `(name, type, option)` for `dataclasses.make_dataclass`
+        (a config schema; the type as written here). unset: the fields default to None, which
+        means `unset`."""
+        out = []
+        for f in fields(cls):
+            if f.name in skip:
+                continue
+            text, choices, check = f.metadata["help"], f.metadata["choices"], f.metadata["check"]
+            if unset is None:
+                out.append((f.name, f.type, option(f.default, text, choices, check)))
+            else:
+                optional = f.type if f.type.endswith("| None") else f"{f.type} | None"
+                out.append((f.name, optional, option(None, f"{text}; null: {unset}", choices, check)))
+        return out
+
     def resolved(self) -> MoReSpec:
         """The same spec with the backbone's width / depth / heads / patch for what is None.
         Raises ValueError (one line) on an unknown backbone or a non-positive size."""
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {sorted(BACKBONES)}")
+        facts = backbone_facts(self.backbone)
         for name, must in (("patch_size", "a positive number of pixels"),
                            ("decoder_dim", "positive"), ("decoder_dilation", "positive")):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be {must}, got {value}")
-        d, n, h = BACKBONES[self.backbone]
-        return replace(self, embed_dim=self.embed_dim or d, depth=self.depth or n,
-                       num_heads=self.num_heads or h,
-                       patch_size=16 if self.patch_size is None else self.patch_size)
+        return replace(self, embed_dim=self.embed_dim or facts.embed_dim,
+                       depth=self.depth or facts.depth, num_heads=self.num_heads or facts.num_heads,
+                       patch_size=facts.patch_size if self.patch_size is None else self.patch_size)
 
 
 class MoRe(nn.Module):
