@@ -222,6 +222,8 @@ def round_to_patch(cfg: DictConfig) -> None:
         patch = cfg.model.patch_size or backbone_facts(cfg.model.backbone).patch_size
     except ValueError as exc:  # a tag timm does not know
         raise ConfigError(str(exc)) from None
+    if patch < 1:  # refused, in one line, when the model is built
+        return
     for section, key in (("data", "crop_size"), ("val", "size")):
         size = cfg[section][key]
         fitted = max(patch, round(size / patch) * patch)
