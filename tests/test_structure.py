@@ -172,10 +172,6 @@ def tree():
     return files, import_graph(files)
 
 
-class SizeHint(UserWarning):
-    """A file or function past a size hint: shown in pytest's warnings summary, never a failure."""
-
-
 def test_report_sizes(tree):
     """Reports the files and functions past the size hints, and the five longest files; asserts
     nothing about sizes (a file that is long because its job is long stays long)."""
@@ -183,7 +179,8 @@ def test_report_sizes(tree):
     longest = sorted(((len(p.read_text().splitlines()), p.relative_to(ROOT))
                       for p in files.values()), reverse=True)[:5]
     lines = [f"{n} lines: {rel}" for n, rel in longest] + size_offenders(files, ROOT)
-    warnings.warn(SizeHint("sizes (hints, never gates):\n  " + "\n  ".join(lines)))
+    # a plain UserWarning: pytest-xdist re-creates a warning in the controller by its class
+    warnings.warn(UserWarning("sizes (hints, never gates):\n  " + "\n  ".join(lines)))
 
 
 def test_layers_import_one_way(tree):
