@@ -76,10 +76,9 @@ def _object_colours(rng: np.random.Generator, cls: int, num_fg_classes: int,
             return (a, b) if rng.random() < 0.5 else (b, a)
 
 
-def _pattern(texture: str, xx: np.ndarray, yy: np.ndarray, centre, theta: float,
+def _pattern(texture: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, theta: float,
              period: float) -> np.ndarray:
-    """(S, S) bool texture in the object's rotated frame; centre (cx, cy)."""
-    cx, cy = centre
+    """(S, S) bool texture in the object's rotated frame, centred at (cx, cy)."""
     dx, dy = xx - cx, yy - cy
     u = dx * np.cos(theta) + dy * np.sin(theta)
     v = -dx * np.sin(theta) + dy * np.cos(theta)
@@ -95,10 +94,9 @@ def _pattern(texture: str, xx: np.ndarray, yy: np.ndarray, centre, theta: float,
     raise ValueError(texture)
 
 
-def _shape_mask(shape: str, size: int, centre, r: float, angle: float,
+def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float, angle: float,
                 rng: np.random.Generator) -> np.ndarray:
-    """(S, S) bool filled shape of radius ~r at centre (cx, cy), rotated by angle (degrees)."""
-    cx, cy = centre
+    """(S, S) bool filled shape of radius ~r centred at (cx, cy), rotated by angle (degrees)."""
     canvas = np.zeros((size, size), dtype=np.uint8)
     if shape == "ellipse":
         axes = (int(round(r)), int(round(r * rng.uniform(0.55, 0.9))))
@@ -132,16 +130,16 @@ def _background(rng: np.random.Generator, size: int, xx: np.ndarray, yy: np.ndar
     img = _muted(rng) + low * rng.uniform(10, 30)
     for _ in range(rng.integers(0, 3)):  # faint textured patch, same families as the objects
         centre, radius = rng.uniform(0, size, 2), rng.uniform(0.15, 0.35) * size
-        patch = _shape_mask("ellipse", size, centre, radius, rng.uniform(0, 180), rng)
+        patch = _shape_mask("ellipse", size, *centre, radius, rng.uniform(0, 180), rng)
         a = _muted(rng)
         b = a + rng.uniform(-25, 25, 3)
-        tex = _pattern(TEXTURES[rng.integers(len(TEXTURES))], xx, yy, rng.uniform(0, size, 2),
+        tex = _pattern(TEXTURES[rng.integers(len(TEXTURES))], xx, yy, *rng.uniform(0, size, 2),
                        rng.uniform(0, np.pi), rng.uniform(0.035, 0.06) * size)
         img[patch] = np.where(tex[patch, None], a, b)
     for _ in range(rng.integers(2, 7)):  # solid blobs: random convex polygons and ellipses
         c, r = rng.uniform(0, size, 2), rng.uniform(0.04, 0.13) * size
         if rng.random() < 0.5:
-            blob = _shape_mask("ellipse", size, c, r, rng.uniform(0, 180), rng)
+            blob = _shape_mask("ellipse", size, *c, r, rng.uniform(0, 180), rng)
         else:
             t = np.sort(rng.uniform(0, 2 * np.pi, rng.integers(4, 8)))
             pts = np.stack([c[0] + r * np.cos(t), c[1] + r * np.sin(t)], 1)
@@ -173,7 +171,7 @@ def render(rng: np.random.Generator, num_fg_classes: int, size: int) -> tuple[np
             lo, hi = (0.2, 0.33) if n_obj == 1 else (0.14, 0.24)
             r = rng.uniform(lo, hi) * size
             cx, cy = rng.uniform(0.12 * size, 0.88 * size, 2)
-            m = _shape_mask(shape, size, (cx, cy), r, rng.uniform(0, 360), rng)
+            m = _shape_mask(shape, size, cx, cy, r, rng.uniform(0, 360), rng)
             area = m.sum()
             if area > 0.02 * size * size and (m & (label > 0)).sum() <= 0.1 * area:
                 break
@@ -181,7 +179,7 @@ def render(rng: np.random.Generator, num_fg_classes: int, size: int) -> tuple[np
             continue
         a, b = _object_colours(rng, int(cls), num_fg_classes)
         period = rng.uniform(0.035, 0.055) * size
-        tex = _pattern(texture, xx, yy, (cx, cy), rng.uniform(0, np.pi), period)
+        tex = _pattern(texture, xx, yy, cx, cy, rng.uniform(0, np.pi), period)
         img[m] = np.where(tex[m, None], a, b)
         label[m] = cls + 1
     img += rng.normal(0, rng.uniform(3, 9), img.shape)

@@ -160,6 +160,15 @@ def test_every_readme_command_names_real_entries_and_keys():
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.parametrize("page", ["USAGE.md", "OWN_DATASET.md", "PAPER_TABLE.md"])
+def test_every_docs_command_names_real_entries_and_keys(page):
+    """The docs pages the README sends readers to hold commands too: the same check."""
+    commands = readme_commands((REPO / "docs" / page).read_text())
+    assert commands
+    problems = [p for c in commands for p in command_problems(c)]
+    assert not problems, "\n".join(problems)
+
+
 GOOD = """
 ```bash
 bash run_train.sh scripts/train_coco.py 0,1 2 29501 train_coco data.root=data/COCO batch_size=4 \\

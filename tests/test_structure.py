@@ -1,12 +1,15 @@
-"""The code's shape, measured on every non-test .py file (docs/DESIGN.md "Layers", STYLE 9):
+"""The code's shape, measured on every non-test .py file (docs/DESIGN.md "Layers"):
 
-- no file over 350 lines, no function over 80 lines, no function over 6 parameters (`self` /
-  `cls` not counted; `*args` and `**kwargs` count one each). Exempt from the parameter count:
-  `__init__`s, SPEC 11's public functions (their signatures are the spec) and autograd
-  `forward`s (one parameter per saved input);
 - layers one way: utils <- datasets <- wetr <- tools / scripts (every import counted, also
   those inside functions);
-- no import circles between the project's modules.
+- no import circles between the project's modules;
+- every code name that docs/DESIGN.md shows in backticks exists in the tree.
+
+Sizes are hints, not gates: files over ~350 lines and functions over ~80 lines or ~6 parameters
+(`self` / `cls` not counted; `*args` and `**kwargs` count one each; `__init__`s, docs/METHOD.md
+§11's public functions and autograd `forward`s exempt from the parameter count) are listed in a
+warning, a question for the reader ("two jobs here?") whose answer may be no. Nothing fails on a
+size.
 
 Each test lists every offender in its failure message. The checks themselves are tested on
 small synthetic trees, so a checker that finds nothing because it reads nothing fails too.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -22,10 +26,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("utils", "datasets", "wetr", "tools", "scripts")
 LAYER = {"utils": 0, "datasets": 1, "wetr": 2, "tools": 3, "scripts": 3}
+# Size hints: past these a file or function is worth a second look, nothing more.
 MAX_FILE_LINES = 350
 MAX_FUNCTION_LINES = 80
 MAX_PARAMETERS = 6
-SPEC_11 = {"multi_scale_cam", "cam_to_label", "refine_label", "PAR", "cle_loss", "ptc_loss",
+# docs/METHOD.md §11: their signatures are the public API, exempt from the parameter hint
+PUBLIC_API = {"multi_scale_cam", "cam_to_label", "refine_label", "PAR", "cle_loss", "ptc_loss",
            "class_token_loss", "seg_loss", "dense_energy_loss", "build_model", "load_weights"}
 
 
@@ -54,7 +60,7 @@ def functions(tree: ast.AST):
             if isinstance(child, ast.ClassDef):
                 yield from walk(child, f"{prefix}{child.name}.", _is_autograd_function(child))
             elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                exempt = (child.name == "__init__" or (not prefix and child.name in SPEC_11)
+                exempt = (child.name == "__init__" or (not prefix and child.name in PUBLIC_API)
                           or (autograd and child.name == "forward"))
                 yield f"{prefix}{child.name}", child, exempt
                 yield from walk(child, f"{prefix}{child.name}.", False)
@@ -71,7 +77,7 @@ def parameter_count(fn: ast.FunctionDef) -> int:
 
 
 def size_offenders(files: dict[str, Path], root: Path) -> list[str]:
-    """Files over MAX_FILE_LINES; functions over MAX_FUNCTION_LINES or MAX_PARAMETERS."""
+    """Files over MAX_FILE_LINES; functions over MAX_FUNCTION_LINES or MAX_PARAMETERS (hints)."""
     bad = []
     for path in files.values():
         text = path.read_text()
@@ -166,10 +172,15 @@ def tree():
     return files, import_graph(files)
 
 
-def test_files_and_functions_within_limits(tree):
+def test_report_sizes(tree):
+    """Reports the files and functions past the size hints, and the five longest files; asserts
+    nothing about sizes (a file that is long because its job is long stays long)."""
     files, _ = tree
-    bad = size_offenders(files, ROOT)
-    assert not bad, "over the structure limits (STYLE 9):\n  " + "\n  ".join(bad)
+    longest = sorted(((len(p.read_text().splitlines()), p.relative_to(ROOT))
+                      for p in files.values()), reverse=True)[:5]
+    lines = [f"{n} lines: {rel}" for n, rel in longest] + size_offenders(files, ROOT)
+    # a plain UserWarning: pytest-xdist re-creates a warning in the controller by its class
+    warnings.warn(UserWarning("sizes (hints, never gates):\n  " + "\n  ".join(lines)))
 
 
 def test_layers_import_one_way(tree):
@@ -208,7 +219,7 @@ def test_checker_finds_each_kind_of_offender(tmp_path):
     write(tmp_path, "wetr/__init__.py", "")
     write(tmp_path, "wetr/m.py", (
         f"def wide({many}):\n    pass\n"
-        f"def cle_loss({many}):\n    pass\n"            # SPEC 11: exempt
+        f"def cle_loss({many}):\n    pass\n"            # docs/METHOD.md §11: exempt
         f"class C:\n    def __init__(self, {many}):\n        pass\n"
         f"    def method(self, a1, a2, a3, a4, a5, a6):\n        pass\n"   # 6 + self: fine
         f"    def cle_loss(self, {many}):\n        pass\n"  # not the public function

@@ -209,9 +209,13 @@ def eval_row(t: Target, row: Row, records: list[dict]) -> dict:
 def last_validation(run: Path) -> dict | None:
     """The last validation record of <run>/metrics.jsonl (None: no validation yet)."""
     path = run / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    records = [json.loads(line) for line in lines if line.strip()]
-    return next((rec for rec in reversed(records) if "val/seg_miou" in rec), None)
+    last = None
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            record = json.loads(line) if line.strip() else {}
+            if "val/seg_miou" in record:
+                last = record
+    return last
 
 
 def val_rows(t: Target) -> list[dict]:
