@@ -23,7 +23,10 @@ def device_name(device: torch.device) -> str:
 
 def default_name(cfg: DictConfig, device: torch.device) -> str:
     m = cfg.model
-    enc = f"d{m.embed_dim}x{m.depth}" if m.embed_dim else cfg.model.backbone.split("_")[1]
+    family = m.backbone.split(".")[0]   # the timm name without its weights tag
+    if family.startswith("vit_") and family.endswith("_patch16_224"):
+        family = family[len("vit_"):-len("_patch16_224")]   # the plain ViTs: tiny, small, base, large
+    enc = f"d{m.embed_dim}x{m.depth}" if m.embed_dim else family
     if m.patch_size not in (None, 16):
         enc += f"p{m.patch_size}"
     if m.decoder_dim != 512:
