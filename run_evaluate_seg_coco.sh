@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# COCO segmentation inference and mIoU (SPEC 8) with torchrun over GPU_NUMBER processes; the
+# COCO segmentation inference and mIoU (METHOD.md §8) with torchrun over GPU_NUMBER processes; the
 # table is printed and written as scores.json under <run>/eval/<checkpoint stem>/infer_seg_coco_<set>.
 #
 #   bash run_evaluate_seg_coco.sh tools/infer_seg_coco.py GPU_DEVICE GPU_NUMBER [INFER_SET] CHECKPOINT [key=value ...]

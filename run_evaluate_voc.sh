@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Evaluate a VOC checkpoint as in the paper (SPEC 8), each step with torchrun over GPU_NUMBER
+# Evaluate a VOC checkpoint as in the paper (METHOD.md §8), each step with torchrun over GPU_NUMBER
 # processes; one table each, and scores.json under <run>/eval/<checkpoint stem>/ (<run>: the
 # folder above checkpoints/).
 #

@@ -1,4 +1,4 @@
-"""MS COCO 2014 in VOC style (SPEC 9).
+"""MS COCO 2014 in VOC style (METHOD.md §9).
 
 Names are the official file stems, e.g. `COCO_train2014_000000000009` (as in the reference lists):
 image <root>/JPEGImages/train2014/<name>.jpg, mask <root>/SegmentationClass/train2014/

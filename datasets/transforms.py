@@ -1,4 +1,4 @@
-"""Training augmentations (SPEC 6) and ImageNet normalisation.
+"""Training augmentations (METHOD.md §6) and ImageNet normalisation.
 
 Randomness comes only from torch's global generator (torchvision v1 transforms included), so a
 sample's augmentation is reproducible from the seed set by the loader (`seed_worker`, or the
@@ -16,7 +16,7 @@ from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# SPEC 6's augmentation strengths, one home (the training config's defaults read them):
+# METHOD.md §6's augmentation strengths, one home (the training config's defaults read them):
 JITTER = (0.4, 0.4, 0.2, 0.1)   # ColorJitter's brightness, contrast, saturation, hue
 RESCALE = (0.32, 1.0)           # RandomResizedCrop's area range (voc) / the rescale range (coco)
 

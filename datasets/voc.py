@@ -1,4 +1,4 @@
-"""PASCAL VOC 2012 (SPEC 9) and the file formats shared by every dataset here.
+"""PASCAL VOC 2012 (METHOD.md §9) and the file formats shared by every dataset here.
 
 Layout: <root>/JPEGImages/<name>.jpg, <root>/SegmentationClassAug/<name>.png (class indices,
 255 = ignore). Split lists `<list_dir>/<split>.txt` (one name a line) and image labels

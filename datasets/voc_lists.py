@@ -1,4 +1,4 @@
-"""Split lists and image labels in the VOC layout (SPEC 9), shared by tools/prepare_voc.py,
+"""Split lists and image labels in the VOC layout (METHOD.md §9), shared by tools/prepare_voc.py,
 tools/prepare_coco.py and the synthetic dataset.
 
 `prepare_voc(root)` writes into list_dir (default <root>/ImageSets/Segmentation): train_aug.txt

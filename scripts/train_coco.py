@@ -27,7 +27,7 @@ COCO = dict(
     save_every=2000,
     data=dict(name="coco", root="data/COCO", train_split="train", val_split="val_part",
               num_classes=81, crop_size=448, aug="coco", jitter_p=0.8),
-    # The reference's COCO thresholds (SPEC 4, 7): refined-label planes, L_aux / PTC labels, and
+    # The reference's COCO thresholds (METHOD.md §4, 7): refined-label planes, L_aux / PTC labels, and
     # validation's background; L_cle and L_fin keep the shared defaults, as in its script.
     cam=dict(scales=[1.0, 0.5, 0.75, 1.25, 1.5], cam2mask=50000, high=0.65, low=0.25,
              aux_thresholds=[0.65, 0.25], bkg=0.45),

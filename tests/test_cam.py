@@ -1,4 +1,4 @@
-"""Pseudo-label helpers (SPEC 4, 7) against slow loop versions written from the SPEC text."""
+"""Pseudo-label helpers (METHOD.md §4, 7) against slow loop versions written from METHOD.md's text."""
 import pytest
 import torch
 import torch.nn as nn
@@ -110,7 +110,7 @@ class ReferenceContract(nn.Module):
 
 def test_multi_scale_cam_takes_more_and_the_reference_network_alike(monkeypatch):
     """On a MoRe the CAM passes are `model.cams` (-> (cam, aux_cam)), never its forward; a
-    network with only the reference's contract gives the same maps (SPEC 11)."""
+    network with only the reference's contract gives the same maps (METHOD.md §11)."""
     from wetr import build_model
     torch.manual_seed(0)
     model = build_model(4, embed_dim=32, depth=2, num_heads=4, aux_layer=0).eval()
@@ -223,7 +223,7 @@ def test_multi_scale_cam_reuses_the_given_scale_one_maps(scales):
 # ---------------------------------------------------------------- refine_label
 
 def refine_label_loop(par, images, cam, y, high, low):
-    """Per image, only background + present classes, as the SPEC text describes."""
+    """Per image, only background + present classes, as METHOD.md's text describes."""
     b, k, h, w = cam.shape
     half = (h // 2, w // 2)
     small_images = F.interpolate(images, size=half, mode="bilinear", align_corners=False)

@@ -1,4 +1,4 @@
-"""COCO's thresholds (SPEC 4, 7) reach their consumers in the training step: refined labels
+"""COCO's thresholds (METHOD.md §4, 7) reach their consumers in the training step: refined labels
 (cam.high / cam.low), L_aux for UNE and PTC (cam.aux_thresholds); L_cle / L_fin stay VOC's."""
 import torch
 

@@ -55,8 +55,8 @@ def test_bad_jitter_is_a_config_error(bad):
     ("train_coco", (0.65, 0.25), [0.65, 0.25], 0.45),
 ])
 def test_reference_scripts_use_spec_thresholds(script, planes, aux, bkg):
-    """SPEC 4: refined-label background planes VOC 0.7 / 0.25, COCO 0.65 / 0.25; L_aux (and the
-    PTC labels) likewise; L_cle (0.5, 0.25) and L_fin (0.6, 0.35) in both; SPEC 7: validation
+    """METHOD.md §4: refined-label background planes VOC 0.7 / 0.25, COCO 0.65 / 0.25; L_aux (and the
+    PTC labels) likewise; L_cle (0.5, 0.25) and L_fin (0.6, 0.35) in both; METHOD.md §7: validation
     background VOC 0.5, COCO 0.45."""
     import importlib
     mod = importlib.import_module(f"scripts.{script}")

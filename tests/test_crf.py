@@ -1,4 +1,4 @@
-"""DenseCRF post-processing (SPEC 8)."""
+"""DenseCRF post-processing (METHOD.md §8)."""
 import sys
 
 import numpy as np

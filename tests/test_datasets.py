@@ -205,7 +205,7 @@ def test_voc_transform_keeps_a_constant_colour():
 
 
 def test_jitter_strengths_default_to_spec_and_reach_the_transform(syn):
-    """SPEC 6: ColorJitter(0.4, 0.4, 0.2, 0.1) in both recipes; `data.jitter` sets the four."""
+    """METHOD.md §6: ColorJitter(0.4, 0.4, 0.2, 0.1) in both recipes; `data.jitter` sets the four."""
     from wetr.config import make_config
     assert JITTER == (0.4, 0.4, 0.2, 0.1)
     assert tuple(make_config({}).data.jitter) == JITTER

@@ -1,4 +1,4 @@
-"""ClassTokenViT (SPEC 1) on tiny configs, against explicit re-computations."""
+"""ClassTokenViT (METHOD.md §1) on tiny configs, against explicit re-computations."""
 import math
 
 import pytest

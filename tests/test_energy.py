@@ -1,4 +1,4 @@
-"""Dense energy loss (SPEC 5 "reg"): lattice, exact filter, loss value and gradient.
+"""Dense energy loss (METHOD.md §5 "reg"): lattice, exact filter, loss value and gradient.
 
 The slow references here are per-point Python loops (a dict as the lattice hash table, a double
 loop for the Gaussian sum); pydensecrf, which shares the reference's lattice, is a second
@@ -265,7 +265,7 @@ def loop_downscale(images, probs, label):
 
 
 def loop_energy(images, logits, label, filter_fn, weight, sigma_rgb, sigma_xy):
-    """SPEC 5 reg written out pixel by pixel; also returns the frozen dE/dS (reference form)."""
+    """METHOD.md §5 reg written out pixel by pixel; also returns the frozen dE/dS (reference form)."""
     images, logits, label = images.numpy(), logits.numpy(), label.numpy()
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     img, seg, lab = loop_downscale(images, probs, label)

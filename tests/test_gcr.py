@@ -1,4 +1,4 @@
-"""GraphCategoryRepresentation (SPEC 3) against a slow per-class, per-neighbour loop."""
+"""GraphCategoryRepresentation (METHOD.md §3) against a slow per-class, per-neighbour loop."""
 import copy
 import math
 
@@ -25,7 +25,7 @@ def lin(layer: torch.nn.Linear, v: torch.Tensor) -> torch.Tensor:
 
 
 def gcr_loop(m: GraphCategoryRepresentation, z: torch.Tensor, p: torch.Tensor, gate_score: str) -> torch.Tensor:
-    k = max(1, int(0.5 * z.shape[1]))  # SPEC 3's int(0.5 K), at least one neighbour (K = 1)
+    k = max(1, int(0.5 * z.shape[1]))  # METHOD.md §3's int(0.5 K), at least one neighbour (K = 1)
     out = torch.zeros_like(z)
     for b in range(z.shape[0]):
         x = torch.cat([z[b], p[b]])

@@ -1,4 +1,4 @@
-"""Inference tools (SPEC 8): multi-scale + flip maps against loop references, checkpoint loading,
+"""Inference tools (METHOD.md §8): multi-scale + flip maps against loop references, checkpoint loading,
 and a 2-process gloo evaluation that must equal the 1-process one."""
 import json
 import os
@@ -103,13 +103,13 @@ def test_cam_and_lam_maps_match_loop(scales):
 def test_seed_kind_and_scales_resolution():
     with pytest.raises(ValueError, match="cam, lam"):
         seed_maps("seg", FakeModel(), torch.randn(1, 3, 32, 32), (1.0,), with_gcr=True)
-    spec = infer_cam.SPEC
+    spec = infer_cam.TOOL
     cfg = parse_config(["ckpt=x.pth"])
     assert resolve_scales(cfg, spec) == (1.0,)
     assert resolve_scales(parse_config(["ckpt=x.pth", "multi_scale=true"]), spec) == SEED_SCALES
     assert resolve_scales(parse_config(["ckpt=x.pth", "scales=[0.5,2]"]), spec) == (0.5, 2.0)
-    assert resolve_scales(parse_config(["ckpt=x.pth"], infer_seg_voc.SPEC.defaults),
-                          infer_seg_voc.SPEC) == SEG_SCALES
+    assert resolve_scales(parse_config(["ckpt=x.pth"], infer_seg_voc.TOOL.defaults),
+                          infer_seg_voc.TOOL) == SEG_SCALES
 
 
 def test_seg_logits_match_loop():
@@ -296,7 +296,7 @@ def test_test_split_writes_server_layout(run_dir):
         infer_cam.main([f"ckpt={run_dir.ckpt}", "infer_set=test", f"out_dir={out}", *FAST])
 
 
-# --------------------------------------------------------------------------- cam2seg (SPEC 8)
+# --------------------------------------------------------------------------- cam2seg (METHOD.md §8)
 def classifier_first_loop(logits, argmax, k):
     """Classifier's classes; if none, argmax foreground classes with >= 5 pixels, except the
     first one when background is absent (reference quirk, as the test order)."""

@@ -1,4 +1,4 @@
-"""cam2seg's val label order (`wetr.infer.classifier_first_labels`, SPEC 8) against a slow
+"""cam2seg's val label order (`wetr.infer.classifier_first_labels`, METHOD.md §8) against a slow
 transcription of the authors' tools/infer_lam.py (one image at a time, as their batch of 1),
 including its first-class quirk: the pixel check loops over `cls_idx[1:]`, so when no argmax cell
 is background the lowest foreground class is kept whatever its size."""

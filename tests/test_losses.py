@@ -1,4 +1,4 @@
-"""SPEC 5 losses against slow loop versions written from the SPEC text."""
+"""METHOD.md §5 losses against slow loop versions written from METHOD.md's text."""
 import math
 from decimal import Decimal, getcontext
 
@@ -59,7 +59,7 @@ def test_class_token_loss_matches_loop():
 # ---------------------------------------------------------------- CLE
 
 def cle_loop(tokens, pmap, label, cls_label, temp, exp, log, num):
-    """SPEC text literally; `exp`, `log`, `num` pick the arithmetic (float64 or Decimal)."""
+    """METHOD.md's text literally; `exp`, `log`, `num` pick the arithmetic (float64 or Decimal)."""
     z = tokens.detach().double().numpy()
     p = pmap.detach().double().numpy().reshape(B, D, -1)
     lab = label.reshape(B, -1).tolist()
@@ -125,7 +125,7 @@ def test_cle_ignores_absent_classes():
 # ---------------------------------------------------------------- UNE
 
 def une_choose_loop(label, keys, num_tokens=8, window=6, border=3, thresh=1.2, true_position=False):
-    """Per-image, per-position loop following the SPEC; returns sorted full-grid indices per image
+    """Per-image, per-position loop following METHOD.md; returns sorted full-grid indices per image
     and which branch each image took."""
     b_, h, w = label.shape
     hi, wi = h - 2 * border, w - 2 * border
@@ -173,7 +173,7 @@ def test_une_choice_matches_loop(true_position):
         ref, br = une_choose_loop(label, keys, true_position=true_position)
         assert chosen_lists(index, valid) == ref
         branches.update(br)
-    assert branches == {"many", "few", "fallback"}  # every rule of the SPEC was exercised
+    assert branches == {"many", "few", "fallback"}  # every rule of METHOD.md was exercised
 
 
 def test_une_choice_generalises_to_other_window():

@@ -1,4 +1,4 @@
-"""Metrics against slow loop references (SPEC 8)."""
+"""Metrics against slow loop references (METHOD.md §8)."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""MoRe network (SPEC 1-3, 10): reference state_dict layout, loading, and a plain re-implementation."""
+"""MoRe network (METHOD.md §1-3, 10): reference state_dict layout, loading, and a plain re-implementation."""
 import math
 
 import pytest
@@ -9,7 +9,7 @@ from wetr import MoRe, MoReOutput, build_model, load_weights
 
 
 def spec10_shapes(K: int, D: int = 768, depth: int = 12) -> dict:
-    """The reference checkpoint layout of SPEC 10, written out."""
+    """The reference checkpoint layout of METHOD.md §10, written out."""
     T = 4 + K
     shapes = {
         "encoder.cls_token": (1, T, D), "encoder.pos_embed": (1, T + 196, D),
@@ -151,7 +151,7 @@ def test_param_groups_partition():
     assert {names[id(p)].split(".")[0] for p in groups[3]} == {"decoder"}
 
 
-# ---- a plain re-implementation of the reference forward, written from SPEC 1-3 ----
+# ---- a plain re-implementation of the reference forward, written from METHOD.md §1-3 ----
 
 def ln(x, sd, key, eps):
     return F.layer_norm(x, x.shape[-1:], sd[key + ".weight"], sd[key + ".bias"], eps)
@@ -270,7 +270,7 @@ def test_with_cams_hands_over_the_cams_of_the_same_pass():
 
 
 def test_cam_only_is_the_reference_forward_contract():
-    """`model(x, cam_only=True) -> (aux_cam, cam)` in the reference's order (SPEC 11), against the
+    """`model(x, cam_only=True) -> (aux_cam, cam)` in the reference's order (METHOD.md §11), against the
     plain re-implementation (whose CAMs come in the project's order, (cam, aux_cam))."""
     model = tiny()
     x = torch.randn(2, 3, 48, 64)

@@ -17,7 +17,7 @@ from tools import paper_table
 
 ROOT = Path(__file__).resolve().parents[1]
 SEVEN = [1.0, 0.5, 0.75, 1.25, 1.5, 1.75, 2.0]
-# SPEC 8 reference figures
+# METHOD.md §8 reference figures
 PAPER_VOC_VAL, PAPER_VOC_TEST, PAPER_COCO_VAL = 76.4, 75.0, 47.4
 LOG_VOC = {"cam": 75.0, "aux_cam": 70.3, "lam": 73.4, "fused": 72.6, "seg": 72.1}
 LOG_COCO = {"cam": 49.1, "aux_cam": 41.0, "lam": 45.2, "fused": 48.5, "seg": 47.3}

@@ -1,4 +1,4 @@
-"""PAR (SPEC 4) against a per-pixel, per-neighbour loop written from the SPEC text."""
+"""PAR (METHOD.md §4) against a per-pixel, per-neighbour loop written from METHOD.md's text."""
 import math
 
 import pytest

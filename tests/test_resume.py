@@ -128,7 +128,7 @@ def train_2(data: Path, work: Path, tag: str, *extra: str, torchrun_args: str = 
     if script is None:
         cmd = ["bash", "run_train.sh", "scripts/train_voc.py", "cpu", "2", str(free_port()), tag,
                *args(data, work, 1), *extra]
-        # one thread a process, as every other run here (run_tests.sh exports 2 for pytest)
+        # one thread a process, as every other run here (and as run_tests.sh gives its test workers)
         environ = env(TORCHRUN_ARGS=torchrun_args, OMP_NUM_THREADS="1")
     else:
         cmd = [sys.executable, "-m", "utils.dist", "--nproc_per_node=2",

@@ -1,4 +1,4 @@
-"""Validation during training (SPEC 7) against a per-image, per-pixel loop on a fake model."""
+"""Validation during training (METHOD.md §7) against a per-image, per-pixel loop on a fake model."""
 from types import SimpleNamespace
 
 import numpy as np
@@ -36,7 +36,7 @@ class FakeModel(torch.nn.Module):
 
 
 def label_loop(maps, present, bkg):
-    """maps (K,H,W) numpy; SPEC: multiply by labels, max over classes, class id or 0 if <= bkg."""
+    """maps (K,H,W) numpy; METHOD.md: multiply by labels, max over classes, class id or 0 if <= bkg."""
     _, h, w = maps.shape
     out = np.zeros((h, w), dtype=np.int64)
     for y in range(h):

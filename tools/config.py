@@ -17,8 +17,8 @@ from utils.errors import UserError
 from wetr.densecrf import BACKENDS as CRF_BACKENDS
 from wetr.model import MoReSpec
 
-SEED_SCALES = (1.0, 0.5, 0.75, 1.25, 1.5, 1.75, 2.0)   # SPEC 8 "multi-scale" seeds
-SEG_SCALES = (1.0, 1.25, 1.5)                           # SPEC 8 segmentation
+SEED_SCALES = (1.0, 0.5, 0.75, 1.25, 1.5, 1.75, 2.0)   # METHOD.md §8 "multi-scale" seeds
+SEG_SCALES = (1.0, 1.25, 1.5)                           # METHOD.md §8 segmentation
 SINGLE_SCALE = (1.0,)                                   # multi_scale=false, every tool
 CRF_BACKEND_HELP = ("auto | torch | pydensecrf (alias crf.backend=X); auto: torch on a GPU, on "
                     "a CPU pydensecrf2 where installed, else torch; resolved once per run, the "
@@ -49,14 +49,14 @@ InferModel = make_dataclass("InferModel", [
 class InferConfig:
     ckpt: str = option("", "checkpoint path (required)")
     infer_set: str = option("", 'split list name; "" = the tool\'s default')
-    multi_scale: bool = option(False, "seeds: SPEC 8 scales; segmentation tools default to true")
+    multi_scale: bool = option(False, "seeds: METHOD.md §8 scales; segmentation tools default to true")
     scales: list[float] | None = option(None, "explicit scales (override multi_scale)")
     size: int = option(448, "images are resized to size x size (whatever the aspect)")
     bkg: float = option(0.5, "pseudo-label seed background threshold")
     cls_labels: str = option("gt", "seeds: gt image labels | pred (classifier, seg fallback)",
                              choices=("gt", "pred"))
-    cam2seg: bool = option(False, "infer_lam: LAM as segmentation on val / test (SPEC 8)")
-    crf: bool = option(False, "DenseCRF post-processing (SPEC 8), with crf_backend")
+    cam2seg: bool = option(False, "infer_lam: LAM as segmentation on val / test (METHOD.md §8)")
+    crf: bool = option(False, "DenseCRF post-processing (METHOD.md §8), with crf_backend")
     crf_backend: str = option("auto", CRF_BACKEND_HELP, choices=CRF_BACKENDS)
     crf_workers: int = option(-1, "pydensecrf processes per rank; -1 auto, 0 in-process (the "
                                   "torch backend always runs in-process)")

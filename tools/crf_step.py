@@ -1,4 +1,4 @@
-"""The CRF stage of the image loop (SPEC 8): `CRFStep` turns a route's CRF input into its
+"""The CRF stage of the image loop (METHOD.md §8): `CRFStep` turns a route's CRF input into its
 "<variant>_crf" label map with the backend `crf_backend` names, resolved once per run."""
 from __future__ import annotations
 

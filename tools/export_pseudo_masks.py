@@ -1,4 +1,4 @@
-"""Pseudo masks for a second, fully supervised stage: CAM or LAM seeds (SPEC 8) of the training
+"""Pseudo masks for a second, fully supervised stage: CAM or LAM seeds (METHOD.md §8) of the training
 images as palette PNGs that mmsegmentation and DeepLab-style code read directly.
 
     python tools/export_pseudo_masks.py ckpt=logs/mytag/checkpoints/best.pth multi_scale=true crf=true
@@ -42,7 +42,7 @@ class ExportConfig(InferConfig):
                         choices=("cam", "lam"))
 
 
-SPEC = ToolSpec("export_pseudo_masks", "cam", SEED_SCALES, train_split=True,
+TOOL = ToolSpec("export_pseudo_masks", "cam", SEED_SCALES, train_split=True,
                 needs_image_labels=True, schema=ExportConfig)
 
 
@@ -60,7 +60,7 @@ def tool_spec(spec: ToolSpec, cfg: DictConfig) -> ToolSpec:
 
 def main(argv: Sequence[str]) -> dict | None:
     """Returns {variant: scores} on rank 0 (empty where the split has no masks), else None."""
-    spec, cfg = parse_tool_config(argv, SPEC)
+    spec, cfg = parse_tool_config(argv, TOOL)
     if not cfg.save_labels:
         raise ConfigError("save_labels=false: the export writes label PNGs; leave it true")
     return evaluate(tool_spec(spec, cfg), cfg, pseudo_writer)

@@ -1,4 +1,4 @@
-"""CAM seeds on the training images (SPEC 8), with optional CRF.
+"""CAM seeds on the training images (METHOD.md §8), with optional CRF.
 
     python -m tools.infer_cam ckpt=logs/voc/checkpoints/best.pth                  # train, scale 1.0
     torchrun --nproc_per_node=2 -m tools.infer_cam ckpt=... multi_scale=true crf=true
@@ -18,12 +18,12 @@ from tools.config import SEED_SCALES, ToolSpec, parse_tool_config
 from tools.evaluation import evaluate
 from tools.session import run
 
-SPEC = ToolSpec("infer_cam", "cam", SEED_SCALES, seed_split=True, needs_image_labels=True)
+TOOL = ToolSpec("infer_cam", "cam", SEED_SCALES, seed_split=True, needs_image_labels=True)
 
 
 def main(argv: Sequence[str]) -> dict | None:
     """{variant: scores} on rank 0 (empty without ground truth), else None."""
-    return evaluate(*parse_tool_config(argv, SPEC))
+    return evaluate(*parse_tool_config(argv, TOOL))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""LAM seeds on the training images (SPEC 3, 8), with optional CRF; LAM as segmentation.
+"""LAM seeds on the training images (METHOD.md §3, 8), with optional CRF; LAM as segmentation.
 
     python -m tools.infer_lam ckpt=logs/voc/checkpoints/best.pth                  # train, scale 1.0
     torchrun --nproc_per_node=2 -m tools.infer_lam ckpt=... multi_scale=true crf=true
@@ -27,13 +27,13 @@ from tools.session import run
 
 CAM2SEG = ToolSpec("cam2seg", "lam", SEED_SCALES, route="cam2seg",
                    defaults={"multi_scale": True, "crf": True, "cls_labels": "pred"})
-SPEC = ToolSpec("infer_lam", "lam", SEED_SCALES, seed_split=True, needs_image_labels=True,
+TOOL = ToolSpec("infer_lam", "lam", SEED_SCALES, seed_split=True, needs_image_labels=True,
                 modes={"cam2seg": CAM2SEG})
 
 
 def main(argv: Sequence[str]) -> dict | None:
     """{variant: scores} on rank 0 (empty without ground truth), else None."""
-    return evaluate(*parse_tool_config(argv, SPEC))
+    return evaluate(*parse_tool_config(argv, TOOL))
 
 
 if __name__ == "__main__":

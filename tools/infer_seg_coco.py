@@ -1,4 +1,4 @@
-"""COCO segmentation inference: `tools.infer_seg_voc` with COCO defaults (SPEC 8).
+"""COCO segmentation inference: `tools.infer_seg_voc` with COCO defaults (METHOD.md §8).
 
     python -m tools.infer_seg_coco ckpt=logs/coco/checkpoints/best.pth infer_set=val
     torchrun --nproc_per_node=8 -m tools.infer_seg_coco ckpt=... infer_set=val_part crf=true
@@ -16,12 +16,12 @@ from tools.config import SEG_SCALES, ToolSpec, parse_tool_config
 from tools.evaluation import evaluate
 from tools.session import run
 
-SPEC = ToolSpec("infer_seg_coco", "seg", SEG_SCALES, defaults={"multi_scale": True, "infer_set": "val"})
+TOOL = ToolSpec("infer_seg_coco", "seg", SEG_SCALES, defaults={"multi_scale": True, "infer_set": "val"})
 
 
 def main(argv: Sequence[str]) -> dict | None:
     """{variant: scores} on rank 0 (empty without ground truth), else None."""
-    return evaluate(*parse_tool_config(argv, SPEC))
+    return evaluate(*parse_tool_config(argv, TOOL))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Segmentation inference (SPEC 8): multi-scale + flip logits, optional CRF.
+"""Segmentation inference (METHOD.md §8): multi-scale + flip logits, optional CRF.
 
     python -m tools.infer_seg_voc ckpt=logs/voc/checkpoints/best.pth              # val, 3 scales
     torchrun --nproc_per_node=2 -m tools.infer_seg_voc ckpt=... crf=true
@@ -23,12 +23,12 @@ from tools.config import SEG_SCALES, ToolSpec, parse_tool_config
 from tools.evaluation import evaluate
 from tools.session import run
 
-SPEC = ToolSpec("infer_seg_voc", "seg", SEG_SCALES, defaults={"multi_scale": True})
+TOOL = ToolSpec("infer_seg_voc", "seg", SEG_SCALES, defaults={"multi_scale": True})
 
 
 def main(argv: Sequence[str]) -> dict | None:
     """{variant: scores} on rank 0 (empty without ground truth), else None."""
-    return evaluate(*parse_tool_config(argv, SPEC))
+    return evaluate(*parse_tool_config(argv, TOOL))
 
 
 if __name__ == "__main__":

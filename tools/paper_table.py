@@ -1,5 +1,5 @@
 """The paper's table for one run: every figure the paper and the issue threads compare, beside the
-paper's and the authors' published training logs (SPEC 8 "Reference figures"), with the
+paper's and the authors' published training logs (METHOD.md §8 "Reference figures"), with the
 difference. Markdown on stdout and in <run>/paper_table.md, JSON in <run>/paper_table.json.
 
     python tools/paper_table.py logs/train_voc                         # collect what exists
@@ -40,7 +40,7 @@ from utils.errors import user_errors
 from utils.io import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
-# SPEC 8: the authors' training logs, validation during training (single scale, no CRF);
+# METHOD.md §8: the authors' training logs, validation during training (single scale, no CRF);
 # VOC at 20 000 iterations on val, COCO at its last validation on val_part.
 AUTHORS_LOG = {"voc": {"cam": 75.0, "aux_cam": 70.3, "lam": 73.4, "fused": 72.6, "seg": 72.1},
                "coco": {"cam": 49.1, "aux_cam": 41.0, "lam": 45.2, "fused": 48.5, "seg": 47.3}}
@@ -290,7 +290,7 @@ def to_markdown(table: dict) -> str:
     expected = {"voc": 21, "coco": 81}[table["dataset"]]
     lines += ["", "mIoU %; Δ = ours − reference. Paper: ViT-B, the LAM-as-segmentation route on "
               "VOC (cam2seg + CRF), the seg head on COCO's full val. Authors' logs: validation "
-              "during training, single scale, no CRF (SPEC 8). stale: the checkpoint is newer "
+              "during training, single scale, no CRF (METHOD.md §8). stale: the checkpoint is newer "
               "than its scores; partial: max_images cut the split."]
     if k is not None and k != expected:
         lines.append(f"This run has num_classes {k}, not {table['dataset']}'s {expected}: the "

@@ -4,7 +4,7 @@
     python tools/predict.py ckpt=best.pth input=cat.jpg multi_scale=true crf=true save_cam=true
     torchrun --nproc_per_node=2 tools/predict.py ckpt=best.pth input=photos/ out_dir=preds
 
-Each image (grey, palette and RGBA converted to RGB) is resized to size x size (SPEC 8; any
+Each image (grey, palette and RGBA converted to RGB) is resized to size x size (METHOD.md §8; any
 aspect), segmented at scale 1.0 with its flip (multi_scale=true: scales 1.0, 1.25, 1.5 with
 flip, max over scales), the logits upsampled to the original size, optionally refined by
 DenseCRF (crf=true; crf_backend=auto|torch|pydensecrf, see tools/config.py). Writes under
@@ -42,7 +42,7 @@ from utils.dist import DistInfo
 from utils.errors import first_line
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-SPEC = ToolSpec("predict", "seg", SEG_SCALES, route="predict")
+TOOL = ToolSpec("predict", "seg", SEG_SCALES, route="predict")
 
 
 @dataclass
@@ -135,7 +135,7 @@ def main(argv: Sequence[str]) -> int:
         raise ConfigError("ckpt=<checkpoint .pth> and input=<image or folder> are required")
     ctx = None
     try:
-        ctx = open_context(SPEC, cfg, open_images)
+        ctx = open_context(TOOL, cfg, open_images)
         dist, source = ctx.dist, ctx.source
         names = source.names
         if cfg.crf and dist.is_main:

@@ -1,4 +1,4 @@
-"""VOC-style masks, split lists and image labels for MS COCO 2014 (SPEC 9).
+"""VOC-style masks, split lists and image labels for MS COCO 2014 (METHOD.md §9).
 
     python -m tools.prepare_coco --root data/COCO --workers 8
 

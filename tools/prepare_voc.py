@@ -1,4 +1,4 @@
-"""Split lists and image labels for PASCAL VOC 2012 + SegmentationClassAug (SPEC 9).
+"""Split lists and image labels for PASCAL VOC 2012 + SegmentationClassAug (METHOD.md §9).
 
     python -m tools.prepare_voc --root data/VOCdevkit/VOC2012
     python -m tools.prepare_voc --root /ro/VOC2012 --list-dir data/voc_lists   # read-only dataset

@@ -1,4 +1,4 @@
-"""The per-image routes of evaluation and prediction (SPEC 8): one image in, its predictions out.
+"""The per-image routes of evaluation and prediction (METHOD.md §8): one image in, its predictions out.
 
     route(params, item) -> Output
 
@@ -100,7 +100,7 @@ def _start(p: RouteParams, item: Item) -> Output:
 def seed_route(p: RouteParams, item: Item) -> Output:
     """CAM / LAM seeds (p.variant): the image resized to size x size, multi-scale + flip maps in
     [0, 1] upsampled to the label size, labelled with bkg using the ground-truth (or predicted)
-    image labels; CRF input (SPEC 8), arrays and jet overlays when asked."""
+    image labels; CRF input (METHOD.md §8), arrays and jet overlays when asked."""
     out = _start(p, item)
     x = resize_bilinear(item.image, (p.size, p.size))
     cls_label = item.cls_label

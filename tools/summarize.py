@@ -88,7 +88,7 @@ def to_markdown(summary: dict) -> str:
         lines.append(f"| {r['label']} | {r['n']}/{n} | {ms} | {_f(r['min'])} | {_f(r['max'])} | "
                      f"{_f(r['reference'])} | {_f(r['diff_mean'], '+.1f')} |")
     lines += ["", "mIoU %; std: sample standard deviation (n − 1); reference: the paper's figure, "
-              "else the authors' training log (SPEC 8); Δ mean = mean − reference."]
+              "else the authors' training log (METHOD.md §8); Δ mean = mean − reference."]
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,7 @@
 """Atomic, unwrapped, resumable checkpoints.
 
 A checkpoint is a plain dict that loads with `torch.load(weights_only=True)`:
-    model      unwrapped state_dict (keys as in SPEC section 10, no `module.` prefix)
+    model      unwrapped state_dict (keys as in METHOD.md §10, no `module.` prefix)
     optimizer  optimizer state_dict (training checkpoints only)
     scaler     GradScaler state_dict or {}
     step       number of optimisation steps done

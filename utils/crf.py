@@ -1,4 +1,4 @@
-"""DenseCRF post-processing (SPEC 8) with pydensecrf2 (import name `pydensecrf`): the CPU
+"""DenseCRF post-processing (METHOD.md §8) with pydensecrf2 (import name `pydensecrf`): the CPU
 reference of the tools' `crf_backend=pydensecrf` (the torch backend is `wetr.densecrf`).
 
 pydensecrf2 is optional: it is imported only when this backend runs, and its absence is a
@@ -28,7 +28,7 @@ class CRFMissingError(UserError, RuntimeError):
 
 @dataclass(frozen=True)
 class CRFParams:
-    """SPEC 8: 10 mean-field iterations, Gaussian (sxy 1, compat 3), bilateral (sxy 67, srgb 3,
+    """METHOD.md §8: 10 mean-field iterations, Gaussian (sxy 1, compat 3), bilateral (sxy 67, srgb 3,
     compat 4)."""
     iter_max: int = 10
     pos_xy_std: float = 1.0

@@ -1,4 +1,4 @@
-"""Segmentation and classification metrics (SPEC sections 7-8).
+"""Segmentation and classification metrics (METHOD.md §7-8).
 
 The confusion matrix is summed over the whole dataset (and over ranks with
 `utils.dist.all_reduce_sum`) before any ratio is taken, so the scores of N processes equal the
@@ -42,7 +42,7 @@ def scores(conf: torch.Tensor) -> dict:
     Returns plain Python values (JSON-ready apart from NaN for undefined ratios):
       iou, precision, recall: lists of C floats (NaN where the denominator is 0);
       present: list of C bools, class occurs in the ground truth;
-      miou: mean IoU over the classes present in the ground truth (SPEC 8);
+      miou: mean IoU over the classes present in the ground truth (METHOD.md §8);
       mprecision, mrecall: means over the same classes (NaN-skipping);
       pixel_acc: correct / all counted pixels; pixels: number of counted pixels.
     """

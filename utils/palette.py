@@ -1,4 +1,4 @@
-"""Label PNGs with the VOC palette, colour images and jet overlays (SPEC 8).
+"""Label PNGs with the VOC palette, colour images and jet overlays (METHOD.md §8).
 
 A label PNG is a palette ("P" mode) image whose pixel values are the class indices (uint8,
 255 = ignore stays 255); the palette only changes how viewers show it, so the file reads back

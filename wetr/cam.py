@@ -1,4 +1,4 @@
-"""Pseudo labels from CAMs and LAMs (SPEC sections 4 and 7).
+"""Pseudo labels from CAMs and LAMs (METHOD.md §4 and §7).
 
 Pure tensor functions: they never move tensors between devices and never synchronise with the
 host, so they can run inside the training step. Labels are long tensors with 0 = background,
@@ -69,7 +69,7 @@ def flip_pass(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
 def cam_pass(model: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """x (B, 3, H, W) -> (cam, aux_cam) at token resolution: MoRe's `cams`, or for a network
     with only the reference's forward contract, `model(x, cam_only=True) -> (aux_cam, cam)`
-    reordered (SPEC 11: the reference network and ours are interchangeable here)."""
+    reordered (METHOD.md §11: the reference network and ours are interchangeable here)."""
     if hasattr(model, "cams"):
         return model.cams
     return lambda x: model(x, cam_only=True)[::-1]
@@ -79,7 +79,7 @@ def cam_pass(model: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, t
 def multi_scale_cam(model: nn.Module, images: torch.Tensor, scales: Sequence[float],
                     first: tuple[torch.Tensor, torch.Tensor] | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multi-scale, flip-augmented CAM and aux CAM, min-max normalised (SPEC 4).
+    """Multi-scale, flip-augmented CAM and aux CAM, min-max normalised (METHOD.md §4).
 
     images: (B, 3, H, W) normalised; model: a MoRe or the reference network (see `cam_pass`).
     Returns (cam, aux_cam), both (B, K, H, W) float32 in [0, 1).
@@ -129,13 +129,13 @@ def cam_to_label(cam: torch.Tensor, cls_label: torch.Tensor, bkg: float = 0.5, h
 
 
 def maps_to_label(maps: torch.Tensor, cls_label: torch.Tensor, bkg: float = 0.5) -> torch.Tensor:
-    """Validation labels (SPEC 7): maps (B, K, H, W) -> (B, H, W) long, background where <= bkg."""
+    """Validation labels (METHOD.md §7): maps (B, K, H, W) -> (B, H, W) long, background where <= bkg."""
     return cam_to_label(maps, cls_label, bkg=bkg, ignore_mid=False)
 
 
 def refine_label(par: PAR, images: torch.Tensor, cam: torch.Tensor, cls_label: torch.Tensor,
                  high: float = 0.7, low: float = 0.25, num_present: int | None = None) -> torch.Tensor:
-    """PAR-refined pixel label (SPEC 4, reference `refine_cams_with_bkg_v2`).
+    """PAR-refined pixel label (METHOD.md §4, reference `refine_cams_with_bkg_v2`).
 
     images: (B, 3, H, W) denormalised to 0..1; cam: (B, K, H, W) already multiplied by the
     labels; cls_label: (B, K) 0/1. Returns (B, H, W) long.
@@ -181,10 +181,10 @@ def refine_label(par: PAR, images: torch.Tensor, cam: torch.Tensor, cls_label: t
 
 
 def lam(class_tokens: torch.Tensor, patch_map: torch.Tensor) -> torch.Tensor:
-    """Localisation attention map (SPEC 3): class_tokens (B, K, D), patch_map (B, D, h, w) -> (B, K, h, w)."""
+    """Localisation attention map (METHOD.md §3): class_tokens (B, K, D), patch_map (B, D, h, w) -> (B, K, h, w)."""
     return torch.einsum("bkd,bdhw->bkhw", class_tokens, patch_map)
 
 
 def fused_map(lam_n: torch.Tensor, cam_n: torch.Tensor) -> torch.Tensor:
-    """Validation fused map (SPEC 7): normalised LAM * normalised CAM, min-max normalised again."""
+    """Validation fused map (METHOD.md §7): normalised LAM * normalised CAM, min-max normalised again."""
     return minmax_normalise(lam_n * cam_n)

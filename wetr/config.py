@@ -1,4 +1,4 @@
-"""The training schema: every key of a run, its default and its meaning (SPEC 4-7).
+"""The training schema: every key of a run, its default and its meaning (METHOD.md §4-7).
 
 Defaults shared by VOC and COCO live here as typed dataclasses; `scripts/train_voc.py` and
 `scripts/train_coco.py` hold only what differs. Overrides come as a `key=value` dotlist, e.g.
@@ -46,7 +46,7 @@ class DataConfig:
                                                  "rescale range (coco aug)")
     jitter_p: float = option(0.5, "probability of ColorJitter")
     jitter: list[float] = option(list(JITTER), "ColorJitter's brightness, contrast, saturation, "
-                                               "hue (SPEC 6)",
+                                               "hue (METHOD.md §6)",
                                  check=(_jitter_ok, "4 numbers >= 0 (brightness, contrast, "
                                                     "saturation, hue <= 0.5)"))
     aug: str = option("voc", "voc: RandomResizedCrop; coco: rescale + pad-crop",

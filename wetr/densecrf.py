@@ -1,4 +1,4 @@
-"""DenseCRF mean-field inference in PyTorch (SPEC 8), equal to pydensecrf2's to float rounding.
+"""DenseCRF mean-field inference in PyTorch (METHOD.md §8), equal to pydensecrf2's to float rounding.
 
 What `utils.crf.crf_inference` asks of pydensecrf (`DenseCRF2D`, `setUnaryEnergy(-log p)`,
 `addPairwiseGaussian(sxy=1, compat=3)`, `addPairwiseBilateral(sxy=67, srgb=3, compat=4)`,

@@ -1,8 +1,8 @@
-"""ViT encoder with 4 extra tokens and one class token per foreground class (SPEC 1).
+"""ViT encoder with 4 extra tokens and one class token per foreground class (METHOD.md §1).
 
 Built from timm's ViT parts (``PatchEmbed``, ``Block``) with the options of a timm backbone,
 read by name (`backbone_facts`); parameter names equal the reference checkpoints' ``encoder.*``
-keys (SPEC 10): ``cls_token (1,T,D)``, ``pos_embed (1,T+n*n,D)``, ``patch_embed.proj.*``,
+keys (METHOD.md §10): ``cls_token (1,T,D)``, ``pos_embed (1,T+n*n,D)``, ``patch_embed.proj.*``,
 ``blocks.i.*``, ``norm.*``, ``head.*`` (Linear D->T, unused). Other families add their own:
 ``reg_token (1,R,D)`` (DINOv2 registers), ``norm_pre.*`` (CLIP), ``blocks.i.ls1/ls2.gamma``
 (LayerScale).
@@ -230,7 +230,7 @@ class ClassTokenViT(nn.Module):
         self.grad_checkpointing = enable
 
     def load_pretrained(self, source: bool | str | Path) -> None:
-        """Initialise from a single-CLS-token timm ViT of the backbone (SPEC 1).
+        """Initialise from a single-CLS-token timm ViT of the backbone (METHOD.md §1).
 
         Every one of the T tokens is a copy of the pretrained CLS token; the T token position
         embeddings are copies of the CLS position embedding (zeros for a backbone without one,

@@ -1,4 +1,4 @@
-"""Dense energy (regularisation) loss of Tang et al.'s rloss, as in ToCo/MoRe (SPEC 5 "reg").
+"""Dense energy (regularisation) loss of Tang et al.'s rloss, as in ToCo/MoRe (METHOD.md §5 "reg").
 
     S    = softmax(seg_logits), downscaled by `scale` (bilinear; image and label nearest)
     Gate = clip(1 - max_k S_k, 0) and 1 where the label is 255
@@ -20,7 +20,7 @@ lattice operator is not symmetric (its directional blurs do not commute on a spa
   features (fused scaled_dot_product_attention: O(N) memory, O(N^2 C) time).
 Measured lattice / exact ratio of sum(AS) (sigma_rgb 15, sigma_xy 50, softmax maps): 0.47 on
 smooth 24x24 images (the tests), 0.51-0.55 on smooth 48..224 px images, 0.39 (24 px) to
-0.61 (224 px) on uniform pixel noise. SPEC 5 reports 0.57-0.59 on natural 224x224 images,
+0.61 (224 px) on uniform pixel noise. METHOD.md §5 reports 0.57-0.59 on natural 224x224 images,
 hence the default exact_scale 0.58. CPU, 2 threads, 224x224, B=2, C=21: lattice ~0.8 s,
 exact ~17 s.
 """
@@ -102,7 +102,7 @@ def bilateral_filter(
     method: str = "permutohedral",
     exact_scale: float = 0.58,
 ) -> Tensor:
-    """Unnormalised bilateral filter AS of SPEC 5.
+    """Unnormalised bilateral filter AS of METHOD.md §5.
 
     Args:
         images: (B, 3, H, W) in 0..255.
@@ -153,7 +153,7 @@ def dense_energy_loss(
     filter: str = "permutohedral",
     exact_scale: float = 0.58,
 ) -> Tensor:
-    """Dense energy loss (SPEC 5 "reg"), weight included.
+    """Dense energy loss (METHOD.md §5 "reg"), weight included.
 
     Args:
         images_0_255: (B, 3, H, W) images denormalised to 0..255 (not truncated).

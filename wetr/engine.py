@@ -1,4 +1,4 @@
-"""The one training loop shared by VOC and COCO (SPEC 4-7).
+"""The one training loop shared by VOC and COCO (METHOD.md §4-7).
 
 Entry points are thin: `scripts/train_voc.py` and `scripts/train_coco.py` hold a config dict and
 call `tools.cli.train_entry(CONFIG)`, which parses the command line and calls `main(cfg)`.

@@ -4,7 +4,7 @@ A model is described by one `wetr.model.MoReSpec`: built from a training config
 (`spec_from_config`, `model_from_config`), saved in every checkpoint as a plain dict under
 "spec" (`spec_dict`), and read back by every tool (`checkpoint_spec`, `model_from_checkpoint`).
 A checkpoint without a "spec" (ours from before it, or a reference state_dict) is described from
-its "meta" / "config" and its weight shapes. `load_weights` (SPEC 11) loads strictly after
+its "meta" / "config" and its weight shapes. `load_weights` (METHOD.md §11) loads strictly after
 `check_compatible`; `check_resume_checkpoint` is the resume check. A checkpoint's `module.`
 prefix is stripped in one place (utils.checkpoint.model_state) and its depth counted in one
 place (`checkpoint_depth`).

@@ -1,4 +1,4 @@
-"""Graph Category Representation (SPEC 3): class tokens aggregate their top-k graph neighbours."""
+"""Graph Category Representation (METHOD.md §3): class tokens aggregate their top-k graph neighbours."""
 from __future__ import annotations
 
 from typing import Literal
@@ -14,13 +14,13 @@ class GraphCategoryRepresentation(nn.Module):
     Args:
         dim: token width D.
         topk_ratio: k = max(1, int(topk_ratio * K)), the ratio applies to the number of class
-            tokens (SPEC 3: VOC 10, COCO 40); at least one neighbour, so K = 1 (k = int(0.5) = 0
+            tokens (METHOD.md §3: VOC 10, COCO 40); at least one neighbour, so K = 1 (k = int(0.5) = 0
             would leave an empty softmax, NaN) keeps a graph of one edge a class.
         dropout: dropout before the final LayerNorm (reference: 0).
         gate_score: how a neighbour's gate score s is formed from neighbour Nb and gate g.
             "reference" (default): (sum_D Nb) * (sum_D g), what the reference computes with
             ``einsum('ijkl,ijkm->ijk')`` (the two D indices differ, so both are summed apart);
-            "dot": sum_D Nb * g, the formula as written in SPEC 3.
+            "dot": sum_D Nb * g, the formula as written in METHOD.md §3.
     """
 
     def __init__(self, dim: int = 768, topk_ratio: float = 0.5, dropout: float = 0.0,

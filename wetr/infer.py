@@ -1,4 +1,4 @@
-"""Every inference map of the evaluation (SPEC 7-8), used by validation and by the tools.
+"""Every inference map of the evaluation (METHOD.md §7-8), used by validation and by the tools.
 
 - `seed_maps` / `multi_scale_lam`: multi-scale + flip CAM (`wetr.cam.multi_scale_cam`) or LAM
   seeds, min-max normalised;
@@ -101,7 +101,7 @@ class ValidationMaps:
 @torch.no_grad()
 def validation_maps(model: nn.Module, x: torch.Tensor, cam_scales: Sequence[float],
                     out_size: Sequence[int]) -> ValidationMaps:
-    """SPEC 7: x (B, 3, S, S) normalised. CAM multi-scale + flip (`multi_scale_cam`); LAM, seg
+    """METHOD.md §7: x (B, 3, S, S) normalised. CAM multi-scale + flip (`multi_scale_cam`); LAM, seg
     and classifier from one forward of x; LAM and CAM upsampled to out_size, LAM then min-max
     normalised; fused = `fused_map(lam, cam)`."""
     out = model(x)
@@ -133,7 +133,7 @@ def seg_argmax_labels(counts: torch.Tensor, min_pixels: int) -> torch.Tensor:
 
 def classifier_first_labels(cls_logits: torch.Tensor, seg_logits: torch.Tensor,
                             min_pixels: int = 5) -> torch.Tensor:
-    """Image labels from the network, val order (reference infer_lam.py, `cam2seg`, SPEC 8): the
+    """Image labels from the network, val order (reference infer_lam.py, `cam2seg`, METHOD.md §8): the
     classifier's classes (logits > 0); for an image where it predicts none, the foreground
     classes of the seg argmax covering at least `min_pixels` pixels (`seg_argmax_labels`: with no
     background cell in the argmax, the lowest foreground class is kept whatever its size, as the
@@ -148,7 +148,7 @@ def classifier_first_labels(cls_logits: torch.Tensor, seg_logits: torch.Tensor,
 
 def seg_first_labels(cls_logits: torch.Tensor, seg_logits: torch.Tensor,
                      min_pixels: int = 4) -> torch.Tensor:
-    """Image labels from the network, test order (reference infer_lam_test_75.py, SPEC 8): the
+    """Image labels from the network, test order (reference infer_lam_test_75.py, METHOD.md §8): the
     foreground classes of the seg argmax covering at least `min_pixels` pixels
     (`seg_argmax_labels`, quirk included); only for an image whose argmax has no foreground class
     at all, the classifier's (logits > 0). Shapes as `classifier_first_labels`."""
@@ -158,7 +158,7 @@ def seg_first_labels(cls_logits: torch.Tensor, seg_logits: torch.Tensor,
 
 
 def seed_crf_stack(maps: torch.Tensor, cls_label: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-    """SPEC 8 CRF input: (1 − max over present classes, present-class maps).
+    """METHOD.md §8 CRF input: (1 − max over present classes, present-class maps).
 
     maps: (1, K, H, W); cls_label: (1, K). Returns probs (1 + P, H, W) and keys (1 + P,) class
     ids [0, c1 + 1, ...]; no present class gives an empty stack (the CRF then labels all 0).

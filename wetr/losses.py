@@ -1,4 +1,4 @@
-"""MoRe training losses (SPEC section 5), as pure tensor functions.
+"""MoRe training losses (METHOD.md §5), as pure tensor functions.
 
 Every loss returns a scalar tensor, keeps the inputs' device, has no host syncs and no Python
 loops over tokens, classes or images. The image classification losses are plain
@@ -21,7 +21,7 @@ def class_token_loss(class_tokens: Tensor, cls_label: Tensor | None = None, temp
     """GCR class-token regularisation: each normalised class token must pick itself out of all K.
 
     class_tokens: (B, K, D); cls_label: (B, K), unused (the reference computes this loss with
-    `only_regu=True`, which ignores the labels; the argument keeps the SPEC 11 signature).
+    `only_regu=True`, which ignores the labels; the argument keeps the METHOD.md §11 signature).
     logits = Ẑ Ẑᵀ / temp; cross-entropy with target k for row k, mean over B·K rows.
     """
     b, k, _ = class_tokens.shape
@@ -106,7 +106,7 @@ def _une_choose(token_label: Tensor, keys: Tensor, une: UneConfig = UNE) -> tupl
 
 def une_token_indices(token_label: Tensor, une: UneConfig = UNE,
                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Random UNE token choice (SPEC 5). token_label: (B, h, w); une: as `_une_choose`.
+    """Random UNE token choice (METHOD.md §5). token_label: (B, h, w); une: as `_une_choose`.
 
     Returns index (B, S) into the flattened h·w grid and valid (B, S) bool.
     """
@@ -139,7 +139,7 @@ def une_value(class_tokens: Tensor, patch_map: Tensor, cls_label: Tensor, index:
 
 def une_loss(class_tokens: Tensor, patch_map: Tensor, token_label: Tensor, cls_label: Tensor,
              une: UneConfig = UNE, generator: torch.Generator | None = None) -> Tensor:
-    """UNE on up to `une.num_tokens` random uncertain tokens per image (SPEC 5).
+    """UNE on up to `une.num_tokens` random uncertain tokens per image (METHOD.md §5).
 
     class_tokens: (B, K, D); patch_map: (B, D, h, w); token_label: (B, h, w); cls_label: (B, K).
     une: as `_une_choose`; `une.true_position=True` takes the token at the true position instead

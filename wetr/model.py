@@ -1,4 +1,4 @@
-"""MoRe network: class-token ViT, classifiers, LargeFOV decoder and GCR (SPEC 1-3, 10).
+"""MoRe network: class-token ViT, classifiers, LargeFOV decoder and GCR (METHOD.md §1-3, 10).
 
 Built from a `MoReSpec` (`MoRe(spec)`, or `build_model(...)` with its fields as keyword
 arguments); from a training config or a checkpoint through wetr/factory.py."""
@@ -77,7 +77,7 @@ class MoReSpec:
                                       "a small token grid wants a smaller one)")
     aux_layer: int = option(-3, "block whose patch tokens feed the aux classifier (-3: third "
                                 "last)")
-    gcr_topk_ratio: float = option(0.5, "GCR neighbours per class token: int(ratio x K) (SPEC 3)")
+    gcr_topk_ratio: float = option(0.5, "GCR neighbours per class token: int(ratio x K) (METHOD.md §3)")
     gcr_gate_score: str = option("reference", "GCR gate score: reference (sum_D Nb x sum_D g, "
                                               "the reference's code) | dot (the paper's formula)",
                                  choices=("reference", "dot"))
@@ -145,7 +145,7 @@ class MoRe(nn.Module):
                                                        gate_score=spec.gcr_gate_score)
 
     def param_groups(self) -> list[list[nn.Parameter]]:
-        """[backbone non-norm, backbone norms, classifiers + GCR, decoder] (SPEC 6)."""
+        """[backbone non-norm, backbone norms, classifiers + GCR, decoder] (METHOD.md §6)."""
         groups: list[list[nn.Parameter]] = [[], [], [], []]
         for name, param in self.encoder.named_parameters():
             groups[1 if "norm" in name else 0].append(param)
@@ -161,7 +161,7 @@ class MoRe(nn.Module):
 
     @torch.no_grad()
     def _cams_of(self, enc) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cam, aux_cam) from an encoder output: the classifiers at every token (SPEC 2)."""
+        """(cam, aux_cam) from an encoder output: the classifiers at every token (METHOD.md §2)."""
         return (F.conv2d(enc.patch_map, self.classifier.weight),
                 F.conv2d(enc.aux_map, self.aux_classifier.weight))
 
@@ -171,10 +171,10 @@ class MoRe(nn.Module):
 
         with_cams: also set the output's `cams` to this pass's (cam, aux_cam), detached, so that
         the training step need not run the same images through the network again for the
-        scale-1.0 CAM (SPEC 4); asked through forward (not another method) so that DDP's hooks
+        scale-1.0 CAM (METHOD.md §4); asked through forward (not another method) so that DDP's hooks
         see the pass. cam_only: the reference's forward contract, `model(x, cam_only=True) ->
         (aux_cam, cam)` in the reference's order, kept for outside code written against it
-        (SPEC 11); the project itself calls `cams(x)`.
+        (METHOD.md §11); the project itself calls `cams(x)`.
         """
         if cam_only:
             cam, aux_cam = self.cams(x)

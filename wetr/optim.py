@@ -1,4 +1,4 @@
-"""AdamW with the reference's poly warm-up schedule (SPEC 6)."""
+"""AdamW with the reference's poly warm-up schedule (METHOD.md §6)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Pixel-adaptive refinement (PAR, from AFA/ToCo; SPEC section 4).
+"""Pixel-adaptive refinement (PAR, from AFA/ToCo; METHOD.md §4).
 
 Propagates a stack of per-class maps along dilated 8-neighbourhoods whose weights come from
 colour similarity (image affinity) plus a small fixed position prior.

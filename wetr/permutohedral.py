@@ -1,7 +1,7 @@
 """Permutohedral lattice filter (Adams et al. 2010) in vectorised PyTorch.
 
 This is the lattice of Kraehenbuehl & Koltun's DenseCRF code, which rloss's `bilateralfilter`
-(and so the reference dense energy loss, SPEC 5 "reg") and pydensecrf build on. It approximates
+(and so the reference dense energy loss, METHOD.md §5 "reg") and pydensecrf build on. It approximates
 `out_i = sum_j exp(-|f_i - f_j|^2 / 2) v_j` without normalisation; the approximation is part of
 the reference behaviour (about 0.4-0.7 x the exact sum, see `wetr.energy`).
 

@@ -1,4 +1,4 @@
-"""One training step (SPEC 4-6), used by the engine, the benchmark and the tests.
+"""One training step (METHOD.md §4-6), used by the engine, the benchmark and the tests.
 
     lr schedule -> per micro-batch: forward (+ its own CAMs) -> multi-scale CAMs (no grad) ->
     refined pseudo labels (PAR) and token-grid labels -> cls, cls_aux, class-token, CLE, UNE, PTC,
@@ -107,7 +107,7 @@ def to_device(images: torch.Tensor, cls_label: torch.Tensor, device: torch.devic
 
 def build_par(cfg: DictConfig) -> PAR:
     """The pseudo-label refinement of the config (`par.num_iter`, `par.dilations`, `par.sparse`;
-    SPEC 4)."""
+    METHOD.md §4)."""
     return PAR(num_iter=cfg.par.num_iter, dilations=tuple(cfg.par.dilations), sparse=cfg.par.sparse)
 
 
@@ -215,7 +215,7 @@ def _seg_terms(seg_logits: torch.Tensor, refined: torch.Tensor, images: torch.Te
 @torch.no_grad()
 def _pseudo_labels(training: Training, batch: Batch, first, refine: bool, cfg: DictConfig
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """-> cam, aux_cam (B,K,H,W) float, multi-scale + flip (SPEC 4), and, when `refine`, the
+    """-> cam, aux_cam (B,K,H,W) float, multi-scale + flip (METHOD.md §4), and, when `refine`, the
     PAR-refined pseudo label (B,H,W) (else None). first: the forward's own (cam, aux_cam)."""
     images = batch.images
     with record_function("multi-scale CAM"), _autocast(training, images):

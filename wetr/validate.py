@@ -1,4 +1,4 @@
-"""Validation during training (SPEC 7): CAM, LAM, Fused and Seg mIoU plus classifier F1.
+"""Validation during training (METHOD.md §7): CAM, LAM, Fused and Seg mIoU plus classifier F1.
 
 Images are sharded by global rank; confusion matrices and F1 sums are all-reduced, so the numbers
 do not depend on the number of processes. The maps come from `wetr.infer.validation_maps`.

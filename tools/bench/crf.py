@@ -1,4 +1,4 @@
-"""DenseCRF throughput (SPEC 8, issue 29): the torch backend (wetr.densecrf) vs pydensecrf2 at
+"""DenseCRF throughput (METHOD.md §8, issue 29): the torch backend (wetr.densecrf) vs pydensecrf2 at
 VOC size on a segmentation softmax (K+1 channels, the largest stack the tools pass), in 1 and
 2 CPU processes, and on the benchmark's device (one image at a time and batched); and the whole
 segmentation route of the tools per image (`tools.routes.seg_route`, multi-scale + flip, then
@@ -122,7 +122,7 @@ def _route_seconds(params: RouteParams, step: CRFStep, item: Item, device) -> tu
 
 
 def bench_seg_route(cfg: DictConfig, model: torch.nn.Module, device: torch.device) -> dict:
-    """Seconds per image of the segmentation route (SPEC 8: resize to bench.infer_size or the
+    """Seconds per image of the segmentation route (METHOD.md §8: resize to bench.infer_size or the
     crop, scales 1.0 / 1.25 / 1.5 with flip, logits at the image size, softmax) and of its CRF,
     per backend, on bench.route_images images of bench.crf_size, one at a time in one process
     (fp32, as the tools); the first image of each backend is an untimed warm-up."""

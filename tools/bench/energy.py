@@ -1,4 +1,4 @@
-"""The dense energy loss's bilateral filter AS (SPEC 5): permutohedral lattice, exact (fused
+"""The dense energy loss's bilateral filter AS (METHOD.md §5): permutohedral lattice, exact (fused
 attention) and the naive N x N sum, alone and inside the loss (forward + backward)."""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def naive_gaussian_filter(features: torch.Tensor, values: torch.Tensor) -> torch
 
 
 def bench_energy(cfg: DictConfig, device: torch.device) -> list[dict]:
-    """Bilateral filter AS (SPEC 5) on an S x S grid (the loss filters at crop/2): lattice,
+    """Bilateral filter AS (METHOD.md §5) on an S x S grid (the loss filters at crop/2): lattice,
     exact (fused attention), naive N x N; and the whole loss, forward + backward, at crop 2S."""
     b, r = cfg.bench, cfg.reg
     B, C = cfg.batch_size, cfg.data.num_classes

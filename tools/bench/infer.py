@@ -14,7 +14,7 @@ from .step import synthetic_batch
 
 
 def bench_infer(cfg: DictConfig, model: torch.nn.Module, device: torch.device) -> dict:
-    """Images/s: segmentation (SPEC 8, one image at a time as tools.infer_seg_voc, 1 and 3 scales)
+    """Images/s: segmentation (METHOD.md §8, one image at a time as tools.infer_seg_voc, 1 and 3 scales)
     and batched multi-scale CAMs at the training scales (validation, pseudo labels)."""
 
     b = cfg.bench
