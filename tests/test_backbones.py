@@ -12,22 +12,11 @@ from utils.logger import get_logger
 from wetr import build_model
 from wetr.cam import multi_scale_cam
 from wetr.config import make_config
-from wetr.encoder import FAMILIES, ClassTokenViT, backbone_facts
+from wetr.encoder import FAMILIES, FAMILY_TAGS, ClassTokenViT, backbone_facts
 from wetr.factory import model_from_checkpoint, model_from_config, spec_dict
 from wetr.step import Batch, Training, build_par, compute_losses
 
-# The families of docs/BACKBONES.md, by the timm tag of their weights.
-TAGS = {
-    "ViT-S/16": "vit_small_patch16_224.augreg_in21k_ft_in1k",
-    "ViT-B/16": "vit_base_patch16_224.augreg_in21k_ft_in1k",
-    "ViT-L/16": "vit_large_patch16_224.augreg_in21k_ft_in1k",
-    "DeiT-B/16": "deit_base_patch16_224.fb_in1k",
-    "DeiT-III-B/16": "deit3_base_patch16_224.fb_in22k_ft_in1k",
-    "CLIP-B/16": "vit_base_patch16_clip_quickgelu_224.openai",
-    "DINOv2-B/14": "vit_base_patch14_dinov2.lvd142m",
-    "DINOv2-B/14-reg4": "vit_base_patch14_reg4_dinov2.lvd142m",
-}
-FAMILY = pytest.mark.parametrize("tag", list(TAGS.values()), ids=list(TAGS))
+FAMILY = pytest.mark.parametrize("tag", list(FAMILY_TAGS.values()), ids=list(FAMILY_TAGS))
 K = 3
 # small width and depth where the check allows: the family's block options are what is tested
 SMALL = ["model.pretrained=false", "model.embed_dim=64", "model.depth=3", "model.num_heads=2",
@@ -74,9 +63,9 @@ def test_family_options_reach_the_encoder():
     """What each family brings, on the meta device (shapes only): the full-size default is the
     reference's ViT-B/16 (docs/METHOD.md §10 keys), the others add their own parts."""
     with torch.device("meta"):
-        models = {name: build_model(21, backbone=tag) for name, tag in TAGS.items()}
+        models = {name: build_model(21, backbone=tag) for name, tag in FAMILY_TAGS.items()}
     enc = {name: m.encoder for name, m in models.items()}
-    for name in ("ViT-S/16", "ViT-B/16", "ViT-L/16", "DeiT-B/16"):
+    for name in ("ViT-S/16", "ViT-B/16 (default, JAX)", "ViT-B/16 (augreg)", "ViT-L/16", "DeiT-B/16"):
         keys = set(enc[name].state_dict())
         assert not {k for k in keys if "ls1" in k or "norm_pre" in k or "reg_token" in k}, name
         assert enc[name].pos_embed.shape[1] == 24 + 196
@@ -139,7 +128,7 @@ def test_register_tokens_stay_apart():
     assert out.attn_map.shape == (1, K, 4, 3)
 
 
-@pytest.mark.parametrize("tag", [TAGS["DeiT-III-B/16"], TAGS["CLIP-B/16"], TAGS["DINOv2-B/14-reg4"]])
+@pytest.mark.parametrize("tag", [FAMILY_TAGS["DeiT-III-B/16"], FAMILY_TAGS["CLIP-B/16"], FAMILY_TAGS["DINOv2-B/14-reg4"]])
 def test_pretrained_file_of_a_family(tag, tmp_path):
     """A local weight file of the family (here timm's random weights at a small width): CLS
     copies, registers as they are, the class position (zeros without one, no_embed_class),

@@ -40,6 +40,20 @@ FAMILIES = {
                "vit_large_patch14_reg4_dinov2"),
 }
 
+# The families of docs/BACKBONES.md's table, each by the timm tag its weights come by (the
+# benchmark's rows and the tests' cases).
+FAMILY_TAGS = {
+    "ViT-S/16": "vit_small_patch16_224.augreg_in21k_ft_in1k",
+    "ViT-B/16 (default, JAX)": "vit_base_patch16_224",
+    "ViT-B/16 (augreg)": "vit_base_patch16_224.augreg_in21k_ft_in1k",
+    "ViT-L/16": "vit_large_patch16_224.augreg_in21k_ft_in1k",
+    "DeiT-B/16": "deit_base_patch16_224.fb_in1k",
+    "DeiT-III-B/16": "deit3_base_patch16_224.fb_in22k_ft_in1k",
+    "CLIP-B/16": "vit_base_patch16_clip_quickgelu_224.openai",
+    "DINOv2-B/14": "vit_base_patch14_dinov2.lvd142m",
+    "DINOv2-B/14-reg4": "vit_base_patch14_reg4_dinov2.lvd142m",
+}
+
 
 @dataclass(frozen=True)
 class Backbone:

@@ -28,26 +28,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tools.bench.report import device_name
 from tools.bench.step import synthetic_batch
-from utils.config import merge_config, option, to_container
+from tools.cli import parse_cli
+from utils.config import ConfigError, option, to_container
 from utils.dist import DistInfo, resolve_device
+from utils.errors import user_errors
 from utils.profiling import PeakMemory, sync
 from wetr.cam import multi_scale_cam
+from wetr.encoder import FAMILY_TAGS
 from wetr.config import make_config
 from wetr.factory import model_from_config
 from wetr.step import build_training, to_device, train_step
-
-# One row per family: the timm tag its weights come by (docs/BACKBONES.md).
-FAMILY_TAGS = {
-    "ViT-S/16": "vit_small_patch16_224.augreg_in21k_ft_in1k",
-    "ViT-B/16 (default, JAX)": "vit_base_patch16_224",
-    "ViT-B/16 (augreg)": "vit_base_patch16_224.augreg_in21k_ft_in1k",
-    "ViT-L/16": "vit_large_patch16_224.augreg_in21k_ft_in1k",
-    "DeiT-B/16": "deit_base_patch16_224.fb_in1k",
-    "DeiT-III-B/16": "deit3_base_patch16_224.fb_in22k_ft_in1k",
-    "CLIP-B/16": "vit_base_patch16_clip_quickgelu_224.openai",
-    "DINOv2-B/14": "vit_base_patch14_dinov2.lvd142m",
-    "DINOv2-B/14-reg4": "vit_base_patch14_reg4_dinov2.lvd142m",
-}
 
 
 @dataclass
@@ -133,7 +123,10 @@ def markdown(rows: list[dict], b: BackbonesBench, machine: str) -> str:
 
 
 def main(argv: list[str]) -> None:
-    b = BackbonesBench(**to_container(merge_config(BackbonesBench, None, argv)))
+    b = BackbonesBench(**to_container(parse_cli(argv, BackbonesBench)))
+    unknown = [f for f in b.families if f not in FAMILY_TAGS]
+    if unknown:
+        raise ConfigError(f"unknown family {unknown[0]!r}; families: {', '.join(FAMILY_TAGS)}")
     if b.threads > 0:
         torch.set_num_threads(b.threads)
     device = resolve_device(b.device, 0)
@@ -159,4 +152,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with user_errors():
+        main(sys.argv[1:])
