@@ -242,6 +242,15 @@ def test_missing_resume_checkpoint(pristine, tmp_path, capsys):
     assert "resume checkpoint not found" in line
 
 
+
+def test_missing_pretrained_weight_file(pristine, tmp_path, capsys):
+    """A mistyped model.pretrained path stops before the run folder is made, in one line."""
+    work = tmp_path / "logs"
+    line = fails(argv(pristine, work, f"model.pretrained={tmp_path / 'jx.pth'}"), capsys)
+    assert "pretrained weight file not found" in line and "jx.pth" in line
+    assert not work.exists()
+
+
 # ----------------------------------------------------------------------------- run folder
 class _ChecksPassed(Exception):
     pass

@@ -24,6 +24,8 @@ from timm.models.vision_transformer import Block, VisionTransformer, init_weight
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from utils.checkpoint import CheckpointError
+
 NUM_EXTRA_TOKENS = 4
 # timm tag of the original JAX ViT-B/16 (file jx_vit_base_p16_224-80ecf9dd.pth) used by the paper;
 # a name without a tag takes timm's default tag otherwise.
@@ -343,11 +345,11 @@ def _pretrained_state_dict(encoder: ClassTokenViT, source: bool | str | Path) ->
         except Exception as e:  # offline, hub unreachable, cache missing: one actionable line
             weights = ("jx_vit_base_p16_224-80ecf9dd.pth" if tag == PRETRAINED_TAGS["vit_base_patch16_224"]
                        else f"{tag}.pth")
-            raise RuntimeError(f"could not fetch pretrained {tag} ({type(e).__name__}); when "
-                               f"offline pass model.pretrained=/path/to/{weights}") from e
+            raise CheckpointError(f"could not fetch pretrained {tag} ({type(e).__name__}); when "
+                                  f"offline pass model.pretrained=/path/to/{weights}") from e
     else:
         path = Path(source)
         if not path.is_file():
-            raise RuntimeError(f"pretrained weight file not found: {path}")
+            raise FileNotFoundError(f"pretrained weight file not found: {path} (model.pretrained)")
         vit = timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **arch)
     return vit.state_dict()

@@ -127,6 +127,9 @@ def preflight(cfg: DictConfig, world_size: int) -> ResumePoint | None:
     check_run_dir(cfg)
     with torch.device("meta"):  # builds no weights: only the configuration is checked
         model_from_config(cfg, pretrained=False)
+    weights = cfg.model.pretrained
+    if isinstance(weights, str) and not Path(weights).is_file():
+        raise FileNotFoundError(f"pretrained weight file not found: {weights} (model.pretrained)")
     accumulation(cfg, world_size)
     if cfg.data.check_layout:
         try:
