@@ -12,7 +12,8 @@ from utils.logger import get_logger
 from wetr import build_model
 from wetr.cam import multi_scale_cam
 from wetr.config import make_config
-from wetr.encoder import FAMILIES, FAMILY_TAGS, ClassTokenViT, backbone_facts
+from wetr.backbones import FAMILIES, FAMILY_TAGS, backbone_facts
+from wetr.encoder import ClassTokenViT
 from wetr.factory import model_from_checkpoint, model_from_config, spec_dict
 from wetr.step import Batch, Training, build_par, compute_losses
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from datasets.transforms import JITTER, RESCALE
 from utils.config import ConfigError, merge_config, option
 from utils.logger import get_logger
-from wetr.encoder import backbone_facts
+from wetr.backbones import backbone_facts
 from wetr.model import MoReSpec
 
 

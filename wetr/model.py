@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.config import option
-from wetr.encoder import ClassTokenViT, backbone_facts, is_supported, supported_backbones
+from wetr.backbones import backbone_facts, is_supported, supported_backbones
+from wetr.encoder import ClassTokenViT
 from wetr.gcr import GraphCategoryRepresentation
 
 

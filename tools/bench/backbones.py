@@ -34,7 +34,7 @@ from utils.dist import DistInfo, resolve_device
 from utils.errors import user_errors
 from utils.profiling import PeakMemory, sync
 from wetr.cam import multi_scale_cam
-from wetr.encoder import FAMILY_TAGS
+from wetr.backbones import FAMILY_TAGS
 from wetr.config import make_config
 from wetr.factory import model_from_config
 from wetr.step import build_training, to_device, train_step
